@@ -1,0 +1,50 @@
+-- prefs_invalidate.lua: drop a client's cached preferences, leaving a short tombstone.
+--
+-- A plain DEL would let a slow reader (missed, read the old row, then got delayed) write
+-- the old row back after the update. The tombstone carries the version the row is now at
+-- (at least), so prefs_set.lua refuses anything older while it lives.
+--
+-- KEYS[1]  preference key, crm:prefs:<client_id>
+-- ARGV[1]  the row's new version (non-negative integer), or "" when the caller does not
+--          know it
+-- ARGV[2]  time to live of the tombstone, in milliseconds (> 0)
+--
+-- Tombstone version chosen:
+--   known version V     max(V, version already cached or tombstoned)
+--   unknown version     (version cached or tombstoned) + 1, since the row moved on at
+--                       least one step; a bare "T" (refuse all) when nothing is known
+--
+-- Reply: the tombstone version written, or -2 for a bare tombstone
+local ttl_ms = tonumber(ARGV[2])
+
+local current = redis.pcall('GET', KEYS[1])
+local current_version = nil
+local bare = false
+
+if type(current) == 'string' then
+    local tomb = string.match(current, '^T(%d*)$')
+    if tomb == '' then
+        bare = true
+    elseif tomb then
+        current_version = tonumber(tomb)
+    else
+        current_version = tonumber(string.match(current, '^(%d+):') or '')
+    end
+end
+
+local new_version = nil
+if ARGV[1] ~= '' then
+    new_version = tonumber(ARGV[1])
+    if current_version and current_version > new_version then
+        new_version = current_version
+    end
+elseif current_version and not bare then
+    new_version = current_version + 1
+end
+
+if new_version then
+    redis.call('SET', KEYS[1], 'T' .. string.format('%d', new_version), 'PX', ttl_ms)
+    return new_version
+end
+redis.call('SET', KEYS[1], 'T', 'PX', ttl_ms)
+return -2

@@ -1,0 +1,40 @@
+-- prefs_set.lua: store a client's preferences only if they are not older than what is cached.
+--
+-- KEYS[1]  preference key, crm:prefs:<client_id>
+-- ARGV[1]  version of the row being written (non-negative integer < 2^53)
+-- ARGV[2]  the value to store: "<version>:<json>" (see crmcache._codec)
+-- ARGV[3]  time to live of the value, in milliseconds (> 0)
+--
+-- The key holds either a value "<version>:<json>", a tombstone "T<version>" left by an
+-- invalidation (the row is now at least at <version>), or a bare tombstone "T" (an
+-- invalidation whose version was unknown: refuse every write until it expires).
+--
+-- Reply: {stored, current_version}
+--   stored           1 if the value was written, 0 if it was refused as stale
+--   current_version  version found before the write; -1 when the key was empty,
+--                    unreadable or held something else, -2 for a bare tombstone
+local version = tonumber(ARGV[1])
+local ttl_ms = tonumber(ARGV[3])
+
+local current = redis.pcall('GET', KEYS[1])
+local current_version = -1
+
+-- Only a string can carry a version; a wrong-type value or garbage is overwritten.
+if type(current) == 'string' then
+    local tomb = string.match(current, '^T(%d*)$')
+    if tomb == '' then
+        return {0, -2}
+    elseif tomb then
+        current_version = tonumber(tomb)
+    else
+        current_version = tonumber(string.match(current, '^(%d+):') or '-1')
+    end
+end
+
+-- Equal versions are the same row: accept, which refreshes the TTL.
+if version < current_version then
+    return {0, current_version}
+end
+
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ttl_ms)
+return {1, current_version}

@@ -1,0 +1,84 @@
+"""Encoding of cached values: pydantic/orjson JSON and UTF-8, nothing else (never pickle).
+
+Stored formats::
+
+    preferences   b"<version>:<json>"   the version prefix lets Lua compare versions
+                                         without parsing JSON
+    tombstone     b"T<version>" | b"T"   left by an invalidation (see prefs_invalidate.lua)
+    template      UTF-8 text
+
+A value that fails to decode raises :class:`CorruptValue`; the manager treats it as a
+miss, deletes it and counts it.
+"""
+
+from __future__ import annotations
+
+from pydantic import ValidationError
+
+from .models import ClientPreferences
+
+__all__ = [
+    "CorruptValue",
+    "decode_preferences",
+    "decode_template",
+    "encode_preferences",
+    "encode_template",
+    "is_tombstone",
+]
+
+
+class CorruptValue(Exception):  # noqa: N818 - internal signal, never reaches callers
+    """A cached value could not be decoded."""
+
+
+def encode_preferences(prefs: ClientPreferences) -> bytes:
+    """Serialize preferences with their version prefix."""
+    return b"%d:%s" % (prefs.version, prefs.model_dump_json().encode())
+
+
+def is_tombstone(raw: bytes) -> bool:
+    """True if ``raw`` is an invalidation tombstone rather than a value."""
+    return raw[:1] == b"T"
+
+
+def decode_preferences(raw: bytes) -> ClientPreferences:
+    """Decode a stored preferences value (not a tombstone).
+
+    Raises:
+        CorruptValue: the bytes are not ``<version>:<json>`` of a valid
+            :class:`ClientPreferences` whose version matches the prefix.
+    """
+    head, sep, body = raw.partition(b":")
+    if not sep or not head.isdigit():
+        raise CorruptValue("missing version prefix")
+    try:
+        prefs = ClientPreferences.model_validate_json(body)
+    except ValidationError as exc:
+        raise CorruptValue(f"invalid preferences JSON ({exc.error_count()} errors)") from None
+    if prefs.version != int(head):
+        raise CorruptValue("version prefix does not match the JSON")
+    return prefs
+
+
+def encode_template(content: str) -> bytes:
+    """Encode template text as UTF-8.
+
+    Raises:
+        ValueError: ``content`` holds lone surrogates that UTF-8 cannot carry.
+    """
+    try:
+        return content.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"content is not encodable as UTF-8: {exc.reason}") from None
+
+
+def decode_template(raw: bytes) -> str:
+    """Decode a stored template.
+
+    Raises:
+        CorruptValue: the bytes are not valid UTF-8.
+    """
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise CorruptValue("template is not valid UTF-8") from None

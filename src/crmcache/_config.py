@@ -1,0 +1,256 @@
+"""Settings: arguments, environment variables and defaults, resolved in one place.
+
+Environment variables (read here and nowhere else):
+
+``REDIS_URL``       where Redis is (``redis://``, ``rediss://`` or ``unix://``)
+``CACHE_TTL``       seconds a cached preference lives (positive integer)
+``ENABLE_CACHING``  ``true``/``false`` (also ``1``/``0``, ``yes``/``no``, ``on``/``off``)
+
+An explicit argument always wins over the environment, which wins over the defaults.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from ._errors import ConfigurationError
+from ._validate import positive_int
+
+__all__ = [
+    "DEFAULT_CACHE_TTL",
+    "DEFAULT_ENABLED",
+    "DEFAULT_MAX_CONNECTIONS",
+    "DEFAULT_MAX_ID_LENGTH",
+    "DEFAULT_MAX_TEMPLATE_BYTES",
+    "DEFAULT_POOL_TIMEOUT",
+    "DEFAULT_RATE_LIMIT_WINDOW",
+    "DEFAULT_REDIS_URL",
+    "DEFAULT_SOCKET_CONNECT_TIMEOUT",
+    "DEFAULT_SOCKET_TIMEOUT",
+    "DEFAULT_TOMBSTONE_TTL",
+    "CacheSettings",
+    "RateLimitPolicy",
+    "mask_url",
+    "resolve_settings",
+]
+
+DEFAULT_REDIS_URL = "redis://localhost:6379/0"
+DEFAULT_ENABLED = True
+#: Client preferences live one hour (spec: "good balance between freshness and performance").
+DEFAULT_CACHE_TTL = 3600
+DEFAULT_MAX_CONNECTIONS = 10
+DEFAULT_SOCKET_TIMEOUT = 5.0
+DEFAULT_SOCKET_CONNECT_TIMEOUT = 5.0
+#: How long a caller waits for a free pooled connection before the call degrades.
+#: A wait timeout means "saturated", not "down", so it stays short.
+DEFAULT_POOL_TIMEOUT = 1.0
+#: Seconds an invalidation tombstone keeps stale preference writes out.
+DEFAULT_TOMBSTONE_TTL = 30
+DEFAULT_RATE_LIMIT_WINDOW = 60
+#: Longest client id, template name or API name accepted, in characters.
+DEFAULT_MAX_ID_LENGTH = 256
+#: Largest template accepted by set_template, in UTF-8 bytes.
+DEFAULT_MAX_TEMPLATE_BYTES = 1024 * 1024
+
+RateLimitPolicy = Literal["open", "closed"]
+_POLICIES: frozenset[str] = frozenset({"open", "closed"})
+_SCHEMES = frozenset({"redis", "rediss", "unix"})
+_PASSWORD_RE = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:@/]*):(?P<pw>[^@/]*)@")
+_QUERY_PASSWORD_RE = re.compile(r"(?P<key>[?&]password=)[^&#]*", re.IGNORECASE)
+
+
+def mask_url(url: str) -> str:
+    """Return ``url`` with any password replaced by ``***``.
+
+    Args:
+        url: a Redis URL, possibly ``redis://user:secret@host:port/db``.
+
+    Returns:
+        The same URL with the password (in the authority or a ``password=`` query
+        parameter) masked; usernames, hosts and ports are kept for diagnosis.
+    """
+    masked = _PASSWORD_RE.sub(lambda m: f"{m['scheme']}{m['user']}:***@", url)
+    return _QUERY_PASSWORD_RE.sub(lambda m: f"{m['key']}***", masked)
+
+
+class _EnvSettings(BaseSettings):
+    """The three environment variables of the spec, parsed by pydantic-settings."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="", case_sensitive=False, extra="ignore", frozen=True
+    )
+
+    redis_url: str | None = None
+    cache_ttl: int | None = None
+    enable_caching: bool | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CacheSettings:
+    """Validated, immutable settings of one cache manager.
+
+    Build it with :func:`resolve_settings`, which applies the precedence
+    argument > environment > default and validates every field.
+    """
+
+    redis_url: str = field(repr=False)
+    enabled: bool
+    cache_ttl: int
+    max_connections: int
+    socket_timeout: float
+    socket_connect_timeout: float
+    pool_timeout: float
+    tombstone_ttl: int
+    rate_limit_policy: RateLimitPolicy
+    max_id_length: int
+    max_template_bytes: int
+
+    @property
+    def masked_url(self) -> str:
+        """The Redis URL with its password masked, safe for logs and reprs."""
+        return mask_url(self.redis_url)
+
+    def __repr__(self) -> str:
+        return (
+            f"CacheSettings(redis_url={self.masked_url!r}, enabled={self.enabled}, "
+            f"cache_ttl={self.cache_ttl}, max_connections={self.max_connections}, "
+            f"socket_timeout={self.socket_timeout}, "
+            f"socket_connect_timeout={self.socket_connect_timeout}, "
+            f"pool_timeout={self.pool_timeout}, tombstone_ttl={self.tombstone_ttl}, "
+            f"rate_limit_policy={self.rate_limit_policy!r})"
+        )
+
+
+def _read_env() -> _EnvSettings:
+    try:
+        return _EnvSettings()
+    except ValidationError as exc:
+        # pydantic's message echoes the input; REDIS_URL may hold a password.
+        problems = "; ".join(f"{str(err['loc'][0]).upper()}: {err['msg']}" for err in exc.errors())
+        raise ConfigurationError(f"invalid environment variable(s): {problems}") from None
+
+
+def _check_url(url: object) -> str:
+    if not isinstance(url, str):
+        raise TypeError(f"redis_url must be a str, not {type(url).__name__}")
+    try:
+        parts = urlsplit(url)
+        scheme = parts.scheme
+        _ = parts.port  # raises ValueError on a non-numeric port
+    except ValueError:
+        raise ConfigurationError(f"redis_url is not a valid URL: {mask_url(url)!r}") from None
+    if scheme not in _SCHEMES:
+        raise ConfigurationError(
+            f"redis_url must start with redis://, rediss:// or unix://, got {mask_url(url)!r}"
+        )
+    if scheme != "unix" and not parts.hostname:
+        raise ConfigurationError(f"redis_url has no host: {mask_url(url)!r}")
+    return url
+
+
+def _positive_int(name: str, value: object) -> int:
+    return positive_int(name, value, error=ConfigurationError)
+
+
+def _positive_seconds(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
+    seconds = float(value)
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ConfigurationError(f"{name} must be a finite number of seconds > 0, got {value}")
+    return seconds
+
+
+def _check_bool(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, not {type(value).__name__}")
+    return value
+
+
+def check_policy(value: object, name: str = "rate_limit_policy") -> RateLimitPolicy:
+    """Validate a rate-limit failure policy name.
+
+    Raises:
+        TypeError: ``value`` is not a str.
+        ValueError: ``value`` is not one of ``"open"``, ``"closed"``.
+    """
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a str, not {type(value).__name__}")
+    if value not in _POLICIES:
+        raise ValueError(f"{name} must be 'open' or 'closed', got {value!r}")
+    return "open" if value == "open" else "closed"
+
+
+def resolve_settings(
+    *,
+    redis_url: str | None = None,
+    enabled: bool | None = None,
+    cache_ttl: int | None = None,
+    max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    socket_timeout: float = DEFAULT_SOCKET_TIMEOUT,
+    socket_connect_timeout: float = DEFAULT_SOCKET_CONNECT_TIMEOUT,
+    pool_timeout: float = DEFAULT_POOL_TIMEOUT,
+    tombstone_ttl: int = DEFAULT_TOMBSTONE_TTL,
+    rate_limit_policy: str = "open",
+    max_id_length: int = DEFAULT_MAX_ID_LENGTH,
+    max_template_bytes: int = DEFAULT_MAX_TEMPLATE_BYTES,
+) -> CacheSettings:
+    """Combine arguments, environment and defaults into validated settings.
+
+    ``None`` for ``redis_url``, ``enabled`` or ``cache_ttl`` means "not given": the
+    environment variable is used if set, else the default.
+
+    Raises:
+        ConfigurationError: a value (argument or environment variable) is out of range
+            or malformed. The message names it and never shows a password.
+        TypeError: an argument has the wrong type.
+    """
+    env: _EnvSettings | None = None
+
+    def environment() -> _EnvSettings:
+        nonlocal env
+        if env is None:
+            env = _read_env()
+        return env
+
+    url = redis_url if redis_url is not None else environment().redis_url or DEFAULT_REDIS_URL
+    if enabled is None:
+        env_enabled = environment().enable_caching
+        enabled = DEFAULT_ENABLED if env_enabled is None else env_enabled
+    if cache_ttl is None:
+        env_ttl = environment().cache_ttl
+        if env_ttl is not None and env_ttl <= 0:
+            raise ConfigurationError(f"CACHE_TTL must be > 0, got {env_ttl}")
+        cache_ttl = DEFAULT_CACHE_TTL if env_ttl is None else env_ttl
+
+    return CacheSettings(
+        redis_url=_check_url(url),
+        enabled=_check_bool("enabled", enabled),
+        cache_ttl=_positive_int("cache_ttl", cache_ttl),
+        max_connections=_positive_int("max_connections", max_connections),
+        socket_timeout=_positive_seconds("socket_timeout", socket_timeout),
+        socket_connect_timeout=_positive_seconds("socket_connect_timeout", socket_connect_timeout),
+        pool_timeout=_positive_seconds("pool_timeout", pool_timeout),
+        tombstone_ttl=_positive_int("tombstone_ttl", tombstone_ttl),
+        rate_limit_policy=check_policy(rate_limit_policy),
+        max_id_length=_positive_int("max_id_length", max_id_length),
+        max_template_bytes=_positive_int("max_template_bytes", max_template_bytes),
+    )
+
+
+def settings_summary(settings: CacheSettings) -> dict[str, Any]:
+    """Settings as a plain dict for stats and logs, with the URL masked."""
+    return {
+        "redis_url": settings.masked_url,
+        "enabled": settings.enabled,
+        "cache_ttl": settings.cache_ttl,
+        "max_connections": settings.max_connections,
+        "rate_limit_policy": settings.rate_limit_policy,
+    }

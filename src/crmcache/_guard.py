@@ -1,0 +1,291 @@
+"""Failure handling: the circuit breaker and the log throttle around every Redis call.
+
+The cache must never break its caller. A Redis error becomes a miss (reads), a no-op
+(writes) or the rate-limit failure policy, and is counted and logged: the first failure of
+an outage at WARNING, then at most one summary line per ``log_interval`` seconds, and one
+line when Redis answers again.
+
+The breaker stops paying a timeout on every call while Redis is down: after
+``failure_threshold`` consecutive connection failures it opens, and calls short-circuit
+(microseconds) until ``reset_timeout`` has passed; then one call is let through as a
+probe. Success closes the breaker; failure re-opens it with the timeout doubled, up to
+``max_reset_timeout``.
+
+Only connection-level failures (``ConnectionError``, ``TimeoutError``, ``OSError``) count
+towards the breaker. Replies such as ``OOM`` or ``WRONGTYPE`` prove the server is up, and a
+full pool means "saturated", not "down": those are logged and degraded the same way but do
+not open the breaker.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from enum import StrEnum
+from typing import Final, TypeVar
+
+from redis.exceptions import AuthenticationError, NoPermissionError, RedisError, ResponseError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+__all__ = ["FAILED", "BreakerState", "CircuitBreaker", "Guard", "LogThrottle", "is_critical"]
+
+logger = logging.getLogger("crmcache")
+
+T = TypeVar("T")
+
+DEFAULT_FAILURE_THRESHOLD = 5
+DEFAULT_RESET_TIMEOUT = 1.0
+DEFAULT_MAX_RESET_TIMEOUT = 30.0
+DEFAULT_LOG_INTERVAL = 30.0
+
+#: redis-py's BlockingConnectionPool message when no connection freed up in time.
+_POOL_EXHAUSTED = "No connection available."
+
+
+class _Failed:
+    """Sentinel type: the guarded call failed and was degraded."""
+
+    def __repr__(self) -> str:
+        return "FAILED"
+
+
+FAILED: Final = _Failed()
+
+
+class BreakerState(StrEnum):
+    """State of the circuit breaker."""
+
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"
+
+
+class CircuitBreaker:
+    """Consecutive-failure circuit breaker with a single half-open probe.
+
+    Thread-safe. ``allow()`` on a closed breaker takes no lock.
+    """
+
+    def __init__(
+        self,
+        *,
+        failure_threshold: int = DEFAULT_FAILURE_THRESHOLD,
+        reset_timeout: float = DEFAULT_RESET_TIMEOUT,
+        max_reset_timeout: float = DEFAULT_MAX_RESET_TIMEOUT,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if failure_threshold <= 0:
+            raise ValueError(f"failure_threshold must be > 0, got {failure_threshold}")
+        if reset_timeout <= 0 or max_reset_timeout < reset_timeout:
+            raise ValueError("reset_timeout must be > 0 and <= max_reset_timeout")
+        self._threshold = failure_threshold
+        self._base_timeout = reset_timeout
+        self._max_timeout = max_reset_timeout
+        self._clock = clock
+        self._lock = threading.Lock()
+        self.state = BreakerState.CLOSED
+        self._failures = 0
+        self._timeout = reset_timeout
+        self._opened_at = 0.0
+        self._probe_in_flight = False
+        self.trips = 0
+        self.recoveries = 0
+        self.short_circuited = 0
+
+    def allow(self) -> bool:
+        """True if a call may go to Redis now."""
+        if self.state is BreakerState.CLOSED:
+            return True
+        return self._allow_when_not_closed()
+
+    def _allow_when_not_closed(self) -> bool:
+        with self._lock:
+            state = self.state
+            # Another thread may have closed it while we waited for the lock.
+            if state is BreakerState.CLOSED:
+                return True
+            if state is BreakerState.OPEN and self._clock() - self._opened_at >= self._timeout:
+                self.state = BreakerState.HALF_OPEN
+                self._probe_in_flight = True
+                return True
+            self.short_circuited += 1
+            return False
+
+    def record_success(self) -> bool:
+        """Note a successful call. Returns True if this closed an open breaker."""
+        if self.state is BreakerState.CLOSED and self._failures == 0:
+            return False
+        with self._lock:
+            recovered = self.state is not BreakerState.CLOSED
+            self.state = BreakerState.CLOSED
+            self._failures = 0
+            self._timeout = self._base_timeout
+            self._probe_in_flight = False
+            if recovered:
+                self.recoveries += 1
+            return recovered
+
+    def record_failure(self) -> bool:
+        """Note a connection failure. Returns True if this opened the breaker."""
+        with self._lock:
+            self._failures += 1
+            if self.state is BreakerState.HALF_OPEN:
+                # The probe failed: wait longer before the next one.
+                self._timeout = min(self._timeout * 2, self._max_timeout)
+                self.state = BreakerState.OPEN
+                self._opened_at = self._clock()
+                self._probe_in_flight = False
+                return False
+            if self.state is BreakerState.CLOSED and self._failures >= self._threshold:
+                self.state = BreakerState.OPEN
+                self._opened_at = self._clock()
+                self.trips += 1
+                return True
+            return False
+
+    def reset(self) -> None:
+        """Close the breaker and forget past failures."""
+        with self._lock:
+            self.state = BreakerState.CLOSED
+            self._failures = 0
+            self._timeout = self._base_timeout
+            self._probe_in_flight = False
+
+
+def is_connection_failure(exc: BaseException) -> bool:
+    """True if ``exc`` says Redis could not be reached (as opposed to a refusal or a full
+    pool)."""
+    if isinstance(exc, RedisConnectionError):
+        return str(exc) != _POOL_EXHAUSTED
+    return isinstance(exc, RedisTimeoutError | OSError)
+
+
+class LogThrottle:
+    """Lets one log line through per ``interval`` seconds and counts the ones held back."""
+
+    def __init__(self, interval: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._interval = interval
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._last = -interval
+        self._suppressed = 0
+
+    def ready(self, *, force: bool = False) -> int | None:
+        """Return how many lines were held back if one may be logged now, else None.
+
+        Args:
+            force: log now whatever the interval (e.g. the first failure of an outage).
+        """
+        now = self._clock()
+        with self._lock:
+            if not force and now - self._last < self._interval:
+                self._suppressed += 1
+                return None
+            suppressed, self._suppressed = self._suppressed, 0
+            self._last = now
+            return suppressed
+
+    def reset(self) -> int:
+        """Start afresh (the next line logs at once); return how many were held back."""
+        with self._lock:
+            suppressed, self._suppressed = self._suppressed, 0
+            self._last = -self._interval
+            return suppressed
+
+
+def is_critical(exc: BaseException) -> bool:
+    """True for failures that need a person, not a retry: bad credentials, missing ACL
+    permissions, or a Lua script that raised (a bug or an incompatible server)."""
+    if isinstance(exc, AuthenticationError | NoPermissionError):
+        return True
+    message = str(exc)
+    return isinstance(exc, ResponseError) and (
+        "user_script" in message or "Error running script" in message
+    )
+
+
+class Guard:
+    """Runs Redis calls under the breaker and turns failures into :data:`FAILED`."""
+
+    def __init__(
+        self,
+        *,
+        breaker: CircuitBreaker,
+        on_error: Callable[[str, BaseException], None],
+        secret: str | None = None,
+        log_interval: float = DEFAULT_LOG_INTERVAL,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.breaker = breaker
+        self._on_error = on_error
+        self._secret = secret or None
+        self._throttle = LogThrottle(log_interval, clock)
+        self._lock = threading.Lock()
+        self._failing = False
+
+    def run(self, op: str, fn: Callable[..., T], *args: object, **kwargs: object) -> T | _Failed:
+        """Call ``fn(*args, **kwargs)`` unless the breaker is open.
+
+        Returns:
+            ``fn``'s result, or :data:`FAILED` when the breaker is open or ``fn`` raised a
+            redis-py error (which is counted and logged, never re-raised).
+        """
+        if not self.breaker.allow():
+            return FAILED
+        try:
+            result = fn(*args, **kwargs)
+        except (RedisError, OSError) as exc:
+            self.failed(op, exc)
+            return FAILED
+        if self.breaker.record_success() or self._failing:
+            self._recovered()
+        return result
+
+    def failed(self, op: str, exc: BaseException) -> None:
+        """Record and log (throttled) a failed call."""
+        self._on_error(op, exc)
+        opened = self.breaker.record_failure() if is_connection_failure(exc) else False
+        with self._lock:
+            first = not self._failing
+            self._failing = True
+        suppressed = self._throttle.ready(force=first or opened)
+        if suppressed is None:
+            return
+        message = self.scrub(f"{type(exc).__name__}: {exc}")
+        if is_critical(exc):
+            logger.error("Redis refused %s, needs attention: %s", op, message)
+        elif opened:
+            logger.warning(
+                "Redis circuit breaker opened after repeated failures (last: %s during %s); "
+                "cache calls degrade without waiting until a probe succeeds",
+                message,
+                op,
+            )
+        elif first:
+            logger.warning("Redis unavailable during %s, degrading: %s", op, message)
+        else:
+            logger.warning(
+                "Redis still failing (%d similar failures not logged); last during %s: %s",
+                suppressed,
+                op,
+                message,
+            )
+
+    def _recovered(self) -> None:
+        with self._lock:
+            if not self._failing:
+                return
+            self._failing = False
+        suppressed = self._throttle.reset()
+        logger.warning(
+            "Redis reachable again; cache back in service (%d failures not logged)", suppressed
+        )
+
+    def scrub(self, text: str) -> str:
+        """Remove the password from ``text`` should an error message ever include it."""
+        if self._secret and self._secret in text:
+            return text.replace(self._secret, "***")
+        return text

@@ -1,0 +1,63 @@
+"""The Lua scripts, read once from package data and registered per client from one table.
+
+The ``.lua`` files live in the repository's top-level ``lua/`` folder; the wheel ships
+them as ``crmcache/lua/`` (hatch ``force-include``). An editable install does not see
+that copy, so the loader falls back to the source tree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import redis
+    from redis.commands.core import Script
+
+__all__ = ["SCRIPT_NAMES", "Scripts", "load_script_source", "register_scripts"]
+
+#: Every script crmcache runs; each is ``lua/<name>.lua``.
+SCRIPT_NAMES = ("evict_corrupt", "prefs_invalidate", "prefs_set", "rate_limit")
+
+_SOURCE_TREE_LUA = Path(__file__).resolve().parents[2] / "lua"
+
+
+@cache
+def load_script_source(name: str) -> str:
+    """Return the source of ``lua/<name>.lua``.
+
+    Raises:
+        FileNotFoundError: the script is neither in the installed package nor in the
+            source tree (a broken install).
+    """
+    if name not in SCRIPT_NAMES:
+        raise ValueError(f"unknown script {name!r}")
+    packaged = resources.files("crmcache").joinpath("lua", f"{name}.lua")
+    if packaged.is_file():
+        return packaged.read_text(encoding="utf-8")
+    fallback = _SOURCE_TREE_LUA / f"{name}.lua"
+    if fallback.is_file():
+        return fallback.read_text(encoding="utf-8")
+    raise FileNotFoundError(
+        f"Lua script {name}.lua is missing from the crmcache package and from {fallback}"
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Scripts:
+    """The registered scripts of one client. Calling one runs EVALSHA, and on NOSCRIPT
+    (after a restart or ``SCRIPT FLUSH``) redis-py loads it again by itself."""
+
+    evict_corrupt: Script
+    prefs_invalidate: Script
+    prefs_set: Script
+    rate_limit: Script
+
+
+def register_scripts(client: redis.Redis) -> Scripts:
+    """Register every script on ``client`` (no round trip: SHA is computed locally)."""
+    sources = {name: load_script_source(name) for name in SCRIPT_NAMES}
+    return Scripts(**{name: client.register_script(src) for name, src in sources.items()})

@@ -1,0 +1,198 @@
+"""Statistics: thread-safe counters and the typed, frozen snapshot ``get_cache_stats`` returns.
+
+``CacheStats.as_dict()`` gives the spec's dict shape (``enabled``, ``total_keys``,
+``local_hit_rate`` in percent, ``connection_pool`` ...).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from typing import Any
+
+__all__ = [
+    "CacheStats",
+    "Counter",
+    "Kind",
+    "KindStats",
+    "PoolStats",
+    "RedisServerStats",
+    "StatsRecorder",
+    "hit_rate",
+]
+
+
+class Kind(StrEnum):
+    """What a cache lookup was for."""
+
+    PREFERENCES = "preferences"
+    TEMPLATES = "templates"
+
+
+class Counter(StrEnum):
+    """Events counted besides hits and misses."""
+
+    CORRUPT_VALUES = "corrupt_values"
+    STALE_WRITES_REFUSED = "stale_writes_refused"
+    WRITES = "writes"
+    WRITES_FAILED = "writes_failed"
+    INVALIDATIONS = "invalidations"
+    INVALIDATIONS_FAILED = "invalidations_failed"
+    READS_FAILED = "reads_failed"
+    REDIS_ERRORS = "redis_errors"
+    RATE_LIMIT_ALLOWED = "rate_limit_allowed"
+    RATE_LIMIT_REJECTED = "rate_limit_rejected"
+    RATE_LIMIT_DEGRADED = "rate_limit_degraded"
+
+
+def hit_rate(hits: int, misses: int) -> float:
+    """Hits as a percentage of lookups, rounded to 2 decimals; 0.0 with no lookups."""
+    total = hits + misses
+    return round(100.0 * hits / total, 2) if total else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class KindStats:
+    """Hits and misses of one kind of lookup."""
+
+    hits: int
+    misses: int
+
+    @property
+    def hit_rate(self) -> float:
+        """Hit rate in percent."""
+        return hit_rate(self.hits, self.misses)
+
+    def as_dict(self) -> dict[str, Any]:
+        """``{"hits", "misses", "hit_rate"}``."""
+        return {"hits": self.hits, "misses": self.misses, "hit_rate": self.hit_rate}
+
+
+@dataclass(frozen=True, slots=True)
+class PoolStats:
+    """Connection pool utilisation."""
+
+    max_connections: int
+    in_use: int
+    idle: int
+    created: int
+
+
+@dataclass(frozen=True, slots=True)
+class RedisServerStats:
+    """Selected fields of Redis ``INFO``."""
+
+    redis_version: str
+    uptime_in_seconds: int
+    connected_clients: int
+    used_memory: int
+    used_memory_human: str
+    keyspace_hits: int
+    keyspace_misses: int
+
+    @classmethod
+    def from_info(cls, info: Mapping[str, Any]) -> RedisServerStats:
+        """Pick the fields from an ``INFO`` reply (missing ones become 0 / "")."""
+        return cls(
+            redis_version=str(info.get("redis_version", "")),
+            uptime_in_seconds=int(info.get("uptime_in_seconds", 0)),
+            connected_clients=int(info.get("connected_clients", 0)),
+            used_memory=int(info.get("used_memory", 0)),
+            used_memory_human=str(info.get("used_memory_human", "")),
+            keyspace_hits=int(info.get("keyspace_hits", 0)),
+            keyspace_misses=int(info.get("keyspace_misses", 0)),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class CacheStats:
+    """A snapshot of one manager's statistics.
+
+    ``total_keys`` is ``None`` and ``redis`` is ``None`` when Redis could not be asked.
+    ``total_keys_exact`` is False when counting stopped at its time budget.
+    """
+
+    enabled: bool
+    total_keys: int | None
+    total_keys_exact: bool
+    by_kind: Mapping[Kind, KindStats]
+    counters: Mapping[Counter, int]
+    connection_pool: PoolStats
+    redis: RedisServerStats | None
+    circuit_breaker: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def hits(self) -> int:
+        """Hits over all kinds."""
+        return sum(k.hits for k in self.by_kind.values())
+
+    @property
+    def misses(self) -> int:
+        """Misses over all kinds."""
+        return sum(k.misses for k in self.by_kind.values())
+
+    @property
+    def local_hit_rate(self) -> float:
+        """Hit rate over all kinds, in percent."""
+        return hit_rate(self.hits, self.misses)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The spec's dict: ``stats['enabled']``, ``stats['total_keys']``,
+        ``stats['local_hit_rate']``, ``stats['connection_pool']['max_connections']`` ..."""
+        return {
+            "enabled": self.enabled,
+            "total_keys": self.total_keys,
+            "total_keys_exact": self.total_keys_exact,
+            "local_hit_rate": self.local_hit_rate,
+            "hits": self.hits,
+            "misses": self.misses,
+            "by_kind": {kind.value: s.as_dict() for kind, s in self.by_kind.items()},
+            "counters": {c.value: n for c, n in self.counters.items()},
+            "connection_pool": asdict(self.connection_pool),
+            "redis": asdict(self.redis) if self.redis is not None else None,
+            "circuit_breaker": dict(self.circuit_breaker),
+        }
+
+
+class StatsRecorder:
+    """Thread-safe counters updated on the hot path."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._hits = dict.fromkeys(Kind, 0)
+        self._misses = dict.fromkeys(Kind, 0)
+        self._counters = dict.fromkeys(Counter, 0)
+
+    def hit(self, kind: Kind, n: int = 1) -> None:
+        """Count ``n`` hits."""
+        with self._lock:
+            self._hits[kind] += n
+
+    def miss(self, kind: Kind, n: int = 1) -> None:
+        """Count ``n`` misses."""
+        with self._lock:
+            self._misses[kind] += n
+
+    def count(self, counter: Counter, n: int = 1) -> None:
+        """Add ``n`` to ``counter``."""
+        with self._lock:
+            self._counters[counter] += n
+
+    def by_kind(self) -> dict[Kind, KindStats]:
+        """Current hits and misses per kind."""
+        with self._lock:
+            return {k: KindStats(self._hits[k], self._misses[k]) for k in Kind}
+
+    def counters(self) -> dict[Counter, int]:
+        """Current values of the other counters."""
+        with self._lock:
+            return dict(self._counters)
+
+    def reset(self) -> None:
+        """Zero every counter."""
+        with self._lock:
+            self._hits = dict.fromkeys(Kind, 0)
+            self._misses = dict.fromkeys(Kind, 0)
+            self._counters = dict.fromkeys(Counter, 0)

@@ -1,0 +1,779 @@
+"""The cache manager: the slim Python facade over Redis and the Lua scripts.
+
+Import path kept from the spec: ``from crmcache.cache_manager import CRMCacheManager,
+get_cache_manager``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from types import TracebackType
+from typing import Any, Final, Self, cast
+from urllib.parse import unquote, urlsplit
+
+import redis
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.retry import Retry
+
+from ._codec import (
+    CorruptValue,
+    decode_preferences,
+    decode_template,
+    encode_preferences,
+    encode_template,
+    is_tombstone,
+)
+from ._config import (
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_ID_LENGTH,
+    DEFAULT_MAX_TEMPLATE_BYTES,
+    DEFAULT_POOL_TIMEOUT,
+    DEFAULT_RATE_LIMIT_WINDOW,
+    DEFAULT_SOCKET_CONNECT_TIMEOUT,
+    DEFAULT_SOCKET_TIMEOUT,
+    DEFAULT_TOMBSTONE_TTL,
+    CacheSettings,
+    RateLimitPolicy,
+    check_policy,
+    resolve_settings,
+)
+from ._guard import FAILED, CircuitBreaker, Guard, LogThrottle
+from ._keys import SCAN_PATTERN, check_channel, check_id, prefs_key, rate_limit_key, template_key
+from ._ratelimit import RateLimitResult, check_limit_args, result_from_reply
+from ._scripts import Scripts, register_scripts
+from ._stats import (
+    CacheStats,
+    Counter,
+    Kind,
+    PoolStats,
+    RedisServerStats,
+    StatsRecorder,
+    hit_rate,
+)
+from ._validate import positive_int
+from .models import MAX_VERSION, ClientPreferences, MessageChannel
+
+__all__ = ["CRMCacheManager", "TemplateRef", "close_cache_managers", "get_cache_manager"]
+
+logger = logging.getLogger("crmcache")
+
+#: A template is named by (name, channel); the channel may be given as its string value.
+TemplateRef = tuple[str, MessageChannel | str]
+
+#: Below this many lookups a low hit rate says nothing and is not logged.
+MIN_LOOKUPS_FOR_HIT_RATE_WARNING = 100
+#: Hit rate (percent) under which get_cache_stats logs a WARNING (spec: 50).
+LOW_HIT_RATE_THRESHOLD = 50.0
+#: Most templates one batched call may ask for.
+MAX_BATCH = 10_000
+#: Time budget for counting crm:* keys with SCAN in get_cache_stats, in seconds.
+SCAN_BUDGET = 2.0
+SCAN_COUNT = 1000
+#: Seconds between connection health checks (PING before reuse of an idle connection).
+HEALTH_CHECK_INTERVAL = 30
+
+_WRONG_TYPE: Final = object()
+
+
+def _password_of(url: str) -> str | None:
+    try:
+        password = urlsplit(url).password
+    except ValueError:
+        return None
+    return unquote(password) if password else None
+
+
+def _wrong_type(exc: ResponseError) -> bool:
+    return str(exc).startswith("WRONGTYPE")
+
+
+class CRMCacheManager:
+    """Redis cache for client preferences, message templates and API rate limits.
+
+    Every call is safe on a hot path: a Redis failure makes reads return ``None``,
+    writes return ``False``, and rate-limit checks follow the failure policy; nothing
+    from redis-py is raised to the caller. Bad arguments raise ``ValueError`` or
+    ``TypeError`` naming the argument.
+
+    Args:
+        redis_url: Redis URL; default ``$REDIS_URL`` or ``redis://localhost:6379/0``.
+        enabled: cache on/off; default ``$ENABLE_CACHING`` or True. When False no
+            connection is ever opened and every call is a miss / no-op.
+        max_connections: pool size; callers beyond it wait up to ``pool_timeout``.
+        socket_timeout: seconds to wait for a reply.
+        socket_connect_timeout: seconds to wait for a connection (also bounds
+            :meth:`health_check`).
+        cache_ttl: preference TTL in seconds; default ``$CACHE_TTL`` or 3600.
+        pool_timeout: seconds to wait for a free pooled connection.
+        tombstone_ttl: seconds an invalidation keeps stale preference writes out.
+        rate_limit_policy: ``"open"`` (allow) or ``"closed"`` (refuse) when Redis cannot
+            be asked.
+        max_id_length: longest client id / template name / API name, in characters.
+        max_template_bytes: largest template accepted, in UTF-8 bytes.
+
+    Raises:
+        ConfigurationError: a setting is out of range or malformed (never shows a
+            password).
+        TypeError: a setting has the wrong type.
+    """
+
+    def __init__(
+        self,
+        redis_url: str | None = None,
+        *,
+        enabled: bool | None = None,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        socket_timeout: float = DEFAULT_SOCKET_TIMEOUT,
+        socket_connect_timeout: float = DEFAULT_SOCKET_CONNECT_TIMEOUT,
+        cache_ttl: int | None = None,
+        pool_timeout: float = DEFAULT_POOL_TIMEOUT,
+        tombstone_ttl: int = DEFAULT_TOMBSTONE_TTL,
+        rate_limit_policy: RateLimitPolicy = "open",
+        max_id_length: int = DEFAULT_MAX_ID_LENGTH,
+        max_template_bytes: int = DEFAULT_MAX_TEMPLATE_BYTES,
+    ) -> None:
+        self.settings: CacheSettings = resolve_settings(
+            redis_url=redis_url,
+            enabled=enabled,
+            cache_ttl=cache_ttl,
+            max_connections=max_connections,
+            socket_timeout=socket_timeout,
+            socket_connect_timeout=socket_connect_timeout,
+            pool_timeout=pool_timeout,
+            tombstone_ttl=tombstone_ttl,
+            rate_limit_policy=rate_limit_policy,
+            max_id_length=max_id_length,
+            max_template_bytes=max_template_bytes,
+        )
+        s = self.settings
+        self._ttl_ms = s.cache_ttl * 1000
+        self._tombstone_ms = s.tombstone_ttl * 1000
+        self._max_id = s.max_id_length
+        self._stats = StatsRecorder()
+        self._closed = False
+        self._close_lock = threading.Lock()
+        self._breaker = CircuitBreaker()
+        self._guard = Guard(
+            breaker=self._breaker,
+            on_error=self._count_error,
+            secret=_password_of(s.redis_url),
+        )
+        self._invalidation_warnings = LogThrottle(30.0)
+        self._pool: redis.BlockingConnectionPool | None = None
+        self._health_pool: redis.BlockingConnectionPool | None = None
+        self._client: redis.Redis | None = None
+        self._health_client: redis.Redis | None = None
+        self._scripts: Scripts | None = None
+        if s.enabled:
+            self._build_clients()
+        logger.info(
+            "crmcache initialised: url=%s enabled=%s max_connections=%d cache_ttl=%ds",
+            s.masked_url,
+            s.enabled,
+            s.max_connections,
+            s.cache_ttl,
+        )
+
+    def _build_clients(self) -> None:
+        s = self.settings
+        # One retry on a dropped connection reconnects after a Redis restart; a timeout
+        # is not retried (it would double the stall).
+        retry = Retry(
+            ExponentialWithJitterBackoff(cap=0.1, base=0.01),
+            retries=1,
+            supported_errors=(RedisConnectionError,),
+        )
+        try:
+            self._pool = redis.BlockingConnectionPool.from_url(
+                s.redis_url,
+                max_connections=s.max_connections,
+                timeout=s.pool_timeout,
+                socket_timeout=s.socket_timeout,
+                socket_connect_timeout=s.socket_connect_timeout,
+                retry=retry,
+                protocol=2,
+                health_check_interval=HEALTH_CHECK_INTERVAL,
+                client_name="crmcache",
+            )
+            # Health checks get their own single connection whose read timeout is the
+            # connect timeout, so a probe is bounded by it even when the pool is busy.
+            self._health_pool = redis.BlockingConnectionPool.from_url(
+                s.redis_url,
+                max_connections=1,
+                timeout=s.socket_connect_timeout,
+                socket_timeout=s.socket_connect_timeout,
+                socket_connect_timeout=s.socket_connect_timeout,
+                retry=Retry(ExponentialWithJitterBackoff(cap=0.1, base=0.01), retries=0),
+                protocol=2,
+                client_name="crmcache-health",
+            )
+        except ValueError as exc:
+            message = self._guard.scrub(str(exc))
+            raise ValueError(f"redis_url {s.masked_url!r} is not usable: {message}") from None
+        self._client = redis.Redis(connection_pool=self._pool)
+        self._health_client = redis.Redis(connection_pool=self._health_pool)
+        self._scripts = register_scripts(self._client)
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    @property
+    def enabled(self) -> bool:
+        """True if the cache is on (and the manager not closed)."""
+        return self.settings.enabled and not self._closed
+
+    def close(self) -> None:
+        """Close every pooled connection. Idempotent; later calls behave as disabled."""
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+        for pool in (self._pool, self._health_pool):
+            if pool is not None:
+                pool.disconnect()
+        logger.info("crmcache closed: url=%s", self.settings.masked_url)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else ("enabled" if self.settings.enabled else "disabled")
+        return f"<CRMCacheManager url={self.settings.masked_url!r} {state}>"
+
+    def _active_client(self) -> redis.Redis | None:
+        if self._closed:
+            return None
+        return self._client
+
+    def _count_error(self, op: str, exc: BaseException) -> None:
+        self._stats.count(Counter.REDIS_ERRORS)
+
+    # -- client preferences ------------------------------------------------------------
+
+    def get_client_preferences(self, client_id: str) -> ClientPreferences | None:
+        """Return a client's cached preferences, or ``None`` on a miss.
+
+        A miss is also what a disabled cache, an unreachable Redis, an invalidation
+        tombstone, or an undecodable value (which is then deleted) returns.
+
+        Raises:
+            TypeError, ValueError: ``client_id`` is not a valid id.
+        """
+        key = prefs_key(check_id("client_id", client_id, self._max_id))
+        client = self._active_client()
+        if client is None:
+            self._stats.miss(Kind.PREFERENCES)
+            return None
+        raw = self._guard.run("get_client_preferences", self._get_raw, client, key)
+        if raw is FAILED:
+            self._stats.count(Counter.READS_FAILED)
+            self._stats.miss(Kind.PREFERENCES)
+            return None
+        if raw is None or raw is _WRONG_TYPE or is_tombstone(raw):  # type: ignore[arg-type]
+            if raw is _WRONG_TYPE:
+                self._evict(key, b"", "wrong type")
+            self._stats.miss(Kind.PREFERENCES)
+            logger.debug("cache miss: %s", key)
+            return None
+        try:
+            prefs = decode_preferences(raw)  # type: ignore[arg-type]
+        except CorruptValue as exc:
+            self._evict(key, raw, str(exc))  # type: ignore[arg-type]
+            self._stats.miss(Kind.PREFERENCES)
+            return None
+        self._stats.hit(Kind.PREFERENCES)
+        logger.debug("cache hit: %s", key)
+        return prefs
+
+    def set_client_preferences(
+        self, preferences: ClientPreferences, *, ttl: int | None = None
+    ) -> bool:
+        """Cache ``preferences`` unless a newer version is cached or was invalidated.
+
+        Runs ``prefs_set.lua``: the write is refused when the key holds a higher version
+        or a tombstone of a higher version (left by an invalidation), so a slow reader can
+        never put an old row back.
+
+        Args:
+            preferences: what to cache; ``preferences.version`` orders writes.
+            ttl: seconds to keep it; default the manager's ``cache_ttl``.
+
+        Returns:
+            True if stored; False if refused as stale, or if Redis was unavailable
+            (logged and counted) or the cache is disabled.
+
+        Raises:
+            TypeError: ``preferences`` is not a ClientPreferences / ``ttl`` not an int.
+            ValueError: ``ttl`` <= 0.
+        """
+        if not isinstance(preferences, ClientPreferences):
+            raise TypeError(
+                f"preferences must be ClientPreferences, not {type(preferences).__name__}"
+            )
+        ttl_ms = self._ttl_ms if ttl is None else positive_int("ttl", ttl) * 1000
+        check_id("preferences.client_id", preferences.client_id, self._max_id)
+        key = prefs_key(preferences.client_id)
+        scripts = self._scripts
+        if self._active_client() is None or scripts is None:
+            return False
+        payload = encode_preferences(preferences)
+        reply = self._guard.run(
+            "set_client_preferences",
+            scripts.prefs_set,
+            keys=[key],
+            args=[preferences.version, payload, ttl_ms],
+        )
+        if reply is FAILED:
+            self._stats.count(Counter.WRITES_FAILED)
+            return False
+        stored, current = (int(x) for x in reply)  # type: ignore[union-attr]
+        if not stored:
+            self._stats.count(Counter.STALE_WRITES_REFUSED)
+            logger.debug(
+                "refused stale write of %s: version %d, cached %s",
+                key,
+                preferences.version,
+                "tombstone" if current == -2 else current,
+            )
+            return False
+        self._stats.count(Counter.WRITES)
+        logger.debug("cached %s version %d", key, preferences.version)
+        return True
+
+    def invalidate_client_preferences(self, client_id: str, *, version: int | None = None) -> bool:
+        """Drop a client's cached preferences, leaving a short tombstone.
+
+        Call it after saving the row. Pass the saved row's ``version`` when known: the
+        tombstone then refuses only older writes, so the next reader can refill at once.
+        Without it, the tombstone assumes the row moved one version past what was cached
+        (or, with nothing cached, refuses every write for ``tombstone_ttl`` seconds).
+
+        Returns:
+            True if Redis recorded the invalidation; False if Redis was unavailable
+            (logged at WARNING and counted) or the cache is disabled.
+
+        Raises:
+            TypeError, ValueError: bad ``client_id`` or ``version``.
+        """
+        key = prefs_key(check_id("client_id", client_id, self._max_id))
+        if version is not None and (isinstance(version, bool) or not isinstance(version, int)):
+            raise TypeError(f"version must be an int or None, not {type(version).__name__}")
+        if version is not None and not 0 <= version <= MAX_VERSION:
+            raise ValueError(f"version must be between 0 and {MAX_VERSION}, got {version}")
+        scripts = self._scripts
+        if self._active_client() is None or scripts is None:
+            return False
+        reply = self._guard.run(
+            "invalidate_client_preferences",
+            scripts.prefs_invalidate,
+            keys=[key],
+            args=["" if version is None else version, self._tombstone_ms],
+        )
+        if reply is FAILED:
+            self._stats.count(Counter.INVALIDATIONS_FAILED)
+            self._warn_invalidation_failed(key)
+            return False
+        self._stats.count(Counter.INVALIDATIONS)
+        logger.debug("invalidated %s (tombstone version %s)", key, reply)
+        return True
+
+    # -- templates ----------------------------------------------------------------------
+
+    def _template_key(self, name: str, channel: MessageChannel | str) -> str:
+        return template_key(check_channel(channel), check_id("name", name, self._max_id))
+
+    def get_template(self, name: str, channel: MessageChannel | str) -> str | None:
+        """Return a cached template's text, or ``None`` on a miss.
+
+        Raises:
+            TypeError, ValueError: bad ``name`` or unknown ``channel``.
+        """
+        key = self._template_key(name, channel)
+        client = self._active_client()
+        if client is None:
+            self._stats.miss(Kind.TEMPLATES)
+            return None
+        raw = self._guard.run("get_template", self._get_raw, client, key)
+        if raw is FAILED:
+            self._stats.count(Counter.READS_FAILED)
+        return self._decode_template(key, raw)
+
+    def get_templates(self, templates: Iterable[TemplateRef]) -> dict[TemplateRef, str | None]:
+        """Fetch many templates in one round trip (``MGET``).
+
+        Args:
+            templates: ``(name, channel)`` pairs; the channel as MessageChannel or str.
+
+        Returns:
+            A dict from each requested ``(name, channel)`` pair, as given, to its text or
+            ``None`` for a miss. (``MessageChannel`` is a ``str`` enum, so
+            ``result["welcome", "email"]`` and ``result["welcome", MessageChannel.EMAIL]``
+            find the same entry.)
+
+        Raises:
+            TypeError, ValueError: a bad pair, or more than 10,000 of them.
+        """
+        refs = self._check_refs(templates)
+        keys = [self._template_key(name, channel) for name, channel in refs]
+        client = self._active_client()
+        if client is None or not keys:
+            self._stats.miss(Kind.TEMPLATES, len(keys))
+            return dict.fromkeys(refs)
+        raws = self._guard.run("get_templates", client.mget, keys)
+        if raws is FAILED:
+            self._stats.count(Counter.READS_FAILED)
+            self._stats.miss(Kind.TEMPLATES, len(keys))
+            return dict.fromkeys(refs)
+        return {
+            ref: self._decode_template(key, raw)
+            for ref, key, raw in zip(refs, keys, raws, strict=True)  # type: ignore[arg-type]
+        }
+
+    def _check_refs(self, templates: Iterable[TemplateRef]) -> list[TemplateRef]:
+        if isinstance(templates, str | bytes) or not isinstance(templates, Iterable):
+            raise TypeError("templates must be an iterable of (name, channel) pairs")
+        refs: list[TemplateRef] = []
+        for item in templates:
+            if not isinstance(item, tuple) or len(item) != 2:
+                raise TypeError(f"templates items must be (name, channel) pairs, got {item!r}")
+            refs.append(item)
+            if len(refs) > MAX_BATCH:
+                raise ValueError(f"templates may name at most {MAX_BATCH} templates")
+        return list(dict.fromkeys(refs))
+
+    def _decode_template(self, key: str, raw: object) -> str | None:
+        if raw is None or raw is FAILED:
+            self._stats.miss(Kind.TEMPLATES)
+            logger.debug("cache miss: %s", key)
+            return None
+        if raw is _WRONG_TYPE:
+            self._evict(key, b"", "wrong type")
+            self._stats.miss(Kind.TEMPLATES)
+            return None
+        try:
+            content = decode_template(raw)  # type: ignore[arg-type]
+        except CorruptValue as exc:
+            self._evict(key, raw, str(exc))  # type: ignore[arg-type]
+            self._stats.miss(Kind.TEMPLATES)
+            return None
+        self._stats.hit(Kind.TEMPLATES)
+        logger.debug("cache hit: %s", key)
+        return content
+
+    def _check_content(self, content: object) -> bytes:
+        if not isinstance(content, str):
+            raise TypeError(f"content must be a str, not {type(content).__name__}")
+        data = encode_template(content)
+        if len(data) > self.settings.max_template_bytes:
+            raise ValueError(
+                f"content is {len(data)} bytes; the limit is "
+                f"{self.settings.max_template_bytes} (max_template_bytes)"
+            )
+        return data
+
+    def set_template(self, name: str, channel: MessageChannel | str, content: str) -> bool:
+        """Cache a template's text, with no expiry (templates are invalidated by hand).
+
+        Returns:
+            True if stored; False if Redis was unavailable (logged, counted) or disabled.
+
+        Raises:
+            TypeError: ``content`` is not a str; bad ``name``/``channel``.
+            ValueError: ``content`` is larger than ``max_template_bytes``; bad
+                ``name``/``channel``.
+        """
+        key = self._template_key(name, channel)
+        data = self._check_content(content)
+        client = self._active_client()
+        if client is None:
+            return False
+        if self._guard.run("set_template", client.set, key, data) is FAILED:
+            self._stats.count(Counter.WRITES_FAILED)
+            return False
+        self._stats.count(Counter.WRITES)
+        logger.debug("cached %s (%d bytes)", key, len(data))
+        return True
+
+    def set_templates(self, templates: Mapping[TemplateRef, str]) -> bool:
+        """Cache many templates in one round trip (``MSET``), with no expiry.
+
+        Returns:
+            True if all were stored; False if Redis was unavailable or disabled.
+
+        Raises:
+            TypeError, ValueError: as for :meth:`set_template`, for any entry.
+        """
+        if not isinstance(templates, Mapping):
+            raise TypeError(
+                f"templates must be a mapping of (name, channel) to content, "
+                f"not {type(templates).__name__}"
+            )
+        refs = self._check_refs(templates.keys())
+        data = {self._template_key(n, c): self._check_content(templates[n, c]) for n, c in refs}
+        client = self._active_client()
+        if client is None or not data:
+            return False
+        if self._guard.run("set_templates", client.mset, data) is FAILED:
+            self._stats.count(Counter.WRITES_FAILED)
+            return False
+        self._stats.count(Counter.WRITES, len(data))
+        return True
+
+    def invalidate_template(self, name: str, channel: MessageChannel | str) -> bool:
+        """Remove a cached template.
+
+        Returns:
+            True if Redis processed the delete (whether or not the key existed); False if
+            Redis was unavailable (logged at WARNING, counted) or the cache is disabled.
+        """
+        key = self._template_key(name, channel)
+        client = self._active_client()
+        if client is None:
+            return False
+        if self._guard.run("invalidate_template", client.delete, key) is FAILED:
+            self._stats.count(Counter.INVALIDATIONS_FAILED)
+            self._warn_invalidation_failed(key)
+            return False
+        self._stats.count(Counter.INVALIDATIONS)
+        logger.debug("invalidated %s", key)
+        return True
+
+    # -- rate limits --------------------------------------------------------------------
+
+    def check_rate_limit(
+        self,
+        api: str,
+        limit: int,
+        window: int = DEFAULT_RATE_LIMIT_WINDOW,
+        *,
+        cost: int = 1,
+        policy: RateLimitPolicy | None = None,
+    ) -> RateLimitResult:
+        """Count one call to ``api`` against ``limit`` calls per ``window`` seconds.
+
+        One Lua script checks and increments atomically and sets the window's expiry; a
+        refused call is not counted. The result unpacks as ``allowed, current_count``.
+
+        Args:
+            api: the API's name (``"whatsapp"``); key ``crm:ratelimit:<api>:<window>``.
+            limit: calls allowed per window (> 0).
+            window: window length in seconds (> 0), default 60.
+            cost: how many calls this one counts for (> 0).
+            policy: what to answer when Redis cannot be asked: ``"open"`` allows the call,
+                ``"closed"`` refuses it; default the manager's ``rate_limit_policy``.
+
+        Raises:
+            TypeError, ValueError: bad ``api``, ``limit``, ``window``, ``cost`` or
+                ``policy``.
+        """
+        api = check_id("api", api, self._max_id)
+        limit, window, cost = check_limit_args(limit, window, cost)
+        chosen = (
+            self.settings.rate_limit_policy if policy is None else check_policy(policy, "policy")
+        )
+        scripts = self._scripts
+        if self._active_client() is not None and scripts is not None:
+            reply = self._guard.run(
+                "check_rate_limit",
+                scripts.rate_limit,
+                keys=[rate_limit_key(api, window)],
+                args=[limit, window * 1000, cost],
+            )
+            if reply is not FAILED:
+                result = result_from_reply(reply, limit)  # type: ignore[arg-type]
+                self._stats.count(
+                    Counter.RATE_LIMIT_ALLOWED if result.allowed else Counter.RATE_LIMIT_REJECTED
+                )
+                return result
+        self._stats.count(Counter.RATE_LIMIT_DEGRADED)
+        allowed = chosen == "open"
+        return RateLimitResult(
+            allowed=allowed,
+            current_count=0,
+            limit=limit,
+            remaining=limit if allowed else 0,
+            retry_after=0.0 if allowed else 1.0,
+            degraded=True,
+        )
+
+    # -- statistics and health ----------------------------------------------------------
+
+    def health_check(self) -> bool:
+        """PING Redis; True if it answered. Never raises; bounded by the connect timeout.
+
+        A disabled or closed manager is reported unhealthy (it serves nothing); check
+        :attr:`enabled` to tell the cases apart.
+        """
+        client = self._health_client
+        if self._closed or client is None:
+            return False
+        try:
+            return bool(client.ping())
+        except Exception as exc:  # noqa: BLE001 - a health probe reports, it never raises
+            reason = self._guard.scrub(f"{type(exc).__name__}: {exc}")
+            logger.warning("health check failed: %s", reason)
+            return False
+
+    def get_stats(self) -> CacheStats:
+        """A typed snapshot of the statistics (see :class:`CacheStats`).
+
+        Logs the summary at INFO, and a WARNING when the hit rate is below 50% over at
+        least 100 lookups.
+        """
+        by_kind = self._stats.by_kind()
+        total_keys: int | None = None
+        exact = False
+        info: RedisServerStats | None = None
+        client = self._active_client()
+        if client is not None:
+            counted = self._guard.run("get_cache_stats", self._count_keys, client)
+            if counted is not FAILED:
+                total_keys, exact = counted  # type: ignore[misc]
+            raw_info = self._guard.run("get_cache_stats", client.info)
+            if raw_info is not FAILED:
+                info = RedisServerStats.from_info(raw_info)  # type: ignore[arg-type]
+        stats = CacheStats(
+            enabled=self.enabled,
+            total_keys=total_keys,
+            total_keys_exact=exact,
+            by_kind=by_kind,
+            counters=self._stats.counters(),
+            connection_pool=self._pool_stats(),
+            redis=info,
+            circuit_breaker={
+                "state": self._breaker.state.value,
+                "trips": self._breaker.trips,
+                "recoveries": self._breaker.recoveries,
+                "short_circuited": self._breaker.short_circuited,
+            },
+        )
+        hits, misses = stats.hits, stats.misses
+        logger.info(
+            "cache stats: hit rate %.2f%% (%d hits, %d misses), %s keys",
+            hit_rate(hits, misses),
+            hits,
+            misses,
+            total_keys,
+        )
+        if hits + misses >= MIN_LOOKUPS_FOR_HIT_RATE_WARNING and (
+            stats.local_hit_rate < LOW_HIT_RATE_THRESHOLD
+        ):
+            logger.warning("Low cache hit rate: %.2f%%", stats.local_hit_rate)
+        return stats
+
+    def get_cache_stats(self) -> dict[str, Any]:
+        """The spec's statistics dict: ``enabled``, ``total_keys``, ``local_hit_rate``
+        (percent), ``connection_pool`` (``max_connections``, ``in_use``, ``idle``), ``redis``
+        (selected INFO fields), hits and misses per kind, counters, breaker state."""
+        return self.get_stats().as_dict()
+
+    def reset_stats(self) -> None:
+        """Zero the local hit/miss and event counters."""
+        self._stats.reset()
+
+    def _count_keys(self, client: redis.Redis) -> tuple[int, bool]:
+        # SCAN in batches (never KEYS): Redis serves other clients between batches. Stop at
+        # a time budget on a huge keyspace and say the count is a lower bound.
+        deadline = time.monotonic() + SCAN_BUDGET
+        cursor, total = 0, 0
+        while True:
+            reply = client.scan(cursor=cursor, match=SCAN_PATTERN, count=SCAN_COUNT)
+            cursor, batch = cast("tuple[int, list[bytes]]", reply)
+            total += len(batch)
+            if cursor == 0:
+                return total, True
+            if time.monotonic() > deadline:
+                return total, False
+
+    def _pool_stats(self) -> PoolStats:
+        pool = self._pool
+        if pool is None:
+            return PoolStats(self.settings.max_connections, 0, 0, 0)
+        # redis-py exposes no public counters for a BlockingConnectionPool: the queue
+        # holds idle connections (and None placeholders for ones not yet created).
+        created = len(getattr(pool, "_connections", ()))
+        queue = getattr(getattr(pool, "pool", None), "queue", ())
+        idle = sum(1 for conn in list(queue) if conn is not None)
+        return PoolStats(
+            max_connections=self.settings.max_connections,
+            in_use=max(created - idle, 0),
+            idle=idle,
+            created=created,
+        )
+
+    # -- helpers ------------------------------------------------------------------------
+
+    def _warn_invalidation_failed(self, key: str) -> None:
+        # A lost invalidation can leave a stale value for up to its TTL: say so, but do not
+        # write one line per call during an outage.
+        suppressed = self._invalidation_warnings.ready()
+        if suppressed is not None:
+            logger.warning(
+                "could not invalidate %s: Redis unavailable (%d more not logged)",
+                key,
+                suppressed,
+            )
+
+    @staticmethod
+    def _get_raw(client: redis.Redis, key: str) -> object:
+        try:
+            return client.get(key)
+        except ResponseError as exc:
+            if _wrong_type(exc):
+                return _WRONG_TYPE
+            raise
+
+    def _evict(self, key: str, raw: bytes, reason: str) -> None:
+        """Delete a value that failed to decode (only if unchanged) and count it."""
+        self._stats.count(Counter.CORRUPT_VALUES)
+        logger.warning("undecodable value at %s (%s): deleted, treated as a miss", key, reason)
+        scripts = self._scripts
+        if scripts is not None:
+            self._guard.run("evict", scripts.evict_corrupt, keys=[key], args=[raw])
+
+
+_managers: dict[str, CRMCacheManager] = {}
+_managers_lock = threading.Lock()
+
+
+def get_cache_manager(redis_url: str | None = None, **kwargs: Any) -> CRMCacheManager:  # noqa: ANN401
+    """Return the process-wide manager for ``redis_url``, creating it on first use.
+
+    Thread-safe: concurrent first calls create one manager. ``kwargs`` (the
+    :class:`CRMCacheManager` keyword arguments) apply only when the manager is created.
+    A closed manager is replaced by a new one.
+
+    Args:
+        redis_url: default ``$REDIS_URL`` or ``redis://localhost:6379/0``.
+    """
+    url = resolve_settings(redis_url=redis_url, enabled=True).redis_url
+    manager = _managers.get(url)
+    if manager is not None and not manager._closed:
+        return manager
+    with _managers_lock:
+        manager = _managers.get(url)
+        if manager is None or manager._closed:
+            manager = CRMCacheManager(url, **kwargs)
+            _managers[url] = manager
+        return manager
+
+
+def close_cache_managers() -> None:
+    """Close and forget every manager made by :func:`get_cache_manager`."""
+    with _managers_lock:
+        managers = list(_managers.values())
+        _managers.clear()
+    for manager in managers:
+        manager.close()

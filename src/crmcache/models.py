@@ -1,0 +1,62 @@
+"""Data models cached by crmcache: client preferences and message channels.
+
+Import path kept from the spec: ``from crmcache.models import ClientPreferences,
+MessageChannel``.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+__all__ = ["MAX_VERSION", "ClientPreferences", "MessageChannel"]
+
+#: Versions are compared inside Lua, whose numbers are doubles: keep them exact.
+MAX_VERSION = 2**53 - 1
+
+
+class MessageChannel(StrEnum):
+    """A channel a message can be sent over. The value is what appears in cache keys."""
+
+    EMAIL = "email"
+    SMS = "sms"
+    WHATSAPP = "whatsapp"
+
+
+class ClientPreferences(BaseModel):
+    """How and when a client wants to be contacted.
+
+    Only ``client_id`` is required. ``version`` is the database row's version: it grows by
+    at least one with every saved change, and the cache uses it to refuse stale writes.
+    """
+
+    model_config = ConfigDict(validate_assignment=True, extra="ignore")
+
+    client_id: str = Field(min_length=1, max_length=256)
+    preferred_channels: list[MessageChannel] = Field(
+        default_factory=lambda: [MessageChannel.EMAIL]
+    )
+    timezone: str = "UTC"
+    language: str = "en"
+    opt_out: bool = False
+    quiet_hours_start: int | None = Field(default=None, ge=0, le=23)
+    quiet_hours_end: int | None = Field(default=None, ge=0, le=23)
+    version: int = Field(default=0, ge=0, le=MAX_VERSION)
+
+    @property
+    def preferred_channel(self) -> MessageChannel:
+        """The first preferred channel (email when the list is empty)."""
+        return self.preferred_channels[0] if self.preferred_channels else MessageChannel.EMAIL
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_timezone(cls, value: str) -> str:
+        # Imported lazily: zoneinfo reads tzdata from disk on first use.
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError  # noqa: PLC0415
+
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"timezone must be an IANA zone name, got {value!r}") from None
+        return value

