@@ -12,13 +12,13 @@ An explicit argument always wins over the environment, which wins over the defau
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Literal
-from urllib.parse import urlsplit
+from typing import Any, Literal, TypeVar
+from urllib.parse import parse_qsl, unquote, urlsplit
 
-from pydantic import ValidationError
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import TypeAdapter, ValidationError
 
 from ._errors import ConfigurationError
 from ._validate import positive_int
@@ -35,10 +35,12 @@ __all__ = [
     "DEFAULT_SOCKET_CONNECT_TIMEOUT",
     "DEFAULT_SOCKET_TIMEOUT",
     "DEFAULT_TOMBSTONE_TTL",
+    "MAX_TTL",
     "CacheSettings",
     "RateLimitPolicy",
     "mask_url",
     "resolve_settings",
+    "url_password",
 ]
 
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
@@ -54,15 +56,18 @@ DEFAULT_POOL_TIMEOUT = 1.0
 #: Seconds an invalidation tombstone keeps stale preference writes out.
 DEFAULT_TOMBSTONE_TTL = 30
 DEFAULT_RATE_LIMIT_WINDOW = 60
+#: Longest TTL or rate-limit window accepted, in seconds (ten years).
+MAX_TTL = 10 * 365 * 86400
 #: Longest client id, template name or API name accepted, in characters.
 DEFAULT_MAX_ID_LENGTH = 256
 #: Largest template accepted by set_template, in UTF-8 bytes.
 DEFAULT_MAX_TEMPLATE_BYTES = 1024 * 1024
 
+T = TypeVar("T")
+
 RateLimitPolicy = Literal["open", "closed"]
 _POLICIES: frozenset[str] = frozenset({"open", "closed"})
 _SCHEMES = frozenset({"redis", "rediss", "unix"})
-_PASSWORD_RE = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:@/]*):(?P<pw>[^@/]*)@")
 _QUERY_PASSWORD_RE = re.compile(r"(?P<key>[?&]password=)[^&#]*", re.IGNORECASE)
 
 
@@ -76,20 +81,29 @@ def mask_url(url: str) -> str:
         The same URL with the password (in the authority or a ``password=`` query
         parameter) masked; usernames, hosts and ports are kept for diagnosis.
     """
-    masked = _PASSWORD_RE.sub(lambda m: f"{m['scheme']}{m['user']}:***@", url)
-    return _QUERY_PASSWORD_RE.sub(lambda m: f"{m['key']}***", masked)
+    head, sep, rest = url.partition("://")
+    if sep and "@" in rest:
+        # Split at the LAST "@", as urllib and redis-py do: a password may contain "@".
+        userinfo, _, after = rest.rpartition("@")
+        user, colon, _password = userinfo.partition(":")
+        if colon:
+            url = f"{head}://{user}:***@{after}"
+    return _QUERY_PASSWORD_RE.sub(lambda m: f"{m['key']}***", url)
 
 
-class _EnvSettings(BaseSettings):
-    """The three environment variables of the spec, parsed by pydantic-settings."""
-
-    model_config = SettingsConfigDict(
-        env_prefix="", case_sensitive=False, extra="ignore", frozen=True
-    )
-
-    redis_url: str | None = None
-    cache_ttl: int | None = None
-    enable_caching: bool | None = None
+def url_password(url: str) -> str | None:
+    """The password in ``url`` (authority or ``password=`` query parameter), if any."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return None
+    if password:
+        return unquote(password)
+    for key, value in parse_qsl(parts.query):
+        if key.lower() == "password" and value:
+            return value
+    return None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -128,13 +142,17 @@ class CacheSettings:
         )
 
 
-def _read_env() -> _EnvSettings:
+def _env(name: str, kind: type[T]) -> T | None:
+    """Read and validate one environment variable; unset or blank means None."""
+    raw = os.environ.get(name)
+    if raw is None or not raw.strip():
+        return None
     try:
-        return _EnvSettings()
+        return TypeAdapter(kind).validate_python(raw.strip())
     except ValidationError as exc:
-        # pydantic's message echoes the input; REDIS_URL may hold a password.
-        problems = "; ".join(f"{str(err['loc'][0]).upper()}: {err['msg']}" for err in exc.errors())
-        raise ConfigurationError(f"invalid environment variable(s): {problems}") from None
+        # pydantic's errors can echo the input, and REDIS_URL may hold a password.
+        reason = exc.errors()[0]["msg"]
+        raise ConfigurationError(f"environment variable {name} is invalid: {reason}") from None
 
 
 def _check_url(url: object) -> str:
@@ -142,7 +160,7 @@ def _check_url(url: object) -> str:
         raise TypeError(f"redis_url must be a str, not {type(url).__name__}")
     try:
         parts = urlsplit(url)
-        scheme = parts.scheme
+        scheme = url.partition("://")[0]
         _ = parts.port  # raises ValueError on a non-numeric port
     except ValueError:
         raise ConfigurationError(f"redis_url is not a valid URL: {mask_url(url)!r}") from None
@@ -157,6 +175,13 @@ def _check_url(url: object) -> str:
 
 def _positive_int(name: str, value: object) -> int:
     return positive_int(name, value, error=ConfigurationError)
+
+
+def _ttl(name: str, value: object) -> int:
+    seconds = positive_int(name, value, error=ConfigurationError)
+    if seconds > MAX_TTL:
+        raise ConfigurationError(f"{name} must be at most {MAX_TTL} seconds, got {seconds}")
+    return seconds
 
 
 def _positive_seconds(name: str, value: object) -> float:
@@ -174,7 +199,9 @@ def _check_bool(name: str, value: object) -> bool:
     return value
 
 
-def check_policy(value: object, name: str = "rate_limit_policy") -> RateLimitPolicy:
+def check_policy(
+    value: object, name: str = "rate_limit_policy", *, error: type[ValueError] = ValueError
+) -> RateLimitPolicy:
     """Validate a rate-limit failure policy name.
 
     Raises:
@@ -184,7 +211,7 @@ def check_policy(value: object, name: str = "rate_limit_policy") -> RateLimitPol
     if not isinstance(value, str):
         raise TypeError(f"{name} must be a str, not {type(value).__name__}")
     if value not in _POLICIES:
-        raise ValueError(f"{name} must be 'open' or 'closed', got {value!r}")
+        raise error(f"{name} must be 'open' or 'closed', got {value!r}")
     return "open" if value == "open" else "closed"
 
 
@@ -212,34 +239,30 @@ def resolve_settings(
             or malformed. The message names it and never shows a password.
         TypeError: an argument has the wrong type.
     """
-    env: _EnvSettings | None = None
-
-    def environment() -> _EnvSettings:
-        nonlocal env
-        if env is None:
-            env = _read_env()
-        return env
-
-    url = redis_url if redis_url is not None else environment().redis_url or DEFAULT_REDIS_URL
+    # Each variable is read only when its argument is missing: an explicit argument wins
+    # even over a malformed variable.
+    if redis_url is None:
+        redis_url = _env("REDIS_URL", str) or DEFAULT_REDIS_URL
     if enabled is None:
-        env_enabled = environment().enable_caching
+        env_enabled = _env("ENABLE_CACHING", bool)
         enabled = DEFAULT_ENABLED if env_enabled is None else env_enabled
     if cache_ttl is None:
-        env_ttl = environment().cache_ttl
-        if env_ttl is not None and env_ttl <= 0:
-            raise ConfigurationError(f"CACHE_TTL must be > 0, got {env_ttl}")
+        env_ttl = _env("CACHE_TTL", int)
+        if env_ttl is not None and not 0 < env_ttl <= MAX_TTL:
+            raise ConfigurationError(f"CACHE_TTL must be between 1 and {MAX_TTL}, got {env_ttl}")
         cache_ttl = DEFAULT_CACHE_TTL if env_ttl is None else env_ttl
+    url = redis_url
 
     return CacheSettings(
         redis_url=_check_url(url),
         enabled=_check_bool("enabled", enabled),
-        cache_ttl=_positive_int("cache_ttl", cache_ttl),
+        cache_ttl=_ttl("cache_ttl", cache_ttl),
         max_connections=_positive_int("max_connections", max_connections),
         socket_timeout=_positive_seconds("socket_timeout", socket_timeout),
         socket_connect_timeout=_positive_seconds("socket_connect_timeout", socket_connect_timeout),
         pool_timeout=_positive_seconds("pool_timeout", pool_timeout),
-        tombstone_ttl=_positive_int("tombstone_ttl", tombstone_ttl),
-        rate_limit_policy=check_policy(rate_limit_policy),
+        tombstone_ttl=_ttl("tombstone_ttl", tombstone_ttl),
+        rate_limit_policy=check_policy(rate_limit_policy, error=ConfigurationError),
         max_id_length=_positive_int("max_id_length", max_id_length),
         max_template_bytes=_positive_int("max_template_bytes", max_template_bytes),
     )

@@ -5,6 +5,7 @@ Key formats (fixed by the spec)::
     crm:prefs:<client_id>                 client preferences, TTL = cache_ttl
     crm:template:<channel>:<name>         message templates, no TTL
     crm:ratelimit:<api>:<window>          rate-limit counters, TTL = window
+    crm:lease:prefs:<client_id>           database-load leases, TTL = a few seconds
 
 User-supplied parts are validated before they reach a key: they must be ``str``,
 non-blank, at most ``max_length`` characters, and free of control characters. Glob
@@ -21,6 +22,7 @@ __all__ = [
     "SCAN_PATTERN",
     "check_channel",
     "check_id",
+    "lease_key",
     "prefs_key",
     "rate_limit_key",
     "template_key",
@@ -47,7 +49,8 @@ def check_id(name: str, value: object, max_length: int) -> str:
     if type(value) is not str:  # exact type: the fast path for the common case
         if not isinstance(value, str):
             raise TypeError(f"{name} must be a str, not {type(value).__name__}")
-        value = str(value)
+        # str.__str__, not str(): a (str, Enum) member must give its value, not "Api.X".
+        value = str.__str__(value)
     if len(value) > max_length:
         raise ValueError(f"{name} is longer than {max_length} characters ({len(value)})")
     if not value.isprintable():
@@ -83,6 +86,11 @@ def prefs_key(client_id: str) -> str:
 def template_key(channel: MessageChannel, name: str) -> str:
     """Key of a cached template: ``crm:template:<channel>:<name>``."""
     return f"crm:template:{channel.value}:{name}"
+
+
+def lease_key(client_id: str) -> str:
+    """Key of the lease on loading a client's preferences: ``crm:lease:prefs:<client_id>``."""
+    return f"crm:lease:prefs:{client_id}"
 
 
 def rate_limit_key(api: str, window: int) -> str:

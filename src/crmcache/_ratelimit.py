@@ -5,12 +5,13 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+from ._config import MAX_TTL
 from ._validate import positive_int
 
 __all__ = ["MAX_WINDOW", "RateLimitResult", "check_limit_args", "result_from_reply"]
 
 #: Longest rate-limit window accepted, in seconds (ten years).
-MAX_WINDOW = 10 * 365 * 86400
+MAX_WINDOW = MAX_TTL
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 __all__ = ["SCRIPT_NAMES", "Scripts", "load_script_source", "register_scripts"]
 
 #: Every script crmcache runs; each is ``lua/<name>.lua``.
-SCRIPT_NAMES = ("evict_corrupt", "prefs_invalidate", "prefs_set", "rate_limit")
+SCRIPT_NAMES = ("delete_if_equals", "prefs_invalidate", "prefs_set", "rate_limit")
 
 _SOURCE_TREE_LUA = Path(__file__).resolve().parents[2] / "lua"
 
@@ -51,7 +51,7 @@ class Scripts:
     """The registered scripts of one client. Calling one runs EVALSHA, and on NOSCRIPT
     (after a restart or ``SCRIPT FLUSH``) redis-py loads it again by itself."""
 
-    evict_corrupt: Script
+    delete_if_equals: Script
     prefs_invalidate: Script
     prefs_set: Script
     rate_limit: Script

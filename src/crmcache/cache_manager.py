@@ -7,12 +7,13 @@ get_cache_manager``.
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from enum import StrEnum
 from types import TracebackType
 from typing import Any, Final, Self, cast
-from urllib.parse import unquote, urlsplit
 
 import redis
 from redis.backoff import ExponentialWithJitterBackoff
@@ -37,13 +38,24 @@ from ._config import (
     DEFAULT_SOCKET_CONNECT_TIMEOUT,
     DEFAULT_SOCKET_TIMEOUT,
     DEFAULT_TOMBSTONE_TTL,
+    MAX_TTL,
     CacheSettings,
     RateLimitPolicy,
     check_policy,
     resolve_settings,
+    url_password,
 )
+from ._errors import ConfigurationError
 from ._guard import FAILED, CircuitBreaker, Guard, LogThrottle
-from ._keys import SCAN_PATTERN, check_channel, check_id, prefs_key, rate_limit_key, template_key
+from ._keys import (
+    SCAN_PATTERN,
+    check_channel,
+    check_id,
+    lease_key,
+    prefs_key,
+    rate_limit_key,
+    template_key,
+)
 from ._ratelimit import RateLimitResult, check_limit_args, result_from_reply
 from ._scripts import Scripts, register_scripts
 from ._stats import (
@@ -58,7 +70,15 @@ from ._stats import (
 from ._validate import positive_int
 from .models import MAX_VERSION, ClientPreferences, MessageChannel
 
-__all__ = ["CRMCacheManager", "TemplateRef", "close_cache_managers", "get_cache_manager"]
+__all__ = [
+    "DEFAULT_LEASE_TTL",
+    "CRMCacheManager",
+    "LeaseState",
+    "LoadLease",
+    "TemplateRef",
+    "close_cache_managers",
+    "get_cache_manager",
+]
 
 logger = logging.getLogger("crmcache")
 
@@ -78,14 +98,50 @@ SCAN_COUNT = 1000
 HEALTH_CHECK_INTERVAL = 30
 
 _WRONG_TYPE: Final = object()
+#: Seconds a database-load lease lives if its holder never releases it.
+DEFAULT_LEASE_TTL = 2.0
 
 
-def _password_of(url: str) -> str | None:
-    try:
-        password = urlsplit(url).password
-    except ValueError:
-        return None
-    return unquote(password) if password else None
+class LeaseState(StrEnum):
+    """Outcome of :meth:`CRMCacheManager.acquire_load_lease`."""
+
+    ACQUIRED = "acquired"
+    BUSY = "busy"
+    UNAVAILABLE = "unavailable"
+
+
+class LoadLease:
+    """A database-load lease; ``release()`` is a no-op unless it was acquired."""
+
+    __slots__ = ("_release", "state")
+
+    def __init__(self, state: LeaseState, release: Callable[[], None] | None = None) -> None:
+        self.state = state
+        self._release = release
+
+    def release(self) -> None:
+        """Give the lease up (idempotent)."""
+        release, self._release = self._release, None
+        if release is not None:
+            release()
+
+    def __repr__(self) -> str:
+        return f"LoadLease({self.state.value})"
+
+
+def _ttl_ms(name: str, seconds: object) -> int:
+    value = positive_int(name, seconds)
+    if value > MAX_TTL:
+        raise ValueError(f"{name} must be at most {MAX_TTL} seconds, got {value}")
+    return value * 1000
+
+
+def _seconds_to_ms(name: str, seconds: object) -> int:
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float):
+        raise TypeError(f"{name} must be a number of seconds, not {type(seconds).__name__}")
+    if not 0 < seconds < 86400:
+        raise ValueError(f"{name} must be between 0 and 86400 seconds, got {seconds}")
+    return max(int(seconds * 1000), 1)
 
 
 def _wrong_type(exc: ResponseError) -> bool:
@@ -161,7 +217,7 @@ class CRMCacheManager:
         self._guard = Guard(
             breaker=self._breaker,
             on_error=self._count_error,
-            secret=_password_of(s.redis_url),
+            secret=url_password(s.redis_url),
         )
         self._invalidation_warnings = LogThrottle(30.0)
         self._pool: redis.BlockingConnectionPool | None = None
@@ -214,7 +270,9 @@ class CRMCacheManager:
             )
         except ValueError as exc:
             message = self._guard.scrub(str(exc))
-            raise ValueError(f"redis_url {s.masked_url!r} is not usable: {message}") from None
+            raise ConfigurationError(
+                f"redis_url {s.masked_url!r} is not usable: {message}"
+            ) from None
         self._client = redis.Redis(connection_pool=self._pool)
         self._health_client = redis.Redis(connection_pool=self._health_pool)
         self._scripts = register_scripts(self._client)
@@ -283,7 +341,7 @@ class CRMCacheManager:
             return None
         if raw is None or raw is _WRONG_TYPE or is_tombstone(raw):  # type: ignore[arg-type]
             if raw is _WRONG_TYPE:
-                self._evict(key, b"", "wrong type")
+                self._evict(key, None, "wrong type")
             self._stats.miss(Kind.PREFERENCES)
             logger.debug("cache miss: %s", key)
             return None
@@ -322,7 +380,7 @@ class CRMCacheManager:
             raise TypeError(
                 f"preferences must be ClientPreferences, not {type(preferences).__name__}"
             )
-        ttl_ms = self._ttl_ms if ttl is None else positive_int("ttl", ttl) * 1000
+        ttl_ms = self._ttl_ms if ttl is None else _ttl_ms("ttl", ttl)
         check_id("preferences.client_id", preferences.client_id, self._max_id)
         key = prefs_key(preferences.client_id)
         scripts = self._scripts
@@ -448,6 +506,9 @@ class CRMCacheManager:
         for item in templates:
             if not isinstance(item, tuple) or len(item) != 2:
                 raise TypeError(f"templates items must be (name, channel) pairs, got {item!r}")
+            # Validate before hashing: an unhashable name must get a clear error.
+            check_id("name", item[0], self._max_id)
+            check_channel(item[1])
             refs.append(item)
             if len(refs) > MAX_BATCH:
                 raise ValueError(f"templates may name at most {MAX_BATCH} templates")
@@ -459,7 +520,7 @@ class CRMCacheManager:
             logger.debug("cache miss: %s", key)
             return None
         if raw is _WRONG_TYPE:
-            self._evict(key, b"", "wrong type")
+            self._evict(key, None, "wrong type")
             self._stats.miss(Kind.TEMPLATES)
             return None
         try:
@@ -522,8 +583,10 @@ class CRMCacheManager:
             )
         refs = self._check_refs(templates.keys())
         data = {self._template_key(n, c): self._check_content(templates[n, c]) for n, c in refs}
+        if not data:
+            return True
         client = self._active_client()
-        if client is None or not data:
+        if client is None:
             return False
         if self._guard.run("set_templates", client.mset, data) is FAILED:
             self._stats.count(Counter.WRITES_FAILED)
@@ -607,6 +670,45 @@ class CRMCacheManager:
             retry_after=0.0 if allowed else 1.0,
             degraded=True,
         )
+
+    # -- load leases --------------------------------------------------------------------
+
+    def acquire_load_lease(self, client_id: str, ttl: float = DEFAULT_LEASE_TTL) -> LoadLease:
+        """Try to become the one process that loads ``client_id``'s row from the database.
+
+        A short Redis lease (``SET crm:lease:prefs:<client_id> <token> NX PX``) keeps a
+        stampede of processes that all missed the same key off the database: the holder
+        loads and fills the cache, the others wait briefly for the cache to fill.
+
+        Args:
+            client_id: whose row is about to be loaded.
+            ttl: seconds after which the lease lapses if its holder dies (> 0).
+
+        Returns:
+            A :class:`LoadLease`: ``ACQUIRED`` (load, then ``release()``), ``BUSY`` (someone
+            else is loading) or ``UNAVAILABLE`` (no cache: just load).
+        """
+        key = lease_key(check_id("client_id", client_id, self._max_id))
+        ttl_ms = _seconds_to_ms("ttl", ttl)
+        client = self._active_client()
+        if client is None:
+            return LoadLease(LeaseState.UNAVAILABLE)
+        token = secrets.token_hex(16).encode()
+        reply = self._guard.run("acquire_load_lease", client.set, key, token, nx=True, px=ttl_ms)
+        if reply is FAILED:
+            return LoadLease(LeaseState.UNAVAILABLE)
+        if not reply:
+            return LoadLease(LeaseState.BUSY)
+        return LoadLease(LeaseState.ACQUIRED, release=lambda: self._release_lease(key, token))
+
+    def _release_lease(self, key: str, token: bytes) -> None:
+        scripts = self._scripts
+        if scripts is not None and self._active_client() is not None:
+            # Only the holder's token deletes it: a lease that lapsed and was taken by
+            # another process is left alone.
+            self._guard.run(
+                "release_load_lease", scripts.delete_if_equals, keys=[key], args=["value", token]
+            )
 
     # -- statistics and health ----------------------------------------------------------
 
@@ -735,13 +837,14 @@ class CRMCacheManager:
                 return _WRONG_TYPE
             raise
 
-    def _evict(self, key: str, raw: bytes, reason: str) -> None:
+    def _evict(self, key: str, raw: bytes | None, reason: str) -> None:
         """Delete a value that failed to decode (only if unchanged) and count it."""
         self._stats.count(Counter.CORRUPT_VALUES)
         logger.warning("undecodable value at %s (%s): deleted, treated as a miss", key, reason)
         scripts = self._scripts
         if scripts is not None:
-            self._guard.run("evict", scripts.evict_corrupt, keys=[key], args=[raw])
+            args = ["wrongtype", b""] if raw is None else ["value", raw]
+            self._guard.run("evict", scripts.delete_if_equals, keys=[key], args=args)
 
 
 _managers: dict[str, CRMCacheManager] = {}
