@@ -98,6 +98,13 @@ SCAN_COUNT = 1000
 HEALTH_CHECK_INTERVAL = 30
 
 _WRONG_TYPE: Final = object()
+#: Key prefix per channel, under the enum member and its string value alike.
+_TEMPLATE_PREFIX: dict[object, str] = {
+    **{c: template_key(c, "") for c in MessageChannel},
+    **{c.value: template_key(c, "") for c in MessageChannel},
+}
+#: Most (api, window) -> key entries remembered by check_rate_limit.
+_KEY_MEMO_SIZE = 4096
 #: Seconds a database-load lease lives if its holder never releases it.
 DEFAULT_LEASE_TTL = 2.0
 
@@ -220,6 +227,7 @@ class CRMCacheManager:
             secret=url_password(s.redis_url),
         )
         self._invalidation_warnings = LogThrottle(30.0)
+        self._rate_limit_keys: dict[tuple[str, int], str] = {}
         self._pool: redis.BlockingConnectionPool | None = None
         self._health_pool: redis.BlockingConnectionPool | None = None
         self._client: redis.Redis | None = None
@@ -450,7 +458,10 @@ class CRMCacheManager:
     # -- templates ----------------------------------------------------------------------
 
     def _template_key(self, name: str, channel: MessageChannel | str) -> str:
-        return template_key(check_channel(channel), check_id("name", name, self._max_id))
+        prefix = _TEMPLATE_PREFIX.get(channel) if isinstance(channel, str) else None
+        if prefix is None:
+            prefix = _TEMPLATE_PREFIX[check_channel(channel)]
+        return prefix + check_id("name", name, self._max_id)
 
     def get_template(self, name: str, channel: MessageChannel | str) -> str | None:
         """Return a cached template's text, or ``None`` on a miss.
@@ -483,8 +494,7 @@ class CRMCacheManager:
         Raises:
             TypeError, ValueError: a bad pair, or more than 10,000 of them.
         """
-        refs = self._check_refs(templates)
-        keys = [self._template_key(name, channel) for name, channel in refs]
+        refs, keys = self._check_refs(templates)
         client = self._active_client()
         if client is None or not keys:
             self._stats.miss(Kind.TEMPLATES, len(keys))
@@ -494,25 +504,43 @@ class CRMCacheManager:
             self._stats.count(Counter.READS_FAILED)
             self._stats.miss(Kind.TEMPLATES, len(keys))
             return dict.fromkeys(refs)
-        return {
-            ref: self._decode_template(key, raw)
-            for ref, key, raw in zip(refs, keys, raws, strict=True)  # type: ignore[arg-type]
-        }
+        # Decoded inline and counted once per batch: per-item calls cost more than the
+        # MGET itself on a 50-template batch.
+        found: dict[TemplateRef, str | None] = {}
+        hits = 0
+        for ref, key, raw in zip(refs, keys, cast("list[bytes | None]", raws), strict=True):
+            if raw is None:
+                found[ref] = None
+                continue
+            try:
+                found[ref] = raw.decode("utf-8")
+                hits += 1
+            except UnicodeDecodeError:
+                self._evict(key, raw, "template is not valid UTF-8")
+                found[ref] = None
+        self._stats.hit(Kind.TEMPLATES, hits)
+        self._stats.miss(Kind.TEMPLATES, len(keys) - hits)
+        logger.debug("batched template fetch: %d hits, %d misses", hits, len(keys) - hits)
+        return found
 
-    def _check_refs(self, templates: Iterable[TemplateRef]) -> list[TemplateRef]:
+    def _check_refs(self, templates: Iterable[TemplateRef]) -> tuple[list[TemplateRef], list[str]]:
+        """Validate (name, channel) pairs; return the distinct pairs and their keys."""
         if isinstance(templates, str | bytes) or not isinstance(templates, Iterable):
             raise TypeError("templates must be an iterable of (name, channel) pairs")
-        refs: list[TemplateRef] = []
+        keys: dict[TemplateRef, str] = {}
         for item in templates:
             if not isinstance(item, tuple) or len(item) != 2:
                 raise TypeError(f"templates items must be (name, channel) pairs, got {item!r}")
-            # Validate before hashing: an unhashable name must get a clear error.
-            check_id("name", item[0], self._max_id)
-            check_channel(item[1])
-            refs.append(item)
-            if len(refs) > MAX_BATCH:
+            name, channel = item
+            prefix = _TEMPLATE_PREFIX.get(channel) if isinstance(channel, str) else None
+            if prefix is None:
+                prefix = _TEMPLATE_PREFIX[check_channel(channel)]
+            # The right side runs first: a bad (or unhashable) name is reported by check_id
+            # before the pair is hashed.
+            keys[item] = prefix + check_id("name", name, self._max_id)
+            if len(keys) > MAX_BATCH:
                 raise ValueError(f"templates may name at most {MAX_BATCH} templates")
-        return list(dict.fromkeys(refs))
+        return list(keys), list(keys.values())
 
     def _decode_template(self, key: str, raw: object) -> str | None:
         if raw is None or raw is FAILED:
@@ -581,8 +609,10 @@ class CRMCacheManager:
                 f"templates must be a mapping of (name, channel) to content, "
                 f"not {type(templates).__name__}"
             )
-        refs = self._check_refs(templates.keys())
-        data = {self._template_key(n, c): self._check_content(templates[n, c]) for n, c in refs}
+        refs, keys = self._check_refs(templates.keys())
+        data = {
+            key: self._check_content(templates[ref]) for ref, key in zip(refs, keys, strict=True)
+        }
         if not data:
             return True
         client = self._active_client()
@@ -641,8 +671,23 @@ class CRMCacheManager:
             TypeError, ValueError: bad ``api``, ``limit``, ``window``, ``cost`` or
                 ``policy``.
         """
-        api = check_id("api", api, self._max_id)
-        limit, window, cost = check_limit_args(limit, window, cost)
+        key = self._rate_limit_keys.get((api, window)) if type(api) is str else None
+        if key is None:
+            api = check_id("api", api, self._max_id)
+        if not (
+            type(limit) is int
+            and type(window) is int
+            and type(cost) is int
+            and limit > 0
+            and 0 < window <= MAX_TTL
+            and cost > 0
+        ):
+            limit, window, cost = check_limit_args(limit, window, cost)
+        if key is None:
+            key = rate_limit_key(api, window)
+            # Hot APIs are few; the bound keeps a caller with endless names from growing it.
+            if len(self._rate_limit_keys) < _KEY_MEMO_SIZE:
+                self._rate_limit_keys[api, window] = key
         chosen = (
             self.settings.rate_limit_policy if policy is None else check_policy(policy, "policy")
         )
@@ -651,7 +696,7 @@ class CRMCacheManager:
             reply = self._guard.run(
                 "check_rate_limit",
                 scripts.rate_limit,
-                keys=[rate_limit_key(api, window)],
+                keys=[key],
                 args=[limit, window * 1000, cost],
             )
             if reply is not FAILED:
