@@ -157,3 +157,50 @@ def crm_logs(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
     """Captured records of the ``crmcache`` logger, from DEBUG up."""
     caplog.set_level(logging.DEBUG, logger="crmcache")
     return caplog
+
+
+# -- database fixtures (SQLPreferenceStore on SQLite and PostgreSQL) ------------------------
+
+# Imported here, not at the top: this section was appended to the file as a unit.
+from pathlib import Path  # noqa: E402
+from uuid import uuid4  # noqa: E402
+
+from crmcache.repository import CommunicationRepository  # noqa: E402
+from crmcache.store import SQLPreferenceStore  # noqa: E402
+
+POSTGRES_URL_ENV = "CRMCACHE_TEST_POSTGRES_URL"
+
+
+def postgres_url() -> str:
+    """The test PostgreSQL URL; skip (fail under CI=true) when it is not configured."""
+    url = os.environ.get(POSTGRES_URL_ENV, "")
+    if not url:
+        if IN_CI:
+            pytest.fail(f"{POSTGRES_URL_ENV} is not set (CI=true)", pytrace=False)
+        pytest.skip(f"{POSTGRES_URL_ENV} is not set")
+    return url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A database URL per backend: a SQLite file in tmp_path, or the test PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/prefs.db"
+    return postgres_url()
+
+
+@pytest.fixture
+def store(store_url: str) -> Iterator[SQLPreferenceStore]:
+    """A SQLPreferenceStore on a table unique to this test, dropped afterwards."""
+    db = SQLPreferenceStore(store_url, table_name=f"crm_prefs_{uuid4().hex[:12]}")
+    try:
+        yield db
+    finally:
+        db.drop_table()
+        db.close()
+
+
+@pytest.fixture
+def repo(store: SQLPreferenceStore, cache: CRMCacheManager) -> CommunicationRepository:
+    """The read-through repository: ``store`` behind the session's (flushed) Redis."""
+    return CommunicationRepository(db_manager=store, cache_manager=cache)

@@ -337,30 +337,40 @@ class CRMCacheManager:
         Raises:
             TypeError, ValueError: ``client_id`` is not a valid id.
         """
+        return self._get_preferences(client_id, record=True)
+
+    def _get_preferences(self, client_id: str, *, record: bool) -> ClientPreferences | None:
+        """The read behind get_client_preferences; ``record=False`` leaves hits and misses
+        uncounted (for polls that are not lookups of their own)."""
         key = prefs_key(check_id("client_id", client_id, self._max_id))
         client = self._active_client()
         if client is None:
-            self._stats.miss(Kind.PREFERENCES)
+            if record:
+                self._stats.miss(Kind.PREFERENCES)
             return None
         raw = self._guard.run("get_client_preferences", self._get_raw, client, key)
         if raw is FAILED:
             self._stats.count(Counter.READS_FAILED)
-            self._stats.miss(Kind.PREFERENCES)
+            if record:
+                self._stats.miss(Kind.PREFERENCES)
             return None
         if raw is None or raw is _WRONG_TYPE or is_tombstone(raw):  # type: ignore[arg-type]
             if raw is _WRONG_TYPE:
                 self._evict(key, None, "wrong type")
-            self._stats.miss(Kind.PREFERENCES)
-            logger.debug("cache miss: %s", key)
+            if record:
+                self._stats.miss(Kind.PREFERENCES)
+                logger.debug("cache miss: %s", key)
             return None
         try:
             prefs = decode_preferences(raw)  # type: ignore[arg-type]
         except CorruptValue as exc:
             self._evict(key, raw, str(exc))  # type: ignore[arg-type]
-            self._stats.miss(Kind.PREFERENCES)
+            if record:
+                self._stats.miss(Kind.PREFERENCES)
             return None
-        self._stats.hit(Kind.PREFERENCES)
-        logger.debug("cache hit: %s", key)
+        if record:
+            self._stats.hit(Kind.PREFERENCES)
+            logger.debug("cache hit: %s", key)
         return prefs
 
     def set_client_preferences(

@@ -37,8 +37,9 @@ class ClientPreferences(BaseModel):
     preferred_channels: list[MessageChannel] = Field(
         default_factory=lambda: [MessageChannel.EMAIL]
     )
-    timezone: str = "UTC"
-    language: str = "en"
+    timezone: str = Field(default="UTC", max_length=64)
+    #: A BCP 47 language tag; 35 characters hold every registered tag.
+    language: str = Field(default="en", min_length=1, max_length=35)
     opt_out: bool = False
     quiet_hours_start: int | None = Field(default=None, ge=0, le=23)
     quiet_hours_end: int | None = Field(default=None, ge=0, le=23)
@@ -48,6 +49,12 @@ class ClientPreferences(BaseModel):
     def preferred_channel(self) -> MessageChannel:
         """The first preferred channel (email when the list is empty)."""
         return self.preferred_channels[0] if self.preferred_channels else MessageChannel.EMAIL
+
+    @field_validator("preferred_channels")
+    @classmethod
+    def _distinct_channels(cls, value: list[MessageChannel]) -> list[MessageChannel]:
+        # Order is preference; a repeat adds nothing (and would not fit the database column).
+        return list(dict.fromkeys(value))
 
     @field_validator("timezone")
     @classmethod

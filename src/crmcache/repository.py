@@ -16,6 +16,8 @@ import threading
 import time
 from dataclasses import dataclass
 
+from ._config import DEFAULT_MAX_ID_LENGTH
+from ._keys import check_id
 from .cache_manager import DEFAULT_LEASE_TTL, CRMCacheManager, LeaseState
 from .models import ClientPreferences
 from .store import PreferenceStore
@@ -91,6 +93,11 @@ class CommunicationRepository:
                 f"cache_manager must be a CRMCacheManager or None, "
                 f"not {type(cache_manager).__name__}"
             )
+        for name, value in (("lease_ttl", lease_ttl), ("lease_wait", lease_wait)):
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
+        if not 0 < lease_ttl <= 60:
+            raise ValueError(f"lease_ttl must be > 0 and at most 60 seconds, got {lease_ttl}")
         if not 0 <= lease_wait <= 10:
             raise ValueError(f"lease_wait must be between 0 and 10 seconds, got {lease_wait}")
         self.db = db_manager
@@ -130,6 +137,8 @@ class CommunicationRepository:
         Raises:
             TypeError, ValueError: bad ``client_id``. Database errors propagate.
         """
+        max_length = self.cache.settings.max_id_length if self.cache else DEFAULT_MAX_ID_LENGTH
+        client_id = check_id("client_id", client_id, max_length)
         if self.cache is not None:
             cached = self.cache.get_client_preferences(client_id)
             if cached is not None:
@@ -189,7 +198,8 @@ class CommunicationRepository:
         deadline = time.monotonic() + self._lease_wait
         while time.monotonic() < deadline:
             time.sleep(_LEASE_POLL)
-            found = cache.get_client_preferences(client_id)
+            # Polls are not lookups: they must not drag the cache's hit rate down.
+            found = cache._get_preferences(client_id, record=False)
             if found is not None:
                 self._count("lease_wait_hits")
                 return found

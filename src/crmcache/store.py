@@ -102,7 +102,7 @@ class SQLPreferenceStore:
             Column("client_id", String(256), primary_key=True),
             Column("preferred_channels", String(200), nullable=False),
             Column("timezone", String(64), nullable=False),
-            Column("language", String(16), nullable=False),
+            Column("language", String(35), nullable=False),
             Column("opt_out", Boolean, nullable=False),
             Column("quiet_hours_start", SmallInteger, nullable=True),
             Column("quiet_hours_end", SmallInteger, nullable=True),
@@ -180,13 +180,15 @@ class SQLPreferenceStore:
 
     def load_preferences(self, client_id: str) -> ClientPreferences | None:
         """Return the client's row, or None."""
-        with self._serial:
-            with self._lock:
-                self.loads += 1
-            with self.engine.connect() as conn:
-                row = conn.execute(
-                    select(self.table).where(self.table.c.client_id == client_id)
-                ).first()
+        with self._lock:
+            self.loads += 1
+        return self._select(client_id)
+
+    def _select(self, client_id: str) -> ClientPreferences | None:
+        with self._serial, self.engine.connect() as conn:
+            row = conn.execute(
+                select(self.table).where(self.table.c.client_id == client_id)
+            ).first()
         return None if row is None else self._model(row)
 
     def save_preferences(self, preferences: ClientPreferences) -> ClientPreferences:
@@ -231,7 +233,7 @@ class SQLPreferenceStore:
         return preferences.model_copy(update={"version": based_on + 1})
 
     def _raise_stale(self, preferences: ClientPreferences) -> None:
-        current = self.load_preferences(preferences.client_id)
+        current = self._select(preferences.client_id)  # not a load the caller asked for
         actual = None if current is None else current.version
         raise StaleVersionError(
             f"preferences of {preferences.client_id!r} were saved at version {actual} since "

@@ -50,17 +50,24 @@ class FileTemplateSource:
         self.extensions = tuple(extensions)
         self.file_reads = 0
 
+    @staticmethod
+    def _check_name(name: object) -> str:
+        checked = check_id("name", name, 256)
+        if "/" in checked or "\\" in checked or checked.startswith("."):
+            raise ValueError(f"name must be a plain file stem for a file template: {name!r}")
+        return checked
+
     def path_for(self, name: str, channel: MessageChannel | str) -> Path | None:
         """The file holding template ``name`` for ``channel``, or None if there is none.
+
+        When several extensions exist for one name, the first in ``extensions`` wins.
 
         Raises:
             TypeError, ValueError: a bad ``name`` (also one that would leave the folder,
                 such as ``../x``) or an unknown ``channel``.
         """
         folder = self.root / check_channel(channel).value
-        checked = check_id("name", name, 256)
-        if "/" in checked or "\\" in checked or checked.startswith("."):
-            raise ValueError(f"name must be a plain file stem for a file template: {name!r}")
+        checked = self._check_name(name)
         for ext in self.extensions:
             candidate = folder / f"{checked}{ext}"
             if candidate.is_file():
@@ -75,7 +82,13 @@ class FileTemplateSource:
         return path.read_text(encoding="utf-8")
 
     def get(self, name: str, channel: MessageChannel | str) -> str | None:
-        """Template text: from the cache, else from its file (then cached); None if no file."""
+        """Template text: from the cache, else from its file (then cached); None if no file.
+
+        Raises:
+            TypeError, ValueError: a bad name or channel; ``UnicodeDecodeError`` (a
+                ValueError) for a file that is not UTF-8.
+        """
+        self._check_name(name)
         if self.cache is not None:
             cached = self.cache.get_template(name, channel)
             if cached is not None:
@@ -104,44 +117,54 @@ class FileTemplateSource:
     def warm(self) -> int:
         """Load every template file under the root into the cache in one batched write.
 
+        Files are chosen as :meth:`get` chooses them; hidden files, unknown extensions and
+        files that are not UTF-8 (logged) are skipped.
+
         Returns:
-            How many templates were written (0 without a cache or if Redis is away).
+            How many templates were written to the cache (0 without a cache, or if Redis
+            is away).
         """
         batch: dict[TemplateRef, str] = {}
         for channel in MessageChannel:
             folder = self.root / channel.value
             if not folder.is_dir():
                 continue
-            for path in sorted(folder.iterdir()):
-                if (
-                    path.is_file()
-                    and path.suffix in self.extensions
-                    and not path.name.startswith(".")
-                ):
-                    batch.setdefault((path.stem, channel), path.read_text(encoding="utf-8"))
-        self.file_reads += len(batch)
+            stems = {
+                p.stem
+                for p in folder.iterdir()
+                if p.is_file() and p.suffix in self.extensions and not p.name.startswith(".")
+            }
+            for stem in sorted(stems):
+                try:
+                    content = self._read(stem, channel)
+                except (UnicodeDecodeError, ValueError) as exc:
+                    logger.warning("template %s/%s skipped: %s", channel.value, stem, exc)
+                    continue
+                if content is not None:
+                    batch[stem, channel] = content
         if self.cache is None or not batch:
             return 0
-        return len(batch) if self._cache_many(batch) else 0
+        return self._cache_many(batch)
 
-    def _cache_one(self, name: str, channel: MessageChannel | str, content: str) -> None:
-        if self.cache is None:
-            return
-        try:
-            self.cache.set_template(name, channel, content)
-        except ValueError as exc:  # too large to cache: still served from the file
-            logger.warning("template %s/%s not cached: %s", channel, name, exc)
-
-    def _cache_many(self, batch: dict[TemplateRef, str]) -> bool:
+    def _cache_one(self, name: str, channel: MessageChannel | str, content: str) -> bool:
         if self.cache is None:
             return False
         try:
-            return self.cache.set_templates(batch)
+            return self.cache.set_template(name, channel, content)
+        except ValueError as exc:  # too large to cache: still served from the file
+            logger.warning("template %s/%s not cached: %s", channel, name, exc)
+            return False
+
+    def _cache_many(self, batch: dict[TemplateRef, str]) -> int:
+        """Write ``batch`` in one MSET (one by one if some are too large); return how many
+        were written."""
+        if self.cache is None:
+            return 0
+        try:
+            return len(batch) if self.cache.set_templates(batch) else 0
         except ValueError as exc:
             logger.warning("templates not cached in one batch (%s); caching one by one", exc)
-            for (name, channel), content in batch.items():
-                self._cache_one(name, channel, content)
-            return True
+            return sum(self._cache_one(name, ch, content) for (name, ch), content in batch.items())
 
 
 def warm_templates(cache: CRMCacheManager, directory: str | Path) -> int:
