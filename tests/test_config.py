@@ -277,8 +277,8 @@ def test_valid_settings_are_normalised(redis_url: str) -> None:
         assert settings.socket_connect_timeout == 1.0
         assert settings.cache_ttl == 42
         assert settings.rate_limit_policy == "closed"
-        assert manager._pool is not None
-        assert manager._pool.max_connections == 3
+        assert manager._lean is not None
+        assert manager._lean.max_connections == 3
 
 
 def test_settings_are_immutable(redis_url: str) -> None:

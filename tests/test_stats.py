@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import threading
+import time
 
 import pytest
 import redis
@@ -67,20 +69,26 @@ def test_total_keys_counts_only_crm_keys_beyond_one_scan_batch(
     assert commands["cmdstat_scan"]["calls"] >= 2
 
 
-def test_pool_in_use_and_idle(cache: CRMCacheManager) -> None:
-    """A connection checked out shows as in use; returned, as idle."""
+def test_pool_in_use_and_idle(cache: CRMCacheManager, raw: redis.Redis) -> None:
+    """A connection busy with a command shows as in use; returned, as idle."""
     cache.get_template("warm", "email")
-    pool = cache._pool
-    assert pool is not None
-    conn = pool.get_connection()
+    lean = cache._lean
+    assert lean is not None
+    # Hold one pooled connection in a blocking BLPOP until the test pushes a value.
+    holder = threading.Thread(target=lean.execute, args=("BLPOP", "test:wake", 10))
+    holder.start()
     try:
+        deadline = time.monotonic() + 5
+        while raw.info("clients")["blocked_clients"] < 1:
+            assert time.monotonic() < deadline, "BLPOP never blocked"
+            time.sleep(0.01)
         held = cache.get_cache_stats()["connection_pool"]
-        assert held["in_use"] == 1
+        assert (held["in_use"], held["idle"], held["created"]) == (1, 0, 1)
     finally:
-        pool.release(conn)
+        raw.lpush("test:wake", "x")
+        holder.join(timeout=10)
     after = cache.get_cache_stats()["connection_pool"]
-    assert after["in_use"] == 0
-    assert after["idle"] >= 1
+    assert (after["in_use"], after["idle"]) == (0, 1)
 
 
 def test_low_hit_rate_is_logged(

@@ -56,6 +56,7 @@ from ._keys import (
     rate_limit_key,
     template_key,
 )
+from ._pool import LeanPool
 from ._ratelimit import RateLimitResult, check_limit_args, result_from_reply
 from ._scripts import Scripts, register_scripts
 from ._stats import (
@@ -94,6 +95,8 @@ MAX_BATCH = 10_000
 #: Time budget for counting crm:* keys with SCAN in get_cache_stats, in seconds.
 SCAN_BUDGET = 2.0
 SCAN_COUNT = 1000
+#: Connections redis-py's own pool may open for SCAN and INFO (get_cache_stats).
+ADMIN_CONNECTIONS = 2
 #: Seconds between connection health checks (PING before reuse of an idle connection).
 HEALTH_CHECK_INTERVAL = 30
 
@@ -151,8 +154,14 @@ def _seconds_to_ms(name: str, seconds: object) -> int:
     return max(int(seconds * 1000), 1)
 
 
-def _wrong_type(exc: ResponseError) -> bool:
-    return str(exc).startswith("WRONGTYPE")
+def _get_raw(lean: LeanPool, key: str) -> object:
+    """GET, with a value of the wrong type reported as _WRONG_TYPE rather than raised."""
+    try:
+        return lean.execute("GET", key)
+    except ResponseError as exc:
+        if str(exc).startswith("WRONGTYPE"):
+            return _WRONG_TYPE
+        raise
 
 
 class CRMCacheManager:
@@ -231,6 +240,7 @@ class CRMCacheManager:
         self._pool: redis.BlockingConnectionPool | None = None
         self._health_pool: redis.BlockingConnectionPool | None = None
         self._client: redis.Redis | None = None
+        self._lean: LeanPool | None = None
         self._health_client: redis.Redis | None = None
         self._scripts: Scripts | None = None
         if s.enabled:
@@ -253,9 +263,12 @@ class CRMCacheManager:
             supported_errors=(RedisConnectionError,),
         )
         try:
+            # redis-py's pool serves the rare administrative calls (SCAN and INFO for the
+            # stats); the data path runs on LeanPool (see _pool.py) with connections of
+            # the same class and settings.
             self._pool = redis.BlockingConnectionPool.from_url(
                 s.redis_url,
-                max_connections=s.max_connections,
+                max_connections=ADMIN_CONNECTIONS,
                 timeout=s.pool_timeout,
                 socket_timeout=s.socket_timeout,
                 socket_connect_timeout=s.socket_connect_timeout,
@@ -283,6 +296,12 @@ class CRMCacheManager:
             ) from None
         self._client = redis.Redis(connection_pool=self._pool)
         self._health_client = redis.Redis(connection_pool=self._health_pool)
+        admin = self._pool
+        self._lean = LeanPool(
+            lambda: admin.connection_class(**admin.connection_kwargs),
+            max_connections=s.max_connections,
+            timeout=s.pool_timeout,
+        )
         self._scripts = register_scripts(self._client)
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -298,6 +317,8 @@ class CRMCacheManager:
             if self._closed:
                 return
             self._closed = True
+        if self._lean is not None:
+            self._lean.disconnect()
         for pool in (self._pool, self._health_pool):
             if pool is not None:
                 pool.disconnect()
@@ -318,10 +339,11 @@ class CRMCacheManager:
         state = "closed" if self._closed else ("enabled" if self.settings.enabled else "disabled")
         return f"<CRMCacheManager url={self.settings.masked_url!r} {state}>"
 
-    def _active_client(self) -> redis.Redis | None:
+    def _active(self) -> LeanPool | None:
+        """The data-path pool, or None when the cache is disabled or closed."""
         if self._closed:
             return None
-        return self._client
+        return self._lean
 
     def _count_error(self, op: str, exc: BaseException) -> None:
         self._stats.count(Counter.REDIS_ERRORS)
@@ -343,12 +365,12 @@ class CRMCacheManager:
         """The read behind get_client_preferences; ``record=False`` leaves hits and misses
         uncounted (for polls that are not lookups of their own)."""
         key = prefs_key(check_id("client_id", client_id, self._max_id))
-        client = self._active_client()
-        if client is None:
+        lean = self._active()
+        if lean is None:
             if record:
                 self._stats.miss(Kind.PREFERENCES)
             return None
-        raw = self._guard.run("get_client_preferences", self._get_raw, client, key)
+        raw = self._guard.run("get_client_preferences", _get_raw, lean, key)
         if raw is FAILED:
             self._stats.count(Counter.READS_FAILED)
             if record:
@@ -402,14 +424,16 @@ class CRMCacheManager:
         check_id("preferences.client_id", preferences.client_id, self._max_id)
         key = prefs_key(preferences.client_id)
         scripts = self._scripts
-        if self._active_client() is None or scripts is None:
+        lean = self._active()
+        if lean is None or scripts is None:
             return False
         payload = encode_preferences(preferences)
         reply = self._guard.run(
             "set_client_preferences",
+            lean.evalsha,
             scripts.prefs_set,
-            keys=[key],
-            args=[preferences.version, payload, ttl_ms],
+            [key],
+            [preferences.version, payload, ttl_ms],
         )
         if reply is FAILED:
             self._stats.count(Counter.WRITES_FAILED)
@@ -449,13 +473,15 @@ class CRMCacheManager:
         if version is not None and not 0 <= version <= MAX_VERSION:
             raise ValueError(f"version must be between 0 and {MAX_VERSION}, got {version}")
         scripts = self._scripts
-        if self._active_client() is None or scripts is None:
+        lean = self._active()
+        if lean is None or scripts is None:
             return False
         reply = self._guard.run(
             "invalidate_client_preferences",
+            lean.evalsha,
             scripts.prefs_invalidate,
-            keys=[key],
-            args=["" if version is None else version, self._tombstone_ms],
+            [key],
+            ["" if version is None else version, self._tombstone_ms],
         )
         if reply is FAILED:
             self._stats.count(Counter.INVALIDATIONS_FAILED)
@@ -480,11 +506,11 @@ class CRMCacheManager:
             TypeError, ValueError: bad ``name`` or unknown ``channel``.
         """
         key = self._template_key(name, channel)
-        client = self._active_client()
-        if client is None:
+        lean = self._active()
+        if lean is None:
             self._stats.miss(Kind.TEMPLATES)
             return None
-        raw = self._guard.run("get_template", self._get_raw, client, key)
+        raw = self._guard.run("get_template", _get_raw, lean, key)
         if raw is FAILED:
             self._stats.count(Counter.READS_FAILED)
         return self._decode_template(key, raw)
@@ -505,11 +531,11 @@ class CRMCacheManager:
             TypeError, ValueError: a bad pair, or more than 10,000 of them.
         """
         refs, keys = self._check_refs(templates)
-        client = self._active_client()
-        if client is None or not keys:
+        lean = self._active()
+        if lean is None or not keys:
             self._stats.miss(Kind.TEMPLATES, len(keys))
             return dict.fromkeys(refs)
-        raws = self._guard.run("get_templates", client.mget, keys)
+        raws = self._guard.run("get_templates", lean.execute, "MGET", *keys)
         if raws is FAILED:
             self._stats.count(Counter.READS_FAILED)
             self._stats.miss(Kind.TEMPLATES, len(keys))
@@ -595,10 +621,10 @@ class CRMCacheManager:
         """
         key = self._template_key(name, channel)
         data = self._check_content(content)
-        client = self._active_client()
-        if client is None:
+        lean = self._active()
+        if lean is None:
             return False
-        if self._guard.run("set_template", client.set, key, data) is FAILED:
+        if self._guard.run("set_template", lean.execute, "SET", key, data) is FAILED:
             self._stats.count(Counter.WRITES_FAILED)
             return False
         self._stats.count(Counter.WRITES)
@@ -625,10 +651,11 @@ class CRMCacheManager:
         }
         if not data:
             return True
-        client = self._active_client()
-        if client is None:
+        lean = self._active()
+        if lean is None:
             return False
-        if self._guard.run("set_templates", client.mset, data) is FAILED:
+        flat = [part for pair in data.items() for part in pair]
+        if self._guard.run("set_templates", lean.execute, "MSET", *flat) is FAILED:
             self._stats.count(Counter.WRITES_FAILED)
             return False
         self._stats.count(Counter.WRITES, len(data))
@@ -642,10 +669,10 @@ class CRMCacheManager:
             Redis was unavailable (logged at WARNING, counted) or the cache is disabled.
         """
         key = self._template_key(name, channel)
-        client = self._active_client()
-        if client is None:
+        lean = self._active()
+        if lean is None:
             return False
-        if self._guard.run("invalidate_template", client.delete, key) is FAILED:
+        if self._guard.run("invalidate_template", lean.execute, "DEL", key) is FAILED:
             self._stats.count(Counter.INVALIDATIONS_FAILED)
             self._warn_invalidation_failed(key)
             return False
@@ -702,12 +729,14 @@ class CRMCacheManager:
             self.settings.rate_limit_policy if policy is None else check_policy(policy, "policy")
         )
         scripts = self._scripts
-        if self._active_client() is not None and scripts is not None:
+        lean = self._active()
+        if lean is not None and scripts is not None:
             reply = self._guard.run(
                 "check_rate_limit",
+                lean.evalsha,
                 scripts.rate_limit,
-                keys=[key],
-                args=[limit, window * 1000, cost],
+                [key],
+                [limit, window * 1000, cost],
             )
             if reply is not FAILED:
                 result = result_from_reply(reply, limit)  # type: ignore[arg-type]
@@ -745,11 +774,13 @@ class CRMCacheManager:
         """
         key = lease_key(check_id("client_id", client_id, self._max_id))
         ttl_ms = _seconds_to_ms("ttl", ttl)
-        client = self._active_client()
-        if client is None:
+        lean = self._active()
+        if lean is None:
             return LoadLease(LeaseState.UNAVAILABLE)
         token = secrets.token_hex(16).encode()
-        reply = self._guard.run("acquire_load_lease", client.set, key, token, nx=True, px=ttl_ms)
+        reply = self._guard.run(
+            "acquire_load_lease", lean.execute, "SET", key, token, "NX", "PX", ttl_ms
+        )
         if reply is FAILED:
             return LoadLease(LeaseState.UNAVAILABLE)
         if not reply:
@@ -758,11 +789,16 @@ class CRMCacheManager:
 
     def _release_lease(self, key: str, token: bytes) -> None:
         scripts = self._scripts
-        if scripts is not None and self._active_client() is not None:
+        lean = self._active()
+        if scripts is not None and lean is not None:
             # Only the holder's token deletes it: a lease that lapsed and was taken by
             # another process is left alone.
             self._guard.run(
-                "release_load_lease", scripts.delete_if_equals, keys=[key], args=["value", token]
+                "release_load_lease",
+                lean.evalsha,
+                scripts.delete_if_equals,
+                [key],
+                ["value", token],
             )
 
     # -- statistics and health ----------------------------------------------------------
@@ -793,7 +829,7 @@ class CRMCacheManager:
         total_keys: int | None = None
         exact = False
         info: RedisServerStats | None = None
-        client = self._active_client()
+        client = self._client if self._active() is not None else None
         if client is not None:
             counted = self._guard.run("get_cache_stats", self._count_keys, client)
             if counted is not FAILED:
@@ -855,14 +891,10 @@ class CRMCacheManager:
                 return total, False
 
     def _pool_stats(self) -> PoolStats:
-        pool = self._pool
-        if pool is None:
+        lean = self._lean
+        if lean is None:
             return PoolStats(self.settings.max_connections, 0, 0, 0)
-        # redis-py exposes no public counters for a BlockingConnectionPool: the queue
-        # holds idle connections (and None placeholders for ones not yet created).
-        created = len(getattr(pool, "_connections", ()))
-        queue = getattr(getattr(pool, "pool", None), "queue", ())
-        idle = sum(1 for conn in list(queue) if conn is not None)
+        created, idle = lean.counts()
         return PoolStats(
             max_connections=self.settings.max_connections,
             in_use=max(created - idle, 0),
@@ -883,23 +915,14 @@ class CRMCacheManager:
                 suppressed,
             )
 
-    @staticmethod
-    def _get_raw(client: redis.Redis, key: str) -> object:
-        try:
-            return client.get(key)
-        except ResponseError as exc:
-            if _wrong_type(exc):
-                return _WRONG_TYPE
-            raise
-
     def _evict(self, key: str, raw: bytes | None, reason: str) -> None:
         """Delete a value that failed to decode (only if unchanged) and count it."""
         self._stats.count(Counter.CORRUPT_VALUES)
         logger.warning("undecodable value at %s (%s): deleted, treated as a miss", key, reason)
-        scripts = self._scripts
-        if scripts is not None:
+        scripts, lean = self._scripts, self._active()
+        if scripts is not None and lean is not None:
             args = ["wrongtype", b""] if raw is None else ["value", raw]
-            self._guard.run("evict", scripts.delete_if_equals, keys=[key], args=args)
+            self._guard.run("evict", lean.evalsha, scripts.delete_if_equals, [key], args)
 
 
 _managers: dict[str, CRMCacheManager] = {}
