@@ -14,7 +14,9 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, Literal, TypeVar
 from urllib.parse import parse_qsl, unquote, urlsplit
 
@@ -65,8 +67,8 @@ DEFAULT_MAX_TEMPLATE_BYTES = 1024 * 1024
 
 T = TypeVar("T")
 
-RateLimitPolicy = Literal["open", "closed"]
-_POLICIES: frozenset[str] = frozenset({"open", "closed"})
+RateLimitPolicy = Literal["open", "closed", "local"]
+_POLICIES: dict[str, RateLimitPolicy] = {"open": "open", "closed": "closed", "local": "local"}
 _SCHEMES = frozenset({"redis", "rediss", "unix"})
 _QUERY_PASSWORD_RE = re.compile(r"(?P<key>[?&]password=)[^&#]*", re.IGNORECASE)
 
@@ -123,6 +125,8 @@ class CacheSettings:
     pool_timeout: float
     tombstone_ttl: int
     rate_limit_policy: RateLimitPolicy
+    rate_limit_policies: Mapping[str, RateLimitPolicy]
+    rate_limit_local_share: float
     max_id_length: int
     max_template_bytes: int
 
@@ -138,7 +142,9 @@ class CacheSettings:
             f"socket_timeout={self.socket_timeout}, "
             f"socket_connect_timeout={self.socket_connect_timeout}, "
             f"pool_timeout={self.pool_timeout}, tombstone_ttl={self.tombstone_ttl}, "
-            f"rate_limit_policy={self.rate_limit_policy!r})"
+            f"rate_limit_policy={self.rate_limit_policy!r}, "
+            f"rate_limit_policies={dict(self.rate_limit_policies)!r}, "
+            f"rate_limit_local_share={self.rate_limit_local_share})"
         )
 
 
@@ -206,13 +212,40 @@ def check_policy(
 
     Raises:
         TypeError: ``value`` is not a str.
-        ValueError: ``value`` is not one of ``"open"``, ``"closed"``.
+        ValueError: ``value`` is not one of ``"open"``, ``"closed"``, ``"local"``.
     """
     if not isinstance(value, str):
         raise TypeError(f"{name} must be a str, not {type(value).__name__}")
-    if value not in _POLICIES:
-        raise error(f"{name} must be 'open' or 'closed', got {value!r}")
-    return "open" if value == "open" else "closed"
+    policy = _POLICIES.get(value)
+    if policy is None:
+        raise error(f"{name} must be 'open', 'closed' or 'local', got {value!r}")
+    return policy
+
+
+def _check_policies(value: object) -> Mapping[str, RateLimitPolicy]:
+    if value is None:
+        return MappingProxyType({})
+    if not isinstance(value, Mapping):
+        raise TypeError(
+            f"rate_limit_policies must be a mapping of API name to policy, "
+            f"not {type(value).__name__}"
+        )
+    checked: dict[str, RateLimitPolicy] = {}
+    for api, policy in value.items():
+        if not isinstance(api, str) or not api.strip():
+            raise TypeError(f"rate_limit_policies keys must be API names (str), got {api!r}")
+        checked[api] = check_policy(
+            policy, f"rate_limit_policies[{api!r}]", error=ConfigurationError
+        )
+    return MappingProxyType(checked)
+
+
+def _check_share(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"rate_limit_local_share must be a number, not {type(value).__name__}")
+    if not 0 < value <= 1:
+        raise ConfigurationError(f"rate_limit_local_share must be in (0, 1], got {value}")
+    return float(value)
 
 
 def resolve_settings(
@@ -226,6 +259,8 @@ def resolve_settings(
     pool_timeout: float = DEFAULT_POOL_TIMEOUT,
     tombstone_ttl: int = DEFAULT_TOMBSTONE_TTL,
     rate_limit_policy: str = "open",
+    rate_limit_policies: Mapping[str, str] | None = None,
+    rate_limit_local_share: float = 1.0,
     max_id_length: int = DEFAULT_MAX_ID_LENGTH,
     max_template_bytes: int = DEFAULT_MAX_TEMPLATE_BYTES,
 ) -> CacheSettings:
@@ -263,6 +298,8 @@ def resolve_settings(
         pool_timeout=_positive_seconds("pool_timeout", pool_timeout),
         tombstone_ttl=_ttl("tombstone_ttl", tombstone_ttl),
         rate_limit_policy=check_policy(rate_limit_policy, error=ConfigurationError),
+        rate_limit_policies=_check_policies(rate_limit_policies),
+        rate_limit_local_share=_check_share(rate_limit_local_share),
         max_id_length=_positive_int("max_id_length", max_id_length),
         max_template_bytes=_positive_int("max_template_bytes", max_template_bytes),
     )

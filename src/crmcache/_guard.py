@@ -216,12 +216,14 @@ class Guard:
         breaker: CircuitBreaker,
         on_error: Callable[[str, BaseException], None],
         secret: str | None = None,
+        on_recovered: Callable[[], None] | None = None,
         log_interval: float = DEFAULT_LOG_INTERVAL,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.breaker = breaker
         self._on_error = on_error
         self._secret = secret or None
+        self._on_recovered = on_recovered
         self._throttle = LogThrottle(log_interval, clock)
         self._lock = threading.Lock()
         self._failing = False
@@ -283,6 +285,8 @@ class Guard:
         logger.warning(
             "Redis reachable again; cache back in service (%d failures not logged)", suppressed
         )
+        if self._on_recovered is not None:
+            self._on_recovered()
 
     def scrub(self, text: str) -> str:
         """Remove the password from ``text`` should an error message ever include it."""

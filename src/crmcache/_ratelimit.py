@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import math
+import threading
+import time
 from collections.abc import Iterator, Sequence
 
 from ._config import MAX_TTL
 from ._validate import positive_int
 
-__all__ = ["MAX_WINDOW", "RateLimitResult", "check_limit_args", "result_from_reply"]
+__all__ = [
+    "MAX_WINDOW",
+    "LocalRateLimiter",
+    "RateLimitResult",
+    "check_limit_args",
+    "result_from_reply",
+]
 
 #: Longest rate-limit window accepted, in seconds (ten years).
 MAX_WINDOW = MAX_TTL
@@ -110,3 +119,54 @@ def result_from_reply(reply: Sequence[int], limit: int) -> RateLimitResult:
         remaining if remaining > 0 else 0,
         ttl_ms / 1000.0 if ttl_ms > 0 else 0.0,
     )
+
+
+class LocalRateLimiter:
+    """In-process fixed-window limiter: the ``"local"`` policy's fallback while Redis is away.
+
+    Each process enforces ``ceil(limit * share)`` calls per window on its own, so with
+    ``share = 1 / processes`` a fleet keeps to about the shared limit during an outage. The
+    window starts with the first call seen locally (the process's monotonic clock: there is
+    no Redis clock to ask). Bounded: at most ``max_keys`` windows are remembered.
+    """
+
+    def __init__(self, share: float, *, max_keys: int = 10_000) -> None:
+        self._share = share
+        self._max_keys = max_keys
+        self._lock = threading.Lock()
+        # (api, window) -> (window start, count)
+        self._windows: dict[tuple[str, int], tuple[float, int]] = {}
+
+    def check(self, api: str, limit: int, window: int, cost: int) -> RateLimitResult:
+        """Count a call locally; the result is marked ``degraded``."""
+        local_limit = max(1, math.ceil(limit * self._share))
+        now = time.monotonic()
+        with self._lock:
+            start, count = self._windows.get((api, window), (now, 0))
+            if now - start >= window:
+                start, count = now, 0
+            allowed = count + cost <= local_limit
+            if allowed:
+                count += cost
+            if len(self._windows) >= self._max_keys and (api, window) not in self._windows:
+                self._evict_expired(now)
+            self._windows[api, window] = (start, count)
+        return RateLimitResult(
+            allowed,
+            count,
+            local_limit,
+            max(local_limit - count, 0),
+            max(start + window - now, 0.0),
+            degraded=True,
+        )
+
+    def _evict_expired(self, now: float) -> None:
+        expired = [k for k, (start, _) in self._windows.items() if now - start >= k[1]]
+        for key in expired:
+            del self._windows[key]
+        if len(self._windows) >= self._max_keys:
+            # All live: drop the oldest windows rather than grow without bound.
+            for key in sorted(self._windows, key=lambda k: self._windows[k][0])[
+                : self._max_keys // 10
+            ]:
+                del self._windows[key]

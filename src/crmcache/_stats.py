@@ -40,6 +40,7 @@ class Counter(StrEnum):
     WRITES_FAILED = "writes_failed"
     INVALIDATIONS = "invalidations"
     INVALIDATIONS_FAILED = "invalidations_failed"
+    INVALIDATIONS_REPLAYED = "invalidations_replayed"
     READS_FAILED = "reads_failed"
     REDIS_ERRORS = "redis_errors"
     RATE_LIMIT_ALLOWED = "rate_limit_allowed"
@@ -122,6 +123,7 @@ class CacheStats:
     connection_pool: PoolStats
     redis: RedisServerStats | None
     circuit_breaker: Mapping[str, Any] = field(default_factory=dict)
+    pending_invalidations: int = 0
 
     @property
     def hits(self) -> int:
@@ -153,6 +155,7 @@ class CacheStats:
             "connection_pool": asdict(self.connection_pool),
             "redis": asdict(self.redis) if self.redis is not None else None,
             "circuit_breaker": dict(self.circuit_breaker),
+            "pending_invalidations": self.pending_invalidations,
         }
 
 

@@ -56,8 +56,9 @@ from ._keys import (
     rate_limit_key,
     template_key,
 )
+from ._pending import PendingInvalidations, PendingKind
 from ._pool import LeanPool
-from ._ratelimit import RateLimitResult, check_limit_args, result_from_reply
+from ._ratelimit import LocalRateLimiter, RateLimitResult, check_limit_args, result_from_reply
 from ._scripts import Scripts, register_scripts
 from ._stats import (
     CacheStats,
@@ -95,6 +96,9 @@ MAX_BATCH = 10_000
 #: Time budget for counting crm:* keys with SCAN in get_cache_stats, in seconds.
 SCAN_BUDGET = 2.0
 SCAN_COUNT = 1000
+#: Seconds before the first replay of failed invalidations, and the most between tries.
+REPLAY_FIRST_DELAY = 0.2
+REPLAY_MAX_DELAY = 5.0
 #: Connections redis-py's own pool may open for SCAN and INFO (get_cache_stats).
 ADMIN_CONNECTIONS = 2
 #: Seconds between connection health checks (PING before reuse of an idle connection).
@@ -183,8 +187,13 @@ class CRMCacheManager:
         cache_ttl: preference TTL in seconds; default ``$CACHE_TTL`` or 3600.
         pool_timeout: seconds to wait for a free pooled connection.
         tombstone_ttl: seconds an invalidation keeps stale preference writes out.
-        rate_limit_policy: ``"open"`` (allow) or ``"closed"`` (refuse) when Redis cannot
-            be asked.
+        rate_limit_policy: what check_rate_limit answers when Redis cannot be asked:
+            ``"open"`` (allow, the default), ``"closed"`` (refuse) or ``"local"`` (an
+            in-process limiter enforcing ``rate_limit_local_share`` of the limit).
+        rate_limit_policies: per-API policies (``{"whatsapp": "closed"}``), overriding
+            ``rate_limit_policy`` for those APIs.
+        rate_limit_local_share: the share of each limit one process enforces under the
+            ``"local"`` policy, in (0, 1]; ``1 / processes`` keeps a fleet near the limit.
         max_id_length: longest client id / template name / API name, in characters.
         max_template_bytes: largest template accepted, in UTF-8 bytes.
 
@@ -206,6 +215,8 @@ class CRMCacheManager:
         pool_timeout: float = DEFAULT_POOL_TIMEOUT,
         tombstone_ttl: int = DEFAULT_TOMBSTONE_TTL,
         rate_limit_policy: RateLimitPolicy = "open",
+        rate_limit_policies: Mapping[str, RateLimitPolicy] | None = None,
+        rate_limit_local_share: float = 1.0,
         max_id_length: int = DEFAULT_MAX_ID_LENGTH,
         max_template_bytes: int = DEFAULT_MAX_TEMPLATE_BYTES,
     ) -> None:
@@ -219,6 +230,8 @@ class CRMCacheManager:
             pool_timeout=pool_timeout,
             tombstone_ttl=tombstone_ttl,
             rate_limit_policy=rate_limit_policy,
+            rate_limit_policies=rate_limit_policies,
+            rate_limit_local_share=rate_limit_local_share,
             max_id_length=max_id_length,
             max_template_bytes=max_template_bytes,
         )
@@ -234,7 +247,13 @@ class CRMCacheManager:
             breaker=self._breaker,
             on_error=self._count_error,
             secret=url_password(s.redis_url),
+            on_recovered=self._start_replay,
         )
+        self._local_limiter = LocalRateLimiter(s.rate_limit_local_share)
+        self._pending = PendingInvalidations()
+        self._replay_lock = threading.Lock()
+        self._replayer: threading.Thread | None = None
+        self._stopping = threading.Event()
         self._invalidation_warnings = LogThrottle(30.0)
         self._rate_limit_keys: dict[tuple[str, int], str] = {}
         self._pool: redis.BlockingConnectionPool | None = None
@@ -314,8 +333,23 @@ class CRMCacheManager:
     def close(self) -> None:
         """Close every pooled connection. Idempotent; later calls behave as disabled."""
         with self._close_lock:
-            if self._closed:
-                return
+            if self._stopping.is_set():
+                return  # closed, or being closed by another thread
+            self._stopping.set()
+            replayer = self._replayer
+        if replayer is not None:
+            replayer.join(timeout=self.settings.socket_timeout + 1)
+        if self._pending and self._lean is not None:
+            # A last attempt: these are the invalidations that would otherwise be lost.
+            self._replay_once()
+        if self._pending:
+            logger.error(
+                "closing with %d invalidation(s) Redis never received: the affected "
+                "preferences may stay stale for up to %ds",
+                len(self._pending),
+                self.settings.cache_ttl,
+            )
+        with self._close_lock:
             self._closed = True
         if self._lean is not None:
             self._lean.disconnect()
@@ -484,9 +518,9 @@ class CRMCacheManager:
             ["" if version is None else version, self._tombstone_ms],
         )
         if reply is FAILED:
-            self._stats.count(Counter.INVALIDATIONS_FAILED)
-            self._warn_invalidation_failed(key)
+            self._invalidation_failed(PendingKind.PREFERENCES, key, version)
             return False
+        self._pending.discard(key)
         self._stats.count(Counter.INVALIDATIONS)
         logger.debug("invalidated %s (tombstone version %s)", key, reply)
         return True
@@ -673,9 +707,9 @@ class CRMCacheManager:
         if lean is None:
             return False
         if self._guard.run("invalidate_template", lean.execute, "DEL", key) is FAILED:
-            self._stats.count(Counter.INVALIDATIONS_FAILED)
-            self._warn_invalidation_failed(key)
+            self._invalidation_failed(PendingKind.TEMPLATE, key, None)
             return False
+        self._pending.discard(key)
         self._stats.count(Counter.INVALIDATIONS)
         logger.debug("invalidated %s", key)
         return True
@@ -725,9 +759,7 @@ class CRMCacheManager:
             # Hot APIs are few; the bound keeps a caller with endless names from growing it.
             if len(self._rate_limit_keys) < _KEY_MEMO_SIZE:
                 self._rate_limit_keys[api, window] = key
-        chosen = (
-            self.settings.rate_limit_policy if policy is None else check_policy(policy, "policy")
-        )
+        chosen = self._policy_for(api, policy)
         scripts = self._scripts
         lean = self._active()
         if lean is not None and scripts is not None:
@@ -745,6 +777,8 @@ class CRMCacheManager:
                 )
                 return result
         self._stats.count(Counter.RATE_LIMIT_DEGRADED)
+        if chosen == "local":
+            return self._local_limiter.check(api, limit, window, cost)
         allowed = chosen == "open"
         return RateLimitResult(
             allowed=allowed,
@@ -754,6 +788,11 @@ class CRMCacheManager:
             retry_after=0.0 if allowed else 1.0,
             degraded=True,
         )
+
+    def _policy_for(self, api: str, policy: object) -> RateLimitPolicy:
+        if policy is not None:
+            return check_policy(policy, "policy")
+        return self.settings.rate_limit_policies.get(api, self.settings.rate_limit_policy)
 
     # -- load leases --------------------------------------------------------------------
 
@@ -845,6 +884,7 @@ class CRMCacheManager:
             counters=self._stats.counters(),
             connection_pool=self._pool_stats(),
             redis=info,
+            pending_invalidations=len(self._pending),
             circuit_breaker={
                 "state": self._breaker.state.value,
                 "trips": self._breaker.trips,
@@ -904,16 +944,88 @@ class CRMCacheManager:
 
     # -- helpers ------------------------------------------------------------------------
 
-    def _warn_invalidation_failed(self, key: str) -> None:
+    def _invalidation_failed(self, kind: PendingKind, key: str, version: int | None) -> None:
+        """Count, log (throttled) and remember a failed invalidation for replay."""
+        self._stats.count(Counter.INVALIDATIONS_FAILED)
+        if not self._pending.add(kind, key, version) and kind is PendingKind.TEMPLATE:
+            logger.error("invalidation of %s lost: too many pending while Redis is away", key)
         # A lost invalidation can leave a stale value for up to its TTL: say so, but do not
         # write one line per call during an outage.
         suppressed = self._invalidation_warnings.ready()
         if suppressed is not None:
             logger.warning(
-                "could not invalidate %s: Redis unavailable (%d more not logged)",
+                "could not invalidate %s: Redis unavailable; will retry when it is back "
+                "(%d more not logged)",
                 key,
                 suppressed,
             )
+        self._start_replay()
+
+    def _start_replay(self) -> None:
+        """Run the replay thread if invalidations are pending and none is running."""
+        if not self._pending or self._stopping.is_set():
+            return
+        with self._replay_lock:
+            if self._replayer is not None and self._replayer.is_alive():
+                return
+            self._replayer = threading.Thread(
+                target=self._replay_loop, name="crmcache-invalidation-replay", daemon=True
+            )
+            self._replayer.start()
+
+    def _replay_loop(self) -> None:
+        delay = REPLAY_FIRST_DELAY
+        while not self._stopping.wait(delay):
+            if self._replay_once():
+                return
+            delay = min(delay * 2, REPLAY_MAX_DELAY)
+
+    def _replay_once(self) -> bool:
+        """Send every pending invalidation; True when none is left."""
+        lean, scripts = self._lean, self._scripts
+        if lean is None or scripts is None:
+            return True
+        for entry in self._pending.snapshot():
+            if entry.kind is PendingKind.PREFERENCES:
+                args = ["" if entry.version is None else entry.version, self._tombstone_ms]
+                reply = self._guard.run(
+                    "replay_invalidation",
+                    lean.evalsha,
+                    scripts.prefs_invalidate,
+                    [entry.key],
+                    args,
+                )
+            else:
+                reply = self._guard.run("replay_invalidation", lean.execute, "DEL", entry.key)
+            if reply is FAILED:
+                return False
+            self._pending.done(entry)
+            self._stats.count(Counter.INVALIDATIONS_REPLAYED)
+            logger.info("replayed invalidation of %s", entry.key)
+        if self._pending.prefs_overflowed:
+            shortened = self._guard.run("replay_invalidation", self._shorten_all_preferences)
+            if shortened is FAILED:
+                return False
+            self._pending.clear_overflow()
+            logger.warning(
+                "too many invalidations were pending: shortened the TTL of %d cached "
+                "preferences to %ds",
+                shortened,
+                self.settings.tombstone_ttl,
+            )
+        return not self._pending
+
+    def _shorten_all_preferences(self) -> int:
+        client = self._client
+        if client is None:
+            return 0
+        count = 0
+        for key in client.scan_iter(match="crm:prefs:*", count=SCAN_COUNT):
+            # PEXPIRE ... LT would be exact but needs Redis 7; a longer TTL is only
+            # shortened to the tombstone TTL, a shorter one lengthened to it at most.
+            client.pexpire(key, self._tombstone_ms)
+            count += 1
+        return count
 
     def _evict(self, key: str, raw: bytes | None, reason: str) -> None:
         """Delete a value that failed to decode (only if unchanged) and count it."""
