@@ -1,18 +1,32 @@
-"""Run the benchmarks and summarise them as a Markdown table.
+"""Run the benchmarks and summarise them as Markdown tables (and a bar chart).
 
 Usage (from anywhere)::
 
     python benchmarks/report.py [--runs N] [extra pytest arguments, e.g. -k prefs]
 
 Runs ``pytest benchmarks --benchmark-enable`` with this interpreter ``N`` times (default 3),
-then prints the median of every benchmark, its ratio to its group's baseline (the
-benchmark whose name contains ``raw``), the machine it ran on, and the performance targets
-met or missed. The same text is written to ``benchmarks/results.md`` (not versioned: the
-numbers belong to a machine).
+then prints:
 
-With several runs each benchmark reports the lowest of its per-run medians. Other load on
-the machine only ever adds time, and it comes in bursts that can hit one side of a pair and
-not the other; the least disturbed run is the best estimate of what the code costs.
+1. the median of every per-call benchmark and its ratio to its group's baseline (the
+   benchmark whose name contains ``raw`` or ``baseline``);
+2. the threaded throughput runs (``extra_info`` of test_bench_threads.py): ops/s and p99
+   latency of crmcache beside raw redis-py, for each thread count, and failed calls;
+3. the Redis-side cost of each script (``extra_info`` of test_bench_redis_cost.py):
+   ``INFO commandstats`` microseconds per call, beside GET and SET;
+
+then the machine it ran on, the performance targets met or missed, and any failed test.
+The same text is written to ``benchmarks/results.md``, and a bar chart of the medians per
+group (ratio on each bar) to ``benchmarks/results.png`` when matplotlib is installed
+(``pip install -e '.[bench]'``); neither is versioned: the numbers belong to a machine.
+
+With several runs each benchmark reports its best run: the lowest of its per-run medians,
+the highest ops/s and the lowest p99 or µs per call. Other load on the machine only ever
+adds time, and it comes in bursts that can hit one side of a pair and not the other; the
+least disturbed run is the best estimate of what the code costs. Failed calls, though, are
+the most seen in any run: a failure is never averaged away.
+
+A run in which tests failed is still reported (with what it measured), the failed tests
+are listed, and the exit code is 1.
 """
 
 from __future__ import annotations
@@ -22,7 +36,8 @@ import json
 import subprocess
 import sys
 import tempfile
-from collections.abc import Mapping, Sequence
+import xml.etree.ElementTree as ET
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,13 +45,27 @@ from typing import Any
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
 RESULTS = BENCH_DIR / "results.md"
-BASELINE_MARK = "raw"
+CHART = BENCH_DIR / "results.png"
+BASELINE_MARKS = ("raw", "baseline")
 DEFAULT_RUNS = 3
+
+#: ``extra_info["report_table"]`` of the benchmarks that get a table of their own (their
+#: pytest-benchmark timings are whole runs, not calls: they stay out of the median table).
+REPORT_TABLE_KEY = "report_table"
+THROUGHPUT_TABLE = "throughput"
+REDIS_COST_TABLE = "redis-cost"
+#: Group under which the Redis-side cost targets look up ``usec_per_call``.
+REDIS_COST_GROUP = "redis-cost"
+#: The operation the Redis-side costs are compared with.
+REDIS_COST_REFERENCE = "get"
+
+#: pytest's exit code when tests failed (the run itself completed).
+_TESTS_FAILED = 1
 
 
 @dataclass(frozen=True)
 class Row:
-    """One benchmark's summary."""
+    """One per-call benchmark's summary."""
 
     group: str
     name: str
@@ -45,54 +74,133 @@ class Row:
 
 
 @dataclass(frozen=True)
+class ThroughputRow:
+    """One thread count: crmcache beside raw redis-py (None where a side did not report)."""
+
+    threads: int
+    crmcache_ops: float | None
+    raw_ops: float | None
+    crmcache_p99_us: float | None
+    raw_p99_us: float | None
+    crmcache_failed: int | None
+    raw_failed: int | None
+
+    @property
+    def ops_ratio(self) -> float | None:
+        """crmcache ops/s over raw ops/s (above 1: crmcache is faster)."""
+        return _ratio(self.crmcache_ops, self.raw_ops)
+
+    @property
+    def p99_ratio(self) -> float | None:
+        """crmcache p99 over raw p99 (above 1: crmcache's tail is slower)."""
+        return _ratio(self.crmcache_p99_us, self.raw_p99_us)
+
+
+@dataclass(frozen=True)
+class CostRow:
+    """Redis-side cost of one operation."""
+
+    operation: str
+    command: str
+    description: str
+    calls: int
+    usec_per_call: float
+    client_us_per_call: float | None
+    ratio: float | None  # to REDIS_COST_REFERENCE's usec_per_call
+
+
+@dataclass(frozen=True)
 class Target:
-    """``name``'s median must be at most ``max_ratio`` times ``against``'s (same group)."""
+    """A bound on ``name``'s figure (its median in µs; µs per call for Redis costs).
+
+    With ``against``, the bound is on the ratio to ``against``'s figure (same group);
+    without it, on the figure itself, in microseconds.
+    """
 
     description: str
     group: str
     name: str
-    against: str
-    max_ratio: float
+    bound: float
+    against: str | None = None
 
 
 TARGETS = (
     Target("prefs hit <= 1.10x raw GET+decode", "prefs-hit",
-           "prefs_hit_crmcache", "prefs_hit_raw_get_decode", 1.10),
+           "prefs_hit_crmcache", 1.10, "prefs_hit_raw_get_decode"),
     Target("rate limit <= 1.15x raw EVALSHA", "rate-limit",
-           "rate_limit_crmcache", "rate_limit_raw_evalsha", 1.15),
+           "rate_limit_crmcache", 1.15, "rate_limit_raw_evalsha"),
     Target("rate limit no slower than limits FixedWindow", "rate-limit",
-           "rate_limit_crmcache", "rate_limit_limits_fixed_window", 1.0),
+           "rate_limit_crmcache", 1.0, "rate_limit_limits_fixed_window"),
     Target("50-template batch <= 1.2x raw MGET", "templates-50",
-           "templates_50_crmcache_get_templates", "templates_50_raw_mget_decode", 1.2),
+           "templates_50_crmcache_get_templates", 1.2, "templates_50_raw_mget_decode"),
     Target("50-template batch >= 10x faster than sequential", "templates-50",
-           "templates_50_crmcache_get_templates",
-           "templates_50_crmcache_sequential_get_template", 0.1),
+           "templates_50_crmcache_get_templates", 0.1,
+           "templates_50_crmcache_sequential_get_template"),
+    Target("breaker-open read <= 50 µs median", "breaker-open",
+           "breaker_open_crmcache_read", 50.0),
+    Target("rate-limit script <= 10 µs per call on the server (INFO commandstats)",
+           REDIS_COST_GROUP, "rate_limit", 10.0),
 )  # fmt: skip
 
 
-def run_benchmarks(json_path: Path, extra_args: Sequence[str]) -> None:
-    """Run the benchmark suite, writing pytest-benchmark's JSON to ``json_path``.
+def _ratio(value: float | None, base: float | None) -> float | None:
+    if value is None or base is None or base == 0:
+        return None
+    return value / base
+
+
+def run_benchmarks(json_path: Path, junit_path: Path, extra_args: Sequence[str]) -> int:
+    """Run the benchmark suite, writing pytest-benchmark's JSON to ``json_path`` and
+    pytest's JUnit XML to ``junit_path``; return pytest's exit code (0, or 1 when tests
+    failed).
 
     Raises:
-        SystemExit: pytest failed or ran no benchmark.
+        SystemExit: pytest could not run (usage error, interrupted ...) or ran no
+            benchmark.
     """
     command = [
         sys.executable, "-m", "pytest", "benchmarks",
-        "--benchmark-enable", f"--benchmark-json={json_path}", "-q", *extra_args,
+        "--benchmark-enable", f"--benchmark-json={json_path}", f"--junit-xml={junit_path}",
+        "-q", *extra_args,
     ]  # fmt: skip
     completed = subprocess.run(command, cwd=REPO_ROOT, check=False)
-    if completed.returncode != 0:
+    if completed.returncode not in (0, _TESTS_FAILED):
         raise SystemExit(f"benchmark run failed (pytest exit code {completed.returncode})")
     if not json_path.is_file():
         raise SystemExit("pytest ran no benchmark (were they all skipped?)")
+    return completed.returncode
+
+
+def failed_tests(junit_xml: str) -> list[str]:
+    """The tests a JUnit XML report says failed or errored, as ``file::name``."""
+    root = ET.fromstring(junit_xml)  # noqa: S314 - pytest's own report of this run
+    failed = []
+    for case in root.iter("testcase"):
+        if case.find("failure") is not None or case.find("error") is not None:
+            module = case.get("classname", "").rsplit(".", 1)[-1]
+            failed.append(
+                f"{module}.py::{case.get('name', '?')}" if module else case.get("name", "?")
+            )
+    return failed
 
 
 def _name(benchmark: Mapping[str, Any]) -> str:
     return str(benchmark["name"]).removeprefix("test_")
 
 
+def _table(benchmark: Mapping[str, Any]) -> str | None:
+    extra = benchmark.get("extra_info") or {}
+    table = extra.get(REPORT_TABLE_KEY)
+    return None if table is None else str(table)
+
+
+def _is_baseline(name: str) -> bool:
+    return any(mark in name for mark in BASELINE_MARKS)
+
+
 def build_rows(runs: Sequence[Sequence[Mapping[str, Any]]]) -> list[Row]:
-    """Rows grouped in run order; in each group the baseline first, then by median.
+    """Per-call benchmarks grouped in run order; in each group the baseline first, then by
+    median. Benchmarks that belong to a table of their own are left out.
 
     Args:
         runs: the ``benchmarks`` list of each run's JSON; a benchmark's median is the
@@ -104,6 +212,8 @@ def build_rows(runs: Sequence[Sequence[Mapping[str, Any]]]) -> list[Row]:
     best: dict[str, dict[str, float]] = {}
     for benchmarks in runs:
         for bench in benchmarks:
+            if _table(bench) is not None:
+                continue
             group = str(bench.get("group") or "(none)")
             median_us = float(bench["stats"]["median"]) * 1e6
             medians = best.setdefault(group, {})
@@ -112,17 +222,96 @@ def build_rows(runs: Sequence[Sequence[Mapping[str, Any]]]) -> list[Row]:
     rows: list[Row] = []
     for group, medians in best.items():
         entries = list(medians.items())
-        baselines = [e for e in entries if BASELINE_MARK in e[0]]
+        baselines = [e for e in entries if _is_baseline(e[0])]
         if len(baselines) > 1:
             names = ", ".join(name for name, _ in baselines)
             raise ValueError(f"group {group!r} has several baselines: {names}")
         base = baselines[0][1] if baselines else None
-        ordered = sorted(entries, key=lambda e: (BASELINE_MARK not in e[0], e[1]))
+        ordered = sorted(entries, key=lambda e: (not _is_baseline(e[0]), e[1]))
         rows.extend(
             Row(group, name, median, None if base is None else median / base)
             for name, median in ordered
         )
     return rows
+
+
+def _extras(runs: Sequence[Sequence[Mapping[str, Any]]], table: str) -> list[dict[str, Any]]:
+    """The ``extra_info`` of every benchmark of ``table``, over all runs (only those that
+    got as far as recording their figures)."""
+    found = []
+    for benchmarks in runs:
+        for bench in benchmarks:
+            extra = bench.get("extra_info") or {}
+            if extra.get(REPORT_TABLE_KEY) == table:
+                found.append(dict(extra))
+    return found
+
+
+def _best(values: Iterable[float], *, highest: bool) -> float | None:
+    collected = list(values)
+    if not collected:
+        return None
+    return max(collected) if highest else min(collected)
+
+
+def build_throughput_rows(runs: Sequence[Sequence[Mapping[str, Any]]]) -> list[ThroughputRow]:
+    """One row per thread count, ascending: best ops/s and p99 of each side over the
+    runs, and the most failed calls seen in any run."""
+    extras = [e for e in _extras(runs, THROUGHPUT_TABLE) if "ops_per_s" in e]
+
+    def pick(threads: int, implementation: str) -> list[dict[str, Any]]:
+        return [
+            e for e in extras if e["threads"] == threads and e["implementation"] == implementation
+        ]
+
+    rows = []
+    for threads in sorted({int(e["threads"]) for e in extras}):
+        crm, raw = pick(threads, "crmcache"), pick(threads, "raw")
+        crm_failed = [int(e.get("failed_calls", 0)) for e in crm]
+        raw_failed = [int(e.get("failed_calls", 0)) for e in raw]
+        rows.append(
+            ThroughputRow(
+                threads=threads,
+                crmcache_ops=_best((float(e["ops_per_s"]) for e in crm), highest=True),
+                raw_ops=_best((float(e["ops_per_s"]) for e in raw), highest=True),
+                crmcache_p99_us=_best((float(e["p99_us"]) for e in crm), highest=False),
+                raw_p99_us=_best((float(e["p99_us"]) for e in raw), highest=False),
+                crmcache_failed=max(crm_failed) if crm_failed else None,
+                raw_failed=max(raw_failed) if raw_failed else None,
+            )
+        )
+    return rows
+
+
+def build_cost_rows(runs: Sequence[Sequence[Mapping[str, Any]]]) -> list[CostRow]:
+    """One row per operation, in run order: the lowest µs per call over the runs, and its
+    ratio to GET's."""
+    best: dict[str, dict[str, Any]] = {}
+    for extra in _extras(runs, REDIS_COST_TABLE):
+        if "usec_per_call" not in extra:
+            continue
+        seen = best.get(str(extra["operation"]))
+        if seen is None or float(extra["usec_per_call"]) < float(seen["usec_per_call"]):
+            best[str(extra["operation"])] = extra
+    client_best: dict[str, float] = {}
+    for extra in _extras(runs, REDIS_COST_TABLE):
+        if "client_us_per_call" in extra:
+            operation, value = str(extra["operation"]), float(extra["client_us_per_call"])
+            client_best[operation] = min(value, client_best.get(operation, value))
+    reference = best.get(REDIS_COST_REFERENCE)
+    base = None if reference is None else float(reference["usec_per_call"])
+    return [
+        CostRow(
+            operation=operation,
+            command=str(extra.get("command", "?")),
+            description=str(extra.get("description", "")),
+            calls=int(extra.get("calls", 0)),
+            usec_per_call=float(extra["usec_per_call"]),
+            client_us_per_call=client_best.get(operation),
+            ratio=_ratio(float(extra["usec_per_call"]), base),
+        )
+        for operation, extra in best.items()
+    ]
 
 
 def machine_line(info: Mapping[str, Any]) -> str:
@@ -139,45 +328,206 @@ def machine_line(info: Mapping[str, Any]) -> str:
     )
 
 
-def target_lines(rows: Sequence[Row]) -> list[str]:
+def target_lines(
+    rows: Sequence[Row],
+    costs: Sequence[CostRow] = (),
+    throughput: Sequence[ThroughputRow] = (),
+) -> list[str]:
     """One line per target: met, missed, or not measured in this run."""
-    medians = {(row.group, row.name): row.median_us for row in rows}
+    figures = {(row.group, row.name): row.median_us for row in rows}
+    figures.update({(REDIS_COST_GROUP, cost.operation): cost.usec_per_call for cost in costs})
     lines = []
     for target in TARGETS:
-        value = medians.get((target.group, target.name))
-        against = medians.get((target.group, target.against))
-        if value is None or against is None:
+        value = figures.get((target.group, target.name))
+        against = None if target.against is None else figures.get((target.group, target.against))
+        if value is None or (target.against is not None and against is None):
             lines.append(f"- not measured: {target.description}")
             continue
+        if target.against is None:
+            verdict = "met" if value <= target.bound else "MISSED"
+            lines.append(
+                f"- {verdict}: {target.description} "
+                f"({target.name} = {value:,.2f} µs, bound {target.bound:,.2f} µs)"
+            )
+            continue
+        assert against is not None
         ratio = value / against
-        verdict = "met" if ratio <= target.max_ratio else "MISSED"
+        verdict = "met" if ratio <= target.bound else "MISSED"
         lines.append(
             f"- {verdict}: {target.description} "
-            f"({target.name} / {target.against} = {ratio:.2f}, bound {target.max_ratio:.2f})"
+            f"({target.name} / {target.against} = {ratio:.2f}, bound {target.bound:.2f})"
+        )
+    for row in throughput:
+        description = f"{row.threads} thread(s) on one manager: no failed call"
+        if row.crmcache_failed is None:
+            lines.append(f"- not measured: {description}")
+            continue
+        verdict = "met" if row.crmcache_failed == 0 else "MISSED"
+        raw = "not measured" if row.raw_failed is None else str(row.raw_failed)
+        lines.append(
+            f"- {verdict}: {description} (crmcache {row.crmcache_failed} failed, "
+            f"raw redis-py {raw}; most in any run)"
         )
     return lines
 
 
-def render(runs: Sequence[Mapping[str, Any]]) -> str:
-    """The Markdown report of one or more pytest-benchmark JSON documents (one per run)."""
-    rows = build_rows([data["benchmarks"] for data in runs])
+def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
+    return "—" if value is None else f"{value:{spec}}{suffix}"
+
+
+def throughput_lines(rows: Sequence[ThroughputRow], runs: int) -> list[str]:
+    """The throughput table (empty when no throughput benchmark ran)."""
+    if not rows:
+        return []
+    how = "one run" if runs == 1 else f"best of {runs} runs (highest ops/s, lowest p99)"
+    lines = [
+        "## Throughput: threads sharing one manager (max_connections=10)",
+        "",
+        "Preferences hits (`get_client_preferences`) from every thread at once, beside raw "
+        "redis-py (`GET` + decode on a `BlockingConnectionPool(max_connections=10)`); "
+        f"{how}. Ratio: crmcache over raw (ops/s: above 1 is faster; p99: above 1 is slower). "
+        "Failed calls: the most in any run.",
+        "",
+        "| threads | crmcache ops/s | raw ops/s | ops/s ratio | crmcache p99 µs | raw p99 µs "
+        "| p99 ratio | failed calls (crmcache / raw) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        failed = (
+            f"{_fmt(row.crmcache_failed, 'd')} / {_fmt(row.raw_failed, 'd')}"
+            if row.crmcache_failed is not None or row.raw_failed is not None
+            else "—"
+        )
+        lines.append(
+            f"| {row.threads} | {_fmt(row.crmcache_ops, ',.0f')} | {_fmt(row.raw_ops, ',.0f')} "
+            f"| {_fmt(row.ops_ratio, '.2f')} | {_fmt(row.crmcache_p99_us, ',.1f')} "
+            f"| {_fmt(row.raw_p99_us, ',.1f')} | {_fmt(row.p99_ratio, '.2f')} | {failed} |"
+        )
+    return [*lines, ""]
+
+
+def cost_lines(rows: Sequence[CostRow], runs: int) -> list[str]:
+    """The Redis-side cost table (empty when no cost benchmark ran)."""
+    if not rows:
+        return []
+    how = "one run" if runs == 1 else f"lowest of {runs} runs"
+    lines = [
+        "## Redis-side cost per call (INFO commandstats)",
+        "",
+        "Time the server spent executing each command (`usec` / `calls` of "
+        f"`cmdstat_<command>` after `CONFIG RESETSTAT`; {how}), beside the client's whole "
+        f"round trip. Ratio: to `{REDIS_COST_REFERENCE}`.",
+        "",
+        "| operation | command | calls | Redis µs/call | ratio to GET | client µs/call |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        what = f"{row.operation}: {row.description}" if row.description else row.operation
+        lines.append(
+            f"| {what} | {row.command} | {row.calls:,} | {row.usec_per_call:,.2f} "
+            f"| {_fmt(row.ratio, '.1f')} | {_fmt(row.client_us_per_call, ',.1f')} |"
+        )
+    return [*lines, ""]
+
+
+def render(
+    runs: Sequence[Mapping[str, Any]],
+    *,
+    failed: Sequence[str] = (),
+    chart_note: str | None = None,
+) -> str:
+    """The Markdown report of one or more pytest-benchmark JSON documents (one per run).
+
+    Args:
+        runs: the JSON documents.
+        failed: the tests that failed, one entry per failure (repeats count runs).
+        chart_note: a line about the chart, if one was attempted.
+    """
+    benchmark_lists = [data["benchmarks"] for data in runs]
+    rows = build_rows(benchmark_lists)
+    throughput = build_throughput_rows(benchmark_lists)
+    costs = build_cost_rows(benchmark_lists)
     data = runs[-1]
     how = "median" if len(runs) == 1 else f"lowest median of {len(runs)} runs"
     lines = [
         "# crmcache benchmarks",
         "",
         f"Run {data.get('datetime', '?')}; {how} of each benchmark, ratio to the group's "
-        f"baseline (`{BASELINE_MARK}`: hand-written redis-py).",
+        "baseline (`raw`: hand-written redis-py; `baseline`: the named crmcache call).",
         "",
-        "| group | benchmark | median µs | ratio to raw |",
+        "## Latency: median per call",
+        "",
+        "| group | benchmark | median µs | ratio to baseline |",
         "|---|---|---:|---:|",
     ]
     for row in rows:
         ratio = "—" if row.ratio is None else f"{row.ratio:.2f}"
         lines.append(f"| {row.group} | {row.name} | {row.median_us:,.1f} | {ratio} |")
-    lines += ["", machine_line(data.get("machine_info", {})), "", "Targets:", ""]
-    lines += target_lines(rows)
+    lines.append("")
+    lines += throughput_lines(throughput, len(runs))
+    lines += cost_lines(costs, len(runs))
+    lines += [machine_line(data.get("machine_info", {})), "", "Targets:", ""]
+    lines += target_lines(rows, costs, throughput)
+    if chart_note:
+        lines += ["", chart_note]
+    if failed:
+        counts: dict[str, int] = {}
+        for test in failed:
+            counts[test] = counts.get(test, 0) + 1
+        lines += ["", f"**Failed tests** (of {len(runs)} run(s); their figures are above):", ""]
+        lines += [f"- {test} (failed in {n} run(s))" for test, n in counts.items()]
     return "\n".join(lines) + "\n"
+
+
+def write_chart(rows: Sequence[Row], path: Path) -> bool:
+    """Draw the medians per group as horizontal bars, each labelled with its median and
+    ratio, and save the PNG to ``path``.
+
+    Returns:
+        True if written; False if matplotlib is not installed (or there is nothing to
+        draw).
+    """
+    try:
+        import matplotlib  # type: ignore[import-not-found, unused-ignore]  # noqa: PLC0415
+    except ImportError:
+        return False
+    if not rows:
+        return False
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt  # noqa: PLC0415
+
+    groups: dict[str, list[Row]] = {}
+    for row in rows:
+        groups.setdefault(row.group, []).append(row)
+    heights = [0.9 + 0.42 * len(members) for members in groups.values()]
+    fig, axes = plt.subplots(
+        len(groups),
+        1,
+        figsize=(10, sum(heights) + 0.6),
+        gridspec_kw={"height_ratios": heights},
+        squeeze=False,
+    )
+    for ax, (group, members) in zip(axes[:, 0], groups.items(), strict=True):
+        names = [row.name for row in members]
+        medians = [row.median_us for row in members]
+        colors = ["#9e9e9e" if _is_baseline(row.name) else "#1f77b4" for row in members]
+        bars = ax.barh(names, medians, color=colors)
+        ax.invert_yaxis()
+        labels = [
+            f"{row.median_us:,.1f} µs" + ("" if row.ratio is None else f"  ({row.ratio:.2f}x)")
+            for row in members
+        ]
+        ax.bar_label(bars, labels=labels, padding=3, fontsize=8)
+        ax.set_xlim(0, max(medians) * 1.35)
+        ax.set_title(group, loc="left", fontsize=10, fontweight="bold")
+        ax.tick_params(axis="y", labelsize=8)
+        ax.tick_params(axis="x", labelsize=8)
+        ax.set_xlabel("median µs per call (ratio to the group's baseline, grey)", fontsize=8)
+    fig.suptitle("crmcache benchmarks: median per call", fontsize=12)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
 
 
 def main(argv: Sequence[str]) -> int:
@@ -192,17 +542,28 @@ def main(argv: Sequence[str]) -> int:
     if options.runs < 1:
         parser.error("--runs must be at least 1")
     runs: list[dict[str, Any]] = []
+    failed: list[str] = []
     with tempfile.TemporaryDirectory(prefix="crmcache-bench-") as tmp:
         for number in range(options.runs):
             json_path = Path(tmp) / f"run-{number}.json"
-            run_benchmarks(json_path, pytest_args)
+            junit_path = Path(tmp) / f"run-{number}.xml"
+            code = run_benchmarks(json_path, junit_path, pytest_args)
             runs.append(json.loads(json_path.read_text(encoding="utf-8")))
-    report = render(runs)
+            if code != 0 and junit_path.is_file():
+                failed += failed_tests(junit_path.read_text(encoding="utf-8"))
+            elif code != 0:
+                failed.append(f"(run {number + 1}: pytest exit code {code})")
+    rows = build_rows([data["benchmarks"] for data in runs])
+    if write_chart(rows, CHART):
+        chart_note = f"Chart: `{CHART.relative_to(REPO_ROOT)}` (median per group, ratio on bars)."
+    else:
+        chart_note = "Chart: not drawn (matplotlib is not installed; `pip install -e '.[bench]'`)."
+    report = render(runs, failed=failed, chart_note=chart_note)
     print()
     print(report, end="")
     RESULTS.write_text(report, encoding="utf-8")
     print(f"\n(written to {RESULTS.relative_to(REPO_ROOT)})")
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import threading
 import time
@@ -14,7 +15,7 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from crmcache import BreakerState, CRMCacheManager
-from crmcache._pool import POOL_EXHAUSTED, LeanPool
+from crmcache._pool import POOL_EXHAUSTED, FairSlots, LeanPool
 
 
 def make_pool(url: str, *, size: int = 2, timeout: float = 0.2, read: float = 5.0) -> LeanPool:
@@ -145,3 +146,59 @@ def test_manager_used_across_fork(redis_url: str, raw: redis.Redis) -> None:
         assert cache.get_template("forked", "email") == "hello"
         queue.close()
         queue.join_thread()
+
+
+def test_fair_slots_hand_a_freed_slot_to_the_waiter() -> None:
+    """A releasing thread cannot take its slot straight back past a waiting thread."""
+    slots = FairSlots(1)
+    assert slots.acquire(timeout=0)
+    waiter_got: list[bool] = []
+    queued = threading.Event()
+
+    def waiter() -> None:
+        queued.set()
+        waiter_got.append(slots.acquire(timeout=10))
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    queued.wait(timeout=5)
+    deadline = time.monotonic() + 5
+    while not slots._waiters:  # the waiter has queued
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    slots.release()
+    assert slots.acquire(timeout=0) is False  # the slot went to the waiter
+    thread.join(timeout=5)
+    assert waiter_got == [True]
+    slots.release()
+    assert slots.acquire(timeout=0) is True
+
+
+def test_fair_slots_time_out() -> None:
+    """With no slot free, acquire gives up after its timeout and leaves no waiter behind."""
+    slots = FairSlots(1)
+    assert slots.acquire(timeout=0)
+    assert slots.acquire(timeout=0.05) is False
+    assert not slots._waiters
+
+
+def test_saturation_is_logged_as_saturation(
+    redis_url: str, raw: redis.Redis, crm_logs: pytest.LogCaptureFixture
+) -> None:
+    """A full pool logs "saturated" once, never "Redis unavailable" or a recovery."""
+    with CRMCacheManager(redis_url=redis_url, max_connections=1, pool_timeout=0.05) as cache:
+        lean = cache._lean
+        assert lean is not None
+        holder = threading.Thread(target=lean.execute, args=("BLPOP", "test:wake", 10))
+        holder.start()
+        try:
+            wait_blocked(raw, 1)
+            for _ in range(5):
+                cache.get_template("t", "email")
+        finally:
+            raw.lpush("test:wake", "x")
+            holder.join(timeout=10)
+        cache.get_template("t", "email")
+    messages = [r.getMessage() for r in crm_logs.records if r.levelno >= logging.WARNING]
+    assert sum("saturated" in m for m in messages) == 1
+    assert not any("unavailable" in m or "reachable again" in m for m in messages)

@@ -155,11 +155,16 @@ class CircuitBreaker:
             self._probe_in_flight = False
 
 
+def is_pool_exhausted(exc: BaseException) -> bool:
+    """True if ``exc`` says no pooled connection came free in time (saturation)."""
+    return isinstance(exc, RedisConnectionError) and str(exc) == _POOL_EXHAUSTED
+
+
 def is_connection_failure(exc: BaseException) -> bool:
     """True if ``exc`` says Redis could not be reached (as opposed to a refusal or a full
     pool)."""
     if isinstance(exc, RedisConnectionError):
-        return str(exc) != _POOL_EXHAUSTED
+        return not is_pool_exhausted(exc)
     return isinstance(exc, RedisTimeoutError | OSError)
 
 
@@ -225,6 +230,7 @@ class Guard:
         self._secret = secret or None
         self._on_recovered = on_recovered
         self._throttle = LogThrottle(log_interval, clock)
+        self._saturation_throttle = LogThrottle(log_interval, clock)
         self._lock = threading.Lock()
         self._failing = False
 
@@ -249,6 +255,18 @@ class Guard:
     def failed(self, op: str, exc: BaseException) -> None:
         """Record and log (throttled) a failed call."""
         self._on_error(op, exc)
+        if is_pool_exhausted(exc):
+            # Saturated, not down: no outage to declare, no recovery to announce.
+            suppressed = self._saturation_throttle.ready()
+            if suppressed is not None:
+                logger.warning(
+                    "connection pool saturated during %s: no free connection within the "
+                    "pool timeout; the call degraded (%d more not logged). Consider a larger "
+                    "max_connections.",
+                    op,
+                    suppressed,
+                )
+            return
         opened = self.breaker.record_failure() if is_connection_failure(exc) else False
         with self._lock:
             first = not self._failing

@@ -1,0 +1,158 @@
+"""report.py on made-up pytest-benchmark JSON: the three tables, the targets, the failures
+and the chart. No Redis needed; matplotlib only for the chart test (skipped without it)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import report
+
+
+def _bench(
+    name: str, group: str, median_us: float, extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    return {
+        "name": f"test_{name}",
+        "group": group,
+        "stats": {"median": median_us / 1e6},
+        "extra_info": extra or {},
+    }
+
+
+def _throughput(
+    impl: str, threads: int, ops: float, p99: float, failed: int = 0
+) -> dict[str, Any]:
+    return _bench(
+        f"throughput_{impl}[{threads}]",
+        f"throughput-{threads}t",
+        1e6,
+        {
+            "report_table": "throughput",
+            "implementation": impl,
+            "threads": threads,
+            "ops_per_s": ops,
+            "p99_us": p99,
+            "failed_calls": failed,
+        },
+    )
+
+
+def _cost(operation: str, command: str, usec_per_call: float) -> dict[str, Any]:
+    return _bench(
+        f"redis_cost[{operation}]",
+        "redis-cost",
+        400_000.0,
+        {
+            "report_table": "redis-cost",
+            "operation": operation,
+            "command": command,
+            "description": f"{operation} call",
+            "calls": 10_000,
+            "usec_per_call": usec_per_call,
+            "client_us_per_call": 40.0,
+        },
+    )
+
+
+def _run(*, rate_limit_us: float = 4.8, breaker_us: float = 3.0, failed16: int = 0) -> Any:
+    return {
+        "datetime": "2026-01-01T00:00:00",
+        "machine_info": {"platform": "Linux", "cpu_count": 2, "cpu_pinning": "off"},
+        "benchmarks": [
+            _bench("prefs_hit_crmcache", "prefs-hit", 50.0),
+            _bench("prefs_hit_raw_get_decode", "prefs-hit", 46.0),
+            _bench("breaker_open_crmcache_read", "breaker-open", breaker_us),
+            _bench("breaker_open_baseline_live_hit", "breaker-open", 40.0),
+            _throughput("crmcache", 1, 21_000.0, 100.0),
+            _throughput("raw", 1, 20_000.0, 120.0),
+            _throughput("crmcache", 16, 15_000.0, 2_000.0, failed16),
+            _throughput("raw", 16, 14_000.0, 2_500.0, failed16),
+            _cost("rate_limit", "EVALSHA", rate_limit_us),
+            _cost("get", "GET", 0.25),
+        ],
+    }
+
+
+def test_median_table_leaves_the_special_tables_out() -> None:
+    rows = report.build_rows([_run()["benchmarks"]])
+    assert [(r.group, r.name) for r in rows] == [
+        ("prefs-hit", "prefs_hit_raw_get_decode"),
+        ("prefs-hit", "prefs_hit_crmcache"),
+        ("breaker-open", "breaker_open_baseline_live_hit"),
+        ("breaker-open", "breaker_open_crmcache_read"),
+    ]
+    assert rows[3].ratio == pytest.approx(3.0 / 40.0)
+
+
+def test_throughput_rows_take_the_best_run_and_the_worst_failures() -> None:
+    runs = [_run()["benchmarks"], _run(failed16=3)["benchmarks"]]
+    runs[1][4]["extra_info"]["ops_per_s"] = 25_000.0  # crmcache, 1 thread, better run
+    rows = report.build_throughput_rows(runs)
+    assert [r.threads for r in rows] == [1, 16]
+    assert rows[0].crmcache_ops == 25_000.0
+    assert rows[0].ops_ratio == pytest.approx(25_000 / 20_000)
+    assert rows[1].p99_ratio == pytest.approx(2_000 / 2_500)
+    assert (rows[1].crmcache_failed, rows[1].raw_failed) == (3, 3)
+
+
+def test_cost_rows_compare_with_get() -> None:
+    rows = report.build_cost_rows([_run(rate_limit_us=6.0)["benchmarks"], _run()["benchmarks"]])
+    by_op = {r.operation: r for r in rows}
+    assert by_op["rate_limit"].usec_per_call == pytest.approx(4.8)
+    assert by_op["rate_limit"].ratio == pytest.approx(4.8 / 0.25)
+
+
+def test_render_shows_three_tables_and_the_targets() -> None:
+    text = report.render([_run()], chart_note="Chart: here.")
+    assert "| prefs-hit | prefs_hit_crmcache | 50.0 | 1.09 |" in text
+    assert "## Throughput" in text
+    assert "| 1 | 21,000 | 20,000 | 1.05 | 100.0 | 120.0 | 0.83 | 0 / 0 |" in text
+    assert "## Redis-side cost per call" in text
+    assert "| rate_limit: rate_limit call | EVALSHA | 10,000 | 4.80 | 19.2 | 40.0 |" in text
+    assert "- met: prefs hit <= 1.10x raw GET+decode" in text
+    assert "- met: breaker-open read <= 50 µs median (breaker_open_crmcache_read = 3.00 µs" in text
+    assert "- met: rate-limit script <= 10 µs per call" in text
+    assert "- met: 16 thread(s) on one manager: no failed call" in text
+    assert "- not measured: rate limit <= 1.15x raw EVALSHA" in text
+    assert "Chart: here." in text
+    assert "Failed tests" not in text
+
+
+def test_render_flags_missed_targets_and_failed_tests() -> None:
+    text = report.render(
+        [_run(rate_limit_us=12.0, breaker_us=80.0, failed16=6)],
+        failed=["test_bench_threads.py::test_throughput_crmcache[16]"],
+    )
+    assert "- MISSED: breaker-open read <= 50 µs median" in text
+    assert "- MISSED: rate-limit script <= 10 µs per call" in text
+    assert "- MISSED: 16 thread(s) on one manager: no failed call (crmcache 6 failed" in text
+    assert "- test_bench_threads.py::test_throughput_crmcache[16] (failed in 1 run(s))" in text
+
+
+def test_failed_tests_read_from_junit_xml() -> None:
+    xml = """<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite>
+      <testcase classname="benchmarks.test_bench_threads" name="test_throughput_raw[16]">
+        <failure message="boom"/></testcase>
+      <testcase classname="benchmarks.test_bench_threads" name="test_throughput_raw[1]"/>
+    </testsuite></testsuites>"""
+    assert report.failed_tests(xml) == ["test_bench_threads.py::test_throughput_raw[16]"]
+
+
+def test_chart_is_written_when_matplotlib_is_installed(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "chart.png"
+    assert report.write_chart(report.build_rows([_run()["benchmarks"]]), path)
+    assert path.read_bytes().startswith(b"\x89PNG")
+
+
+def test_chart_is_skipped_without_matplotlib(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import raises ImportError
+    path = tmp_path / "chart.png"
+    assert not report.write_chart(report.build_rows([_run()["benchmarks"]]), path)
+    assert not path.exists()
