@@ -18,6 +18,11 @@ local ttl_ms = tonumber(ARGV[3])
 
 local current = redis.pcall('GET', KEYS[1])
 local current_version = -1
+-- A value of the wrong type is overwritten below; any other refusal (NOPERM ...) must not
+-- be mistaken for an empty key, which would skip the version check.
+if type(current) == 'table' and current.err and not string.find(current.err, 'WRONGTYPE', 1, true) then
+    return redis.error_reply(current.err)
+end
 
 -- Only a string can carry a version; a wrong-type value or garbage is overwritten.
 if type(current) == 'string' then

@@ -21,8 +21,13 @@ local cost = tonumber(ARGV[3])
 
 local count = redis.pcall('INCRBY', KEYS[1], cost)
 if type(count) == 'table' then
-    -- Not an integer counter, or not a string at all (written by someone else): start a
-    -- fresh window rather than fail.
+    local err = count.err or ''
+    -- Only a value that is not a counter (garbage or the wrong type, written by someone
+    -- else) is replaced with a fresh window. Any other error (OOM, NOPERM ...) must leave
+    -- the live counter alone: fail the call instead.
+    if not (string.find(err, 'WRONGTYPE', 1, true) or string.find(err, 'not an integer', 1, true)) then
+        return redis.error_reply(err)
+    end
     redis.call('DEL', KEYS[1])
     count = redis.call('INCRBY', KEYS[1], cost)
 end

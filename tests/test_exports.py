@@ -12,6 +12,7 @@ EXPECTED_ALL = [
     "DEFAULT_RATE_LIMIT_WINDOW",
     "DEFAULT_REDIS_URL",
     "DEFAULT_TOMBSTONE_TTL",
+    "AsyncCRMCacheManager",
     "BreakerState",
     "CRMCacheError",
     "CRMCacheManager",
@@ -28,7 +29,9 @@ EXPECTED_ALL = [
     "StaleVersionError",
     "TemplateRef",
     "__version__",
+    "close_async_cache_managers",
     "close_cache_managers",
+    "get_async_cache_manager",
     "get_cache_manager",
     "mask_url",
 ]

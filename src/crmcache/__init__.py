@@ -26,9 +26,12 @@ from ._guard import BreakerState
 from ._ratelimit import RateLimitResult
 from ._stats import CacheStats, KindStats, PoolStats, RedisServerStats
 from .cache_manager import (
+    AsyncCRMCacheManager,
     CRMCacheManager,
     TemplateRef,
+    close_async_cache_managers,
     close_cache_managers,
+    get_async_cache_manager,
     get_cache_manager,
 )
 from .models import ClientPreferences, MessageChannel
@@ -41,6 +44,7 @@ __all__ = [
     "DEFAULT_RATE_LIMIT_WINDOW",
     "DEFAULT_REDIS_URL",
     "DEFAULT_TOMBSTONE_TTL",
+    "AsyncCRMCacheManager",
     "BreakerState",
     "CRMCacheError",
     "CRMCacheManager",
@@ -57,7 +61,9 @@ __all__ = [
     "StaleVersionError",
     "TemplateRef",
     "__version__",
+    "close_async_cache_managers",
     "close_cache_managers",
+    "get_async_cache_manager",
     "get_cache_manager",
     "mask_url",
 ]

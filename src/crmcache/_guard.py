@@ -26,7 +26,13 @@ from collections.abc import Callable
 from enum import StrEnum
 from typing import Final, TypeVar
 
-from redis.exceptions import AuthenticationError, NoPermissionError, RedisError, ResponseError
+from redis.exceptions import (
+    AuthenticationError,
+    NoPermissionError,
+    OutOfMemoryError,
+    RedisError,
+    ResponseError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -41,6 +47,8 @@ DEFAULT_RESET_TIMEOUT = 1.0
 DEFAULT_MAX_RESET_TIMEOUT = 30.0
 DEFAULT_LOG_INTERVAL = 30.0
 
+#: Distinct (operation, error) kinds with a log throttle of their own.
+_MAX_REFUSAL_KINDS = 256
 #: redis-py's BlockingConnectionPool message when no connection freed up in time.
 _POOL_EXHAUSTED = "No connection available."
 
@@ -146,6 +154,15 @@ class CircuitBreaker:
                 return True
             return False
 
+    def release_probe(self) -> None:
+        """A half-open probe ended without an answer either way (e.g. no free pooled
+        connection): open again, and let the next call probe at once."""
+        with self._lock:
+            if self.state is BreakerState.HALF_OPEN:
+                self.state = BreakerState.OPEN
+                self._opened_at = self._clock() - self._timeout
+                self._probe_in_flight = False
+
     def reset(self) -> None:
         """Close the breaker and forget past failures."""
         with self._lock:
@@ -203,10 +220,15 @@ class LogThrottle:
 
 def is_critical(exc: BaseException) -> bool:
     """True for failures that need a person, not a retry: bad credentials, missing ACL
-    permissions, or a Lua script that raised (a bug or an incompatible server)."""
+    permissions, an untrusted TLS certificate, or a Lua script that raised for a reason
+    other than memory (a bug or an incompatible server)."""
     if isinstance(exc, AuthenticationError | NoPermissionError):
         return True
     message = str(exc)
+    if "NOPERM" in message or "certificate verify failed" in message.lower():
+        return True
+    if isinstance(exc, OutOfMemoryError) or "OOM command not allowed" in message:
+        return False  # Redis 7 tags every error inside a script with user_script
     return isinstance(exc, ResponseError) and (
         "user_script" in message or "Error running script" in message
     )
@@ -229,8 +251,11 @@ class Guard:
         self._on_error = on_error
         self._secret = secret or None
         self._on_recovered = on_recovered
+        self._log_interval = log_interval
+        self._clock = clock
         self._throttle = LogThrottle(log_interval, clock)
         self._saturation_throttle = LogThrottle(log_interval, clock)
+        self._refusal_throttles: dict[str, LogThrottle] = {}
         self._lock = threading.Lock()
         self._failing = False
 
@@ -248,15 +273,20 @@ class Guard:
         except (RedisError, OSError) as exc:
             self.failed(op, exc)
             return FAILED
+        self.succeeded()
+        return result
+
+    def succeeded(self) -> None:
+        """Note a call that reached Redis (closes the breaker, ends an outage)."""
         if self.breaker.record_success() or self._failing:
             self._recovered()
-        return result
 
     def failed(self, op: str, exc: BaseException) -> None:
         """Record and log (throttled) a failed call."""
         self._on_error(op, exc)
         if is_pool_exhausted(exc):
             # Saturated, not down: no outage to declare, no recovery to announce.
+            self.breaker.release_probe()
             suppressed = self._saturation_throttle.ready()
             if suppressed is not None:
                 logger.warning(
@@ -267,7 +297,13 @@ class Guard:
                     suppressed,
                 )
             return
-        opened = self.breaker.record_failure() if is_connection_failure(exc) else False
+        if not is_connection_failure(exc):
+            # Redis answered, with a refusal (OOM, NOPERM, WRONGTYPE, a script error): it
+            # is up. That closes the breaker like a success, and is no outage.
+            self.succeeded()
+            self._refused(op, exc)
+            return
+        opened = self.breaker.record_failure()
         with self._lock:
             first = not self._failing
             self._failing = True
@@ -293,6 +329,31 @@ class Guard:
                 op,
                 message,
             )
+
+    def _refused(self, op: str, exc: BaseException) -> None:
+        # One throttle per kind of refusal, whatever the operation: a missing permission
+        # or a full memory refuses every call alike.
+        kind = type(exc).__name__
+        with self._lock:
+            throttle = self._refusal_throttles.get(kind)
+            if throttle is None:
+                if len(self._refusal_throttles) >= _MAX_REFUSAL_KINDS:
+                    self._refusal_throttles.clear()
+                throttle = self._refusal_throttles[kind] = LogThrottle(
+                    self._log_interval, self._clock
+                )
+        suppressed = throttle.ready()
+        if suppressed is None:
+            return
+        level = logging.ERROR if is_critical(exc) else logging.WARNING
+        logger.log(
+            level,
+            "Redis refused %s%s: %s (%d similar refusals not logged)",
+            op,
+            ", needs attention" if level == logging.ERROR else "",
+            self.scrub(f"{type(exc).__name__}: {exc}"),
+            suppressed,
+        )
 
     def _recovered(self) -> None:
         with self._lock:

@@ -11,13 +11,13 @@ from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol, cast
 
 if TYPE_CHECKING:
     import redis
-    from redis.commands.core import Script
+    import redis.asyncio
 
-__all__ = ["SCRIPT_NAMES", "Scripts", "load_script_source", "register_scripts"]
+__all__ = ["SCRIPT_NAMES", "ScriptLike", "Scripts", "load_script_source", "register_scripts"]
 
 #: Every script crmcache runs; each is ``lua/<name>.lua``.
 SCRIPT_NAMES = ("delete_if_equals", "prefs_invalidate", "prefs_set", "rate_limit")
@@ -46,18 +46,36 @@ def load_script_source(name: str) -> str:
     )
 
 
+class ScriptLike(Protocol):
+    """What the pools need of a registered script (redis-py's Script or AsyncScript)."""
+
+    @property
+    def sha(self) -> str:
+        """The script's SHA1, as EVALSHA wants it."""
+        ...
+
+    @property
+    def script(self) -> str | bytes:
+        """The source, for SCRIPT LOAD after NOSCRIPT."""
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class Scripts:
     """The registered scripts of one client. Calling one runs EVALSHA, and on NOSCRIPT
     (after a restart or ``SCRIPT FLUSH``) redis-py loads it again by itself."""
 
-    delete_if_equals: Script
-    prefs_invalidate: Script
-    prefs_set: Script
-    rate_limit: Script
+    delete_if_equals: ScriptLike
+    prefs_invalidate: ScriptLike
+    prefs_set: ScriptLike
+    rate_limit: ScriptLike
 
 
-def register_scripts(client: redis.Redis) -> Scripts:
+def register_scripts(client: redis.Redis | redis.asyncio.Redis) -> Scripts:
     """Register every script on ``client`` (no round trip: SHA is computed locally)."""
     sources = {name: load_script_source(name) for name in SCRIPT_NAMES}
-    return Scripts(**{name: client.register_script(src) for name, src in sources.items()})
+    # redis-py's Script and AsyncScript both carry .sha and .script (typed loosely there).
+    registered = {
+        name: cast("ScriptLike", client.register_script(src)) for name, src in sources.items()
+    }
+    return Scripts(**registered)

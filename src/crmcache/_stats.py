@@ -19,6 +19,7 @@ __all__ = [
     "KindStats",
     "PoolStats",
     "RedisServerStats",
+    "RepositoryStats",
     "StatsRecorder",
     "hit_rate",
 ]
@@ -157,6 +158,18 @@ class CacheStats:
             "circuit_breaker": dict(self.circuit_breaker),
             "pending_invalidations": self.pending_invalidations,
         }
+
+
+@dataclass(frozen=True, slots=True)
+class RepositoryStats:
+    """What a repository did: cache hits, database loads, and how stampedes were held."""
+
+    cache_hits: int
+    db_loads: int
+    single_flight_joins: int
+    lease_waits: int
+    lease_wait_hits: int
+    saves: int
 
 
 class StatsRecorder:

@@ -12,6 +12,7 @@ with :class:`~crmcache.StaleVersionError` instead of overwriting someone else's 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import threading
 from collections.abc import Iterable
@@ -42,7 +43,13 @@ from ._config import mask_url
 from ._errors import ConfigurationError, StaleVersionError
 from .models import ClientPreferences, MessageChannel
 
-__all__ = ["DEFAULT_TABLE", "PreferenceStore", "SQLPreferenceStore"]
+__all__ = [
+    "DEFAULT_TABLE",
+    "AsyncPreferenceStore",
+    "PreferenceStore",
+    "SQLPreferenceStore",
+    "ThreadedAsyncStore",
+]
 
 DEFAULT_TABLE = "crm_client_preferences"
 
@@ -64,6 +71,39 @@ class PreferenceStore(Protocol):
             StaleVersionError: the row is no longer at ``preferences.version``.
         """
         ...
+
+
+@runtime_checkable
+class AsyncPreferenceStore(Protocol):
+    """What ``AsyncCommunicationRepository`` needs from its ``db_manager``: the same two
+    methods as :class:`PreferenceStore`, awaitable."""
+
+    async def load_preferences(self, client_id: str) -> ClientPreferences | None:
+        """Return the client's row, or None if there is none."""
+        ...
+
+    async def save_preferences(self, preferences: ClientPreferences) -> ClientPreferences:
+        """Save ``preferences`` (see :meth:`PreferenceStore.save_preferences`)."""
+        ...
+
+
+class ThreadedAsyncStore:
+    """An :class:`AsyncPreferenceStore` over a blocking store, which runs in a thread.
+
+    ``AsyncCommunicationRepository(db_manager=ThreadedAsyncStore(SQLPreferenceStore(url)))``
+    keeps the event loop free while SQLAlchemy's blocking driver works.
+    """
+
+    def __init__(self, store: PreferenceStore) -> None:
+        self.store = store
+
+    async def load_preferences(self, client_id: str) -> ClientPreferences | None:
+        """Load in a worker thread."""
+        return await asyncio.to_thread(self.store.load_preferences, client_id)
+
+    async def save_preferences(self, preferences: ClientPreferences) -> ClientPreferences:
+        """Save in a worker thread."""
+        return await asyncio.to_thread(self.store.save_preferences, preferences)
 
 
 def _engine_url(url: str) -> str:

@@ -1,0 +1,227 @@
+"""Read-through repository: the cache in front of a real database.
+
+Source of truth for both facades: ``AsyncCommunicationRepository`` here, its generated
+twin ``CommunicationRepository`` in ``crmcache/_sync/repository.py``. The spec's import
+path re-exports the sync one::
+
+    from crmcache.repository import CommunicationRepository
+
+    repository = CommunicationRepository(db_manager=db_manager, cache_manager=cache_manager)
+    preferences = repository.get_client_preferences("client-123")  # cache first
+    repository.save_client_preferences(preferences)                # database, then cache
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from .._common import DEFAULT_LEASE_TTL, LeaseState
+from .._config import DEFAULT_MAX_ID_LENGTH
+from .._keys import check_id
+from .._stats import RepositoryStats
+from ..models import ClientPreferences
+from ..store import AsyncPreferenceStore
+from .manager import AsyncCRMCacheManager
+from .primitives import Event, sleep
+
+__all__ = ["AsyncCommunicationRepository"]
+
+logger = logging.getLogger("crmcache")
+
+#: How long a process that lost the load lease waits for the holder to fill the cache.
+DEFAULT_LEASE_WAIT = 0.25
+_LEASE_POLL = 0.005
+
+
+class _Flight:
+    """One in-process database load that concurrent misses for the same client share."""
+
+    __slots__ = ("done", "error", "result")
+
+    def __init__(self) -> None:
+        self.done = Event()
+        self.result: ClientPreferences | None = None
+        self.error: BaseException | None = None
+
+
+class AsyncCommunicationRepository:
+    """Client preferences from the database, with the cache in front.
+
+    Reads check the cache, load the database on a miss and fill the cache with the row's
+    version. Concurrent misses for one client in one process share one database load
+    (single-flight); across processes a short Redis lease lets one load while the others
+    wait up to ``lease_wait`` seconds for the cache to fill. With the cache disabled or
+    Redis down, everything works from the database.
+
+    Saves write the database with optimistic concurrency (a save based on a stale version
+    raises :class:`~crmcache.StaleVersionError`) and then put the new version in the cache:
+    the versioned write refuses any older row a slow reader tries to put back.
+
+    Args:
+        db_manager: the database, any :class:`~crmcache.store.PreferenceStore`.
+        cache_manager: the cache; None means no cache.
+        lease_ttl: seconds a cross-process load lease lives if its holder dies.
+        lease_wait: seconds a process that lost the lease waits for the cache to fill
+            before it loads the database itself.
+    """
+
+    def __init__(
+        self,
+        db_manager: AsyncPreferenceStore,
+        cache_manager: AsyncCRMCacheManager | None = None,
+        *,
+        lease_ttl: float = DEFAULT_LEASE_TTL,
+        lease_wait: float = DEFAULT_LEASE_WAIT,
+    ) -> None:
+        if not isinstance(db_manager, AsyncPreferenceStore):
+            raise TypeError(
+                "db_manager must offer load_preferences() and save_preferences() "
+                f"(crmcache.store.PreferenceStore), not {type(db_manager).__name__}"
+            )
+        if cache_manager is not None and not isinstance(cache_manager, AsyncCRMCacheManager):
+            raise TypeError(
+                f"cache_manager must be a CRMCacheManager or None, "
+                f"not {type(cache_manager).__name__}"
+            )
+        for name, value in (("lease_ttl", lease_ttl), ("lease_wait", lease_wait)):
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
+        if not 0 < lease_ttl <= 60:
+            raise ValueError(f"lease_ttl must be > 0 and at most 60 seconds, got {lease_ttl}")
+        if not 0 <= lease_wait <= 10:
+            raise ValueError(f"lease_wait must be between 0 and 10 seconds, got {lease_wait}")
+        self.db = db_manager
+        self.cache = cache_manager
+        self._lease_ttl = lease_ttl
+        self._lease_wait = lease_wait
+        self._lock = threading.Lock()
+        self._flights: dict[str, _Flight] = {}
+        self._counts = dict.fromkeys(
+            (
+                "cache_hits",
+                "db_loads",
+                "single_flight_joins",
+                "lease_waits",
+                "lease_wait_hits",
+                "saves",
+            ),
+            0,
+        )
+
+    def _count(self, name: str) -> None:
+        with self._lock:
+            self._counts[name] += 1
+
+    @property
+    def stats(self) -> RepositoryStats:
+        """Counters of what the repository did."""
+        with self._lock:
+            return RepositoryStats(**self._counts)
+
+    async def get_client_preferences(self, client_id: str) -> ClientPreferences | None:
+        """The client's preferences: cache first, else the database (filling the cache).
+
+        Returns:
+            The preferences, or None if the client has no row.
+
+        Raises:
+            TypeError, ValueError: bad ``client_id``. Database errors propagate.
+        """
+        max_length = self.cache.settings.max_id_length if self.cache else DEFAULT_MAX_ID_LENGTH
+        client_id = check_id("client_id", client_id, max_length)
+        if self.cache is not None:
+            cached = await self.cache.get_client_preferences(client_id)
+            if cached is not None:
+                self._count("cache_hits")
+                return cached
+        return await self._load_once(client_id)
+
+    async def _load_once(self, client_id: str) -> ClientPreferences | None:
+        with self._lock:
+            flight = self._flights.get(client_id)
+            leader = flight is None
+            if flight is None:
+                flight = self._flights[client_id] = _Flight()
+            else:
+                self._counts["single_flight_joins"] += 1
+        if not leader:
+            await flight.done.wait()
+            if flight.error is not None:
+                raise flight.error
+            return flight.result
+        try:
+            flight.result = await self._load_and_fill(client_id)
+        except BaseException as exc:
+            flight.error = exc
+            raise
+        else:
+            return flight.result
+        finally:
+            with self._lock:
+                # A save may already have retired this flight (and a newer one started).
+                if self._flights.get(client_id) is flight:
+                    del self._flights[client_id]
+            flight.done.set()
+
+    async def _load_and_fill(self, client_id: str) -> ClientPreferences | None:
+        cache = self.cache
+        if cache is None:
+            return await self._load(client_id)
+        lease = await cache.acquire_load_lease(client_id, self._lease_ttl)
+        if lease.state is LeaseState.BUSY:
+            found = await self._wait_for_fill(cache, client_id)
+            if found is not None:
+                return found
+        try:
+            row = await self._load(client_id)
+            if row is not None:
+                await cache.set_client_preferences(row)
+            return row
+        finally:
+            await lease.release()
+
+    async def _wait_for_fill(
+        self, cache: AsyncCRMCacheManager, client_id: str
+    ) -> ClientPreferences | None:
+        # Another process holds the lease and is loading: poll the cache briefly. Anything
+        # found there is at least as new as the last completed save (saves write the cache
+        # with their version, and older fills are refused).
+        self._count("lease_waits")
+        deadline = time.monotonic() + self._lease_wait
+        while time.monotonic() < deadline:
+            await sleep(_LEASE_POLL)
+            # Polls are not lookups: they must not drag the cache's hit rate down.
+            found = await cache._get_preferences(client_id, record=False)
+            if found is not None:
+                self._count("lease_wait_hits")
+                return found
+        return None
+
+    async def _load(self, client_id: str) -> ClientPreferences | None:
+        self._count("db_loads")
+        return await self.db.load_preferences(client_id)
+
+    async def save_client_preferences(self, preferences: ClientPreferences) -> ClientPreferences:
+        """Save to the database, then put the saved version in the cache.
+
+        ``preferences.version`` must be the version the change is based on (as loaded);
+        ``0`` creates the client's row.
+
+        Returns:
+            The saved preferences, with the new version.
+
+        Raises:
+            StaleVersionError: the row was saved by someone else since it was read.
+        """
+        saved = await self.db.save_preferences(preferences)
+        self._count("saves")
+        with self._lock:
+            # Readers that start from now on must not share a load begun before the save.
+            self._flights.pop(saved.client_id, None)
+        if self.cache is not None and not await self.cache.set_client_preferences(saved):
+            # Refused means a newer version is already cached; failed means Redis is away:
+            # then at least try to leave a tombstone so the old row is not served.
+            await self.cache.invalidate_client_preferences(saved.client_id, version=saved.version)
+        return saved
