@@ -124,6 +124,7 @@ def test_saturation_does_not_open_the_breaker(redis_url: str, raw: redis.Redis) 
         assert cache.get_template("t", "email") == "back"
 
 
+@pytest.mark.sync_only
 def test_manager_used_across_fork(redis_url: str, raw: redis.Redis) -> None:
     """A manager inherited through fork() opens its own connections in the child."""
     with CRMCacheManager(redis_url=redis_url) as cache:

@@ -686,9 +686,11 @@ def test_wrong_type_template_in_batch_read_is_a_miss(
 
 
 def _delete_if_equals(cache: CRMCacheManager, key: str, mode: str, expected: bytes) -> int:
-    """Run the eviction script the manager uses, exactly as registered on its client."""
+    """Run the eviction script the manager uses, by its SHA, through the manager's pool."""
     assert cache._scripts is not None
-    return int(cache._scripts.delete_if_equals(keys=[key], args=[mode, expected]))
+    lean = cache._lean
+    assert lean is not None
+    return int(lean.evalsha(cache._scripts.delete_if_equals, [key], [mode, expected]))
 
 
 def test_evict_script_keeps_a_value_replaced_since_the_read(
