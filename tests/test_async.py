@@ -193,3 +193,32 @@ def test_async_validation(redis_url: str, bad: object) -> None:
                 await cache.get_client_preferences(bad)  # type: ignore[arg-type]
 
     asyncio.run(main())
+
+
+def test_async_near_cache(redis_url: str, raw: redis.Redis) -> None:
+    """The async listener task keeps the near cache coherent with other clients' writes."""
+
+    async def main() -> None:
+        async with AsyncCRMCacheManager(redis_url=redis_url, near_cache=True) as cache:
+            near = cache._near
+            assert near is not None
+            await cache.get_template("warm-up", "email")
+            deadline = time.monotonic() + 5
+            while not near.live:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.005)
+            raw.set("crm:template:sms:t", "old")
+            while (
+                await cache.get_template("t", "sms") != "old"
+                or near.get("crm:template:sms:t") != "old"
+            ):
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.005)
+            raw.set("crm:template:sms:t", "new")
+            while await cache.get_template("t", "sms") != "new":
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.005)
+            assert (await cache.get_stats()).near_cache["hits"] >= 1
+        assert not near.live
+
+    asyncio.run(main())

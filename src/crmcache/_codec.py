@@ -19,6 +19,7 @@ from .models import ClientPreferences
 
 __all__ = [
     "CorruptValue",
+    "clone_preferences",
     "decode_preferences",
     "decode_template",
     "encode_preferences",
@@ -58,6 +59,17 @@ def decode_preferences(raw: bytes) -> ClientPreferences:
     if prefs.version != int(head):
         raise CorruptValue("version prefix does not match the JSON")
     return prefs
+
+
+def clone_preferences(prefs: ClientPreferences) -> ClientPreferences:
+    """A copy the caller may change without touching ``prefs`` (its list is copied too).
+
+    The near cache hands out copies: the spec's callers edit what they read
+    (``preferences.timezone = ...``) before saving it.
+    """
+    copy = prefs.__copy__()
+    copy.__dict__["preferred_channels"] = list(prefs.preferred_channels)
+    return copy
 
 
 def encode_template(content: str) -> bytes:

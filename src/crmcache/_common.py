@@ -18,6 +18,8 @@ __all__ = [
     "LOW_HIT_RATE_THRESHOLD",
     "MAX_BATCH",
     "MIN_LOOKUPS_FOR_HIT_RATE_WARNING",
+    "NEAR_RECONNECT_FIRST",
+    "NEAR_RECONNECT_MAX",
     "REPLAY_FIRST_DELAY",
     "REPLAY_MAX_DELAY",
     "SCAN_BUDGET",
@@ -45,6 +47,9 @@ SCAN_COUNT = 1000
 #: Seconds before the first replay of failed invalidations, and the most between tries.
 REPLAY_FIRST_DELAY = 0.2
 REPLAY_MAX_DELAY = 5.0
+#: Seconds before the near-cache listener reconnects, first and at most.
+NEAR_RECONNECT_FIRST = 0.1
+NEAR_RECONNECT_MAX = 5.0
 #: Connections redis-py's own pool may open for SCAN and INFO (get_cache_stats).
 ADMIN_CONNECTIONS = 2
 #: Seconds between connection health checks (PING before reuse of an idle connection).

@@ -31,6 +31,8 @@ __all__ = [
     "DEFAULT_MAX_CONNECTIONS",
     "DEFAULT_MAX_ID_LENGTH",
     "DEFAULT_MAX_TEMPLATE_BYTES",
+    "DEFAULT_NEAR_CACHE_SIZE",
+    "DEFAULT_NEAR_CACHE_TTL",
     "DEFAULT_POOL_TIMEOUT",
     "DEFAULT_RATE_LIMIT_WINDOW",
     "DEFAULT_REDIS_URL",
@@ -62,6 +64,9 @@ DEFAULT_RATE_LIMIT_WINDOW = 60
 MAX_TTL = 10 * 365 * 86400
 #: Longest client id, template name or API name accepted, in characters.
 DEFAULT_MAX_ID_LENGTH = 256
+#: Near cache: most values held per process, and seconds one is served at most.
+DEFAULT_NEAR_CACHE_SIZE = 10_000
+DEFAULT_NEAR_CACHE_TTL = 30.0
 #: Largest template accepted by set_template, in UTF-8 bytes.
 DEFAULT_MAX_TEMPLATE_BYTES = 1024 * 1024
 
@@ -129,6 +134,10 @@ class CacheSettings:
     rate_limit_local_share: float
     max_id_length: int
     max_template_bytes: int
+    near_cache: bool = False
+    near_cache_size: int = 10_000
+    near_cache_ttl: float = 30.0
+    near_cache_protocol: int = 2
 
     @property
     def masked_url(self) -> str:
@@ -144,7 +153,8 @@ class CacheSettings:
             f"pool_timeout={self.pool_timeout}, tombstone_ttl={self.tombstone_ttl}, "
             f"rate_limit_policy={self.rate_limit_policy!r}, "
             f"rate_limit_policies={dict(self.rate_limit_policies)!r}, "
-            f"rate_limit_local_share={self.rate_limit_local_share})"
+            f"rate_limit_local_share={self.rate_limit_local_share}, "
+            f"near_cache={self.near_cache})"
         )
 
 
@@ -248,6 +258,14 @@ def _check_share(value: object) -> float:
     return float(value)
 
 
+def _check_protocol(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"near_cache_protocol must be an int, not {type(value).__name__}")
+    if value not in (2, 3):
+        raise ConfigurationError(f"near_cache_protocol must be 2 or 3 (RESP2/RESP3), got {value}")
+    return value
+
+
 def resolve_settings(
     *,
     redis_url: str | None = None,
@@ -263,6 +281,10 @@ def resolve_settings(
     rate_limit_local_share: float = 1.0,
     max_id_length: int = DEFAULT_MAX_ID_LENGTH,
     max_template_bytes: int = DEFAULT_MAX_TEMPLATE_BYTES,
+    near_cache: bool = False,
+    near_cache_size: int = DEFAULT_NEAR_CACHE_SIZE,
+    near_cache_ttl: float = DEFAULT_NEAR_CACHE_TTL,
+    near_cache_protocol: int = 2,
 ) -> CacheSettings:
     """Combine arguments, environment and defaults into validated settings.
 
@@ -302,6 +324,10 @@ def resolve_settings(
         rate_limit_local_share=_check_share(rate_limit_local_share),
         max_id_length=_positive_int("max_id_length", max_id_length),
         max_template_bytes=_positive_int("max_template_bytes", max_template_bytes),
+        near_cache=_check_bool("near_cache", near_cache),
+        near_cache_size=_positive_int("near_cache_size", near_cache_size),
+        near_cache_ttl=_positive_seconds("near_cache_ttl", near_cache_ttl),
+        near_cache_protocol=_check_protocol(near_cache_protocol),
     )
 
 

@@ -125,6 +125,7 @@ class CacheStats:
     redis: RedisServerStats | None
     circuit_breaker: Mapping[str, Any] = field(default_factory=dict)
     pending_invalidations: int = 0
+    near_cache: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def hits(self) -> int:
@@ -157,6 +158,7 @@ class CacheStats:
             "redis": asdict(self.redis) if self.redis is not None else None,
             "circuit_breaker": dict(self.circuit_breaker),
             "pending_invalidations": self.pending_invalidations,
+            "near_cache": dict(self.near_cache),
         }
 
 

@@ -15,6 +15,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict
 from types import TracebackType
 from typing import Any, Self, cast
 
@@ -26,6 +27,7 @@ from redis.retry import Retry
 
 from .._codec import (
     CorruptValue,
+    clone_preferences,
     decode_preferences,
     decode_template,
     encode_preferences,
@@ -40,6 +42,8 @@ from .._common import (
     LOW_HIT_RATE_THRESHOLD,
     MAX_BATCH,
     MIN_LOOKUPS_FOR_HIT_RATE_WARNING,
+    NEAR_RECONNECT_FIRST,
+    NEAR_RECONNECT_MAX,
     REPLAY_FIRST_DELAY,
     REPLAY_MAX_DELAY,
     SCAN_BUDGET,
@@ -55,6 +59,8 @@ from .._config import (
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_ID_LENGTH,
     DEFAULT_MAX_TEMPLATE_BYTES,
+    DEFAULT_NEAR_CACHE_SIZE,
+    DEFAULT_NEAR_CACHE_TTL,
     DEFAULT_POOL_TIMEOUT,
     DEFAULT_RATE_LIMIT_WINDOW,
     DEFAULT_SOCKET_CONNECT_TIMEOUT,
@@ -77,6 +83,7 @@ from .._keys import (
     prefs_key,
     rate_limit_key,
 )
+from .._near import MISSING, NOT_AN_INVALIDATION, NearCache, invalidated_keys
 from .._pending import PendingInvalidations, PendingKind
 from .._ratelimit import LocalRateLimiter, RateLimitResult, check_limit_args, result_from_reply
 from .._scripts import Scripts, register_scripts
@@ -122,6 +129,11 @@ class LoadLease:
         return f"LoadLease({self.state.value})"
 
 
+def _pass_push(message: Any) -> Any:  # noqa: ANN401
+    """RESP3 invalidation pushes are handed back to the listener as they are."""
+    return message
+
+
 def _get_raw(lean: LeanPool, key: str) -> object:
     """GET, with a value of the wrong type reported as WRONG_TYPE rather than raised."""
     try:
@@ -160,6 +172,12 @@ class CRMCacheManager:
             ``"local"`` policy, in (0, 1]; ``1 / processes`` keeps a fleet near the limit.
         max_id_length: longest client id / template name / API name, in characters.
         max_template_bytes: largest template accepted, in UTF-8 bytes.
+        near_cache: keep decoded preferences and templates in the process too, kept
+            coherent by Redis ``CLIENT TRACKING`` (see ``crmcache._near``).
+        near_cache_size: most values the near cache holds.
+        near_cache_ttl: seconds a near-cached value is served at most.
+        near_cache_protocol: 2 or 3: how the invalidation listener talks to Redis (RESP2
+            pub/sub redirect, or RESP3 push messages).
 
     Raises:
         ConfigurationError: a setting is out of range or malformed (never shows a
@@ -183,6 +201,10 @@ class CRMCacheManager:
         rate_limit_local_share: float = 1.0,
         max_id_length: int = DEFAULT_MAX_ID_LENGTH,
         max_template_bytes: int = DEFAULT_MAX_TEMPLATE_BYTES,
+        near_cache: bool = False,
+        near_cache_size: int = DEFAULT_NEAR_CACHE_SIZE,
+        near_cache_ttl: float = DEFAULT_NEAR_CACHE_TTL,
+        near_cache_protocol: int = 2,
     ) -> None:
         self.settings: CacheSettings = resolve_settings(
             redis_url=redis_url,
@@ -198,6 +220,10 @@ class CRMCacheManager:
             rate_limit_local_share=rate_limit_local_share,
             max_id_length=max_id_length,
             max_template_bytes=max_template_bytes,
+            near_cache=near_cache,
+            near_cache_size=near_cache_size,
+            near_cache_ttl=near_cache_ttl,
+            near_cache_protocol=near_cache_protocol,
         )
         s = self.settings
         self._ttl_ms = s.cache_ttl * 1000
@@ -226,6 +252,9 @@ class CRMCacheManager:
         self._lean: LeanPool | None = None
         self._health_client: Redis | None = None
         self._scripts: Scripts | None = None
+        self._near = NearCache(s.near_cache_size, s.near_cache_ttl) if s.near_cache else None
+        self._listener: Background | None = None
+        self._listener_conn: Any = None
         if s.enabled:
             self._build_clients()
         logger.info(
@@ -303,6 +332,13 @@ class CRMCacheManager:
             replayer = self._replayer
         if replayer is not None:
             replayer.join(timeout=self.settings.socket_timeout + 1)
+        listener = self._listener
+        if listener is not None:
+            # Unblock its read: closing the socket (thread) or cancelling the task.
+            listener.cancel()
+            if self._listener_conn is not None:
+                self._listener_conn.disconnect()
+            listener.join(timeout=self.settings.socket_timeout + 1)
         if self._pending and self._lean is not None:
             # A last attempt: these are the invalidations that would otherwise be lost.
             self._replay_once()
@@ -382,34 +418,47 @@ class CRMCacheManager:
         uncounted (for polls that are not lookups of their own)."""
         key = prefs_key(check_id("client_id", client_id, self._max_id))
         lean = self._active()
-        if lean is None:
-            if record:
+        near = self._near
+        prefs: ClientPreferences | None = None
+        if lean is not None and near is not None:
+            self._ensure_listener()
+            held = near.get(key)
+            if held is not MISSING:
+                if record:
+                    self._stats.hit(Kind.PREFERENCES)
+                return clone_preferences(held)
+            token = near.token()
+            prefs = self._read_preferences(lean, key)
+            if prefs is not None and near.put(key, prefs, token):
+                prefs = clone_preferences(prefs)  # the caller may change its copy
+        elif lean is not None:
+            prefs = self._read_preferences(lean, key)
+        if record:
+            if prefs is None:
                 self._stats.miss(Kind.PREFERENCES)
-            return None
+                logger.debug("cache miss: %s", key)
+            else:
+                self._stats.hit(Kind.PREFERENCES)
+                logger.debug("cache hit: %s", key)
+        return prefs
+
+    def _read_preferences(self, lean: LeanPool, key: str) -> ClientPreferences | None:
+        """GET and decode one preferences value; None for a miss of any kind (absent,
+        tombstone, Redis away, undecodable or wrong-type value: the last two evicted)."""
         raw = self._call("get_client_preferences", _get_raw, lean, key)
         if raw is FAILED:
             self._stats.count(Counter.READS_FAILED)
-            if record:
-                self._stats.miss(Kind.PREFERENCES)
             return None
-        if raw is None or raw is WRONG_TYPE or is_tombstone(raw):
-            if raw is WRONG_TYPE:
-                self._evict(key, None, "wrong type")
-            if record:
-                self._stats.miss(Kind.PREFERENCES)
-                logger.debug("cache miss: %s", key)
+        if raw is WRONG_TYPE:
+            self._evict(key, None, "wrong type")
+            return None
+        if raw is None or is_tombstone(raw):
             return None
         try:
-            prefs = decode_preferences(raw)
+            return decode_preferences(raw)
         except CorruptValue as exc:
             self._evict(key, raw, str(exc))
-            if record:
-                self._stats.miss(Kind.PREFERENCES)
             return None
-        if record:
-            self._stats.hit(Kind.PREFERENCES)
-            logger.debug("cache hit: %s", key)
-        return prefs
 
     def set_client_preferences(
         self, preferences: ClientPreferences, *, ttl: int | None = None
@@ -444,6 +493,7 @@ class CRMCacheManager:
         if lean is None or scripts is None:
             return False
         payload = encode_preferences(preferences)
+        self._near_forget(key)
         reply = self._call(
             "set_client_preferences",
             lean.evalsha,
@@ -451,6 +501,7 @@ class CRMCacheManager:
             [key],
             [preferences.version, payload, expiry_ms],
         )
+        self._near_forget(key)
         if reply is FAILED:
             self._stats.count(Counter.WRITES_FAILED)
             return False
@@ -492,6 +543,7 @@ class CRMCacheManager:
         lean = self._active()
         if lean is None or scripts is None:
             return False
+        self._near_forget(key)
         reply = self._call(
             "invalidate_client_preferences",
             lean.evalsha,
@@ -499,6 +551,7 @@ class CRMCacheManager:
             [key],
             ["" if version is None else version, self._tombstone_ms],
         )
+        self._near_forget(key)
         if reply is FAILED:
             self._invalidation_failed(PendingKind.PREFERENCES, key, version)
             return False
@@ -526,10 +579,22 @@ class CRMCacheManager:
         if lean is None:
             self._stats.miss(Kind.TEMPLATES)
             return None
+        near = self._near
+        token = 0
+        if near is not None:
+            self._ensure_listener()
+            held = near.get(key)
+            if held is not MISSING:
+                self._stats.hit(Kind.TEMPLATES)
+                return cast("str", held)
+            token = near.token()
         raw = self._call("get_template", _get_raw, lean, key)
         if raw is FAILED:
             self._stats.count(Counter.READS_FAILED)
-        return self._decode_template(key, raw)
+        content = self._decode_template(key, raw)
+        if near is not None and content is not None:
+            near.put(key, content, token)
+        return content
 
     def get_templates(self, templates: Iterable[TemplateRef]) -> dict[TemplateRef, str | None]:
         """Fetch many templates in one round trip (``MGET``).
@@ -551,22 +616,41 @@ class CRMCacheManager:
         if lean is None or not keys:
             self._stats.miss(Kind.TEMPLATES, len(keys))
             return dict.fromkeys(refs)
+        near = self._near
+        token = 0
+        found: dict[TemplateRef, str | None] = {}
+        if near is not None:
+            self._ensure_listener()
+            token = near.token()
+            remote_refs, remote_keys = [], []
+            for ref, key in zip(refs, keys, strict=True):
+                held = near.get(key)
+                if held is MISSING:
+                    remote_refs.append(ref)
+                    remote_keys.append(key)
+                else:
+                    found[ref] = held
+            self._stats.hit(Kind.TEMPLATES, len(found))
+            if not remote_keys:
+                return found
+            refs, keys = remote_refs, remote_keys
         raws = self._call("get_templates", lean.execute, "MGET", *keys)
         if raws is FAILED:
             self._stats.count(Counter.READS_FAILED)
             self._stats.miss(Kind.TEMPLATES, len(keys))
-            return dict.fromkeys(refs)
+            return {**found, **dict.fromkeys(refs)}
         # Decoded inline and counted once per batch: per-item calls cost more than the
         # MGET itself on a 50-template batch.
-        found: dict[TemplateRef, str | None] = {}
         hits = 0
         for ref, key, raw in zip(refs, keys, cast("list[bytes | None]", raws), strict=True):
             if raw is None:
                 found[ref] = None
                 continue
             try:
-                found[ref] = raw.decode("utf-8")
+                found[ref] = text = raw.decode("utf-8")
                 hits += 1
+                if near is not None:
+                    near.put(key, text, token)
             except UnicodeDecodeError:
                 self._evict(key, raw, "template is not valid UTF-8")
                 found[ref] = None
@@ -640,7 +724,10 @@ class CRMCacheManager:
         lean = self._active()
         if lean is None:
             return False
-        if self._call("set_template", lean.execute, "SET", key, data) is FAILED:
+        self._near_forget(key)
+        stored = self._call("set_template", lean.execute, "SET", key, data)
+        self._near_forget(key)
+        if stored is FAILED:
             self._stats.count(Counter.WRITES_FAILED)
             return False
         self._stats.count(Counter.WRITES)
@@ -671,7 +758,10 @@ class CRMCacheManager:
         if lean is None:
             return False
         flat = [part for pair in data.items() for part in pair]
-        if self._call("set_templates", lean.execute, "MSET", *flat) is FAILED:
+        self._near_forget(*data)
+        stored = self._call("set_templates", lean.execute, "MSET", *flat)
+        self._near_forget(*data)
+        if stored is FAILED:
             self._stats.count(Counter.WRITES_FAILED)
             return False
         self._stats.count(Counter.WRITES, len(data))
@@ -688,7 +778,10 @@ class CRMCacheManager:
         lean = self._active()
         if lean is None:
             return False
-        if self._call("invalidate_template", lean.execute, "DEL", key) is FAILED:
+        self._near_forget(key)
+        deleted = self._call("invalidate_template", lean.execute, "DEL", key)
+        self._near_forget(key)
+        if deleted is FAILED:
             self._invalidation_failed(PendingKind.TEMPLATE, key, None)
             return False
         self._pending.discard(key)
@@ -867,6 +960,9 @@ class CRMCacheManager:
             connection_pool=self._pool_stats(),
             redis=info,
             pending_invalidations=len(self._pending),
+            near_cache=(
+                asdict(self._near.stats()) if self._near is not None else {"enabled": False}
+            ),
             circuit_breaker={
                 "state": self._breaker.state.value,
                 "trips": self._breaker.trips,
@@ -925,6 +1021,78 @@ class CRMCacheManager:
         )
 
     # -- helpers ------------------------------------------------------------------------
+
+    def _near_forget(self, *keys: str) -> None:
+        """Drop keys this process is about to write (and has written) from the near cache:
+        it reads its own writes at once, and a read in flight cannot put the old value
+        back."""
+        if self._near is not None:
+            self._near.invalidate(keys)
+
+    def _ensure_listener(self) -> None:
+        """Start the invalidation listener on first use (it needs a running loop/thread)."""
+        if self._listener is not None or self._stopping.is_set() or self._pool is None:
+            return
+        with self._replay_lock:
+            if self._listener is None:
+                self._listener = spawn(self._near_listen, "crmcache-near-cache-listener")
+
+    def _near_listen(self) -> None:
+        """Keep a tracking connection subscribed; turn its messages into invalidations.
+
+        Serves the near cache only while subscribed; every disconnect flushes it, and the
+        loop reconnects with backoff until the manager closes.
+        """
+        near, pool = self._near, self._pool
+        if near is None or pool is None:
+            return
+        delay = NEAR_RECONNECT_FIRST
+        while not self._stopping.is_set():
+            kwargs = {
+                **pool.connection_kwargs,
+                "protocol": self.settings.near_cache_protocol,
+                # Blocks until a message comes; a dead server is seen as a closed socket.
+                "socket_timeout": None,
+                "socket_keepalive": True,
+                "client_name": "crmcache-near-cache",
+            }
+            conn = pool.connection_class(**kwargs)
+            self._listener_conn = conn
+            try:
+                self._near_subscribe(conn)
+                near.set_live(True)
+                delay = NEAR_RECONNECT_FIRST
+                logger.info("near cache live: tracking crm:prefs: and crm:template: keys")
+                while not self._stopping.is_set():
+                    keys = invalidated_keys(conn.read_response(push_request=True))
+                    if keys is not NOT_AN_INVALIDATION:
+                        near.invalidate(keys)
+            except (RedisError, OSError) as exc:
+                if not self._stopping.is_set():
+                    logger.warning(
+                        "near cache off until Redis tracking is back: %s",
+                        self._guard.scrub(f"{type(exc).__name__}: {exc}"),
+                    )
+            finally:
+                near.set_live(False)
+                conn.disconnect()
+            self._stopping.wait(delay)
+            delay = min(delay * 2, NEAR_RECONNECT_MAX)
+
+    def _near_subscribe(self, conn: Any) -> None:  # noqa: ANN401 - a redis-py connection
+        conn.connect()
+        prefixes = ("PREFIX", "crm:prefs:", "PREFIX", "crm:template:")
+        if self.settings.near_cache_protocol == 3:
+            conn._parser.set_invalidation_push_handler(_pass_push)
+            conn.send_command("CLIENT", "TRACKING", "ON", "BCAST", *prefixes)
+            conn.read_response()
+            return
+        conn.send_command("CLIENT", "ID")
+        client_id = conn.read_response()
+        conn.send_command("CLIENT", "TRACKING", "ON", "REDIRECT", client_id, "BCAST", *prefixes)
+        conn.read_response()
+        conn.send_command("SUBSCRIBE", "__redis__:invalidate")
+        conn.read_response()
 
     def _invalidation_failed(self, kind: PendingKind, key: str, version: int | None) -> None:
         """Count, log (throttled) and remember a failed invalidation for replay."""
@@ -1008,6 +1176,7 @@ class CRMCacheManager:
 
     def _evict(self, key: str, raw: bytes | None, reason: str) -> None:
         """Delete a value that failed to decode (only if unchanged) and count it."""
+        self._near_forget(key)
         self._stats.count(Counter.CORRUPT_VALUES)
         logger.warning("undecodable value at %s (%s): deleted, treated as a miss", key, reason)
         scripts, lean = self._scripts, self._active()

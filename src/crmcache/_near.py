@@ -1,0 +1,182 @@
+"""The near cache: decoded values kept in the process, invalidated by Redis.
+
+Opt-in (``near_cache=True``). A bounded LRU of decoded preferences and templates with a
+local TTL. Redis keeps it coherent by server-assisted client-side caching: a listener
+connection runs ``CLIENT TRACKING ON ... BCAST PREFIX crm:prefs: PREFIX crm:template:``
+and receives the name of every such key that any client changes (RESP2: redirected to its
+own ``__redis__:invalidate`` subscription; RESP3: push messages).
+
+Coherence rules, each tested:
+
+* The cache serves only while the listener is subscribed ("live"); losing the connection
+  (Redis restarted, network cut) flushes it, and so does every (re)subscription.
+* A read in flight while an invalidation arrives must not install the value it read:
+  every read takes a token (the invalidation sequence number) before it asks Redis, and
+  installs only if no invalidation of that key, and no flush, happened since.
+* This process's own writes invalidate locally before and after the write, so it reads
+  its own writes at once, without waiting for the message from Redis.
+* Rate-limit counters are never cached here.
+
+The bound: a value changed by another client stops being served as soon as Redis's
+invalidation message arrives (measured in the tests), and in any case after ``ttl``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Final
+
+__all__ = [
+    "MISSING",
+    "NOT_AN_INVALIDATION",
+    "NearCache",
+    "NearCacheStats",
+    "invalidated_keys",
+]
+
+#: Returned by :meth:`NearCache.get` for a key it does not hold.
+MISSING: Final = object()
+#: Returned by :func:`invalidated_keys` for a message that invalidates nothing.
+NOT_AN_INVALIDATION: Final = object()
+
+
+def invalidated_keys(message: Any) -> Any:  # noqa: ANN401 - a raw RESP2/RESP3 message
+    """The keys an invalidation message names: a list of str, None for "everything"
+    (FLUSHDB/FLUSHALL), or :data:`NOT_AN_INVALIDATION` (a PONG, a subscribe reply ...).
+
+    RESP2 (redirected to a subscription): ``[b"message", b"__redis__:invalidate", keys]``.
+    RESP3 (push): ``[b"invalidate", keys]``.
+    """
+    if not isinstance(message, list) or not message:
+        return NOT_AN_INVALIDATION
+    kind = message[0]
+    if kind == b"message" and len(message) == 3 and message[1] == b"__redis__:invalidate":
+        keys = message[2]
+    elif kind in (b"invalidate", "invalidate") and len(message) == 2:
+        keys = message[1]
+    else:
+        return NOT_AN_INVALIDATION
+    if keys is None:
+        return None
+    return [k.decode() if isinstance(k, bytes) else str(k) for k in keys]
+
+
+@dataclass(frozen=True, slots=True)
+class NearCacheStats:
+    """What the near cache did."""
+
+    enabled: bool
+    live: bool
+    size: int
+    max_entries: int
+    hits: int
+    misses: int
+    invalidations: int
+    flushes: int
+    discarded_fills: int
+
+
+class NearCache:
+    """A bounded, thread-safe LRU with a local TTL and invalidation-safe fills.
+
+    Args:
+        max_entries: most values held; the least recently used go first.
+        ttl: seconds a value is served at most, invalidation or not.
+    """
+
+    def __init__(
+        self, max_entries: int, ttl: float, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.max_entries = max_entries
+        self.ttl = ttl
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._data: OrderedDict[str, tuple[float, Any]] = OrderedDict()
+        self._seq = 0
+        self._key_seq: dict[str, int] = {}
+        self._flush_seq = 0
+        self.live = False
+        self._hits = self._misses = self._invalidations = self._flushes = self._discarded = 0
+
+    def get(self, key: str) -> Any:  # noqa: ANN401 - whatever was stored
+        """The value for ``key``, or :data:`MISSING`."""
+        if not self.live:
+            return MISSING
+        now = self._clock()
+        with self._lock:
+            entry = self._data.get(key)
+            if entry is None:
+                self._misses += 1
+                return MISSING
+            if entry[0] <= now:
+                del self._data[key]
+                self._misses += 1
+                return MISSING
+            self._data.move_to_end(key)
+            self._hits += 1
+            return entry[1]
+
+    def token(self) -> int:
+        """Take before asking Redis; pass to :meth:`put` with what came back."""
+        return self._seq
+
+    def put(self, key: str, value: Any, token: int) -> bool:  # noqa: ANN401
+        """Store ``value`` unless ``key`` was invalidated (or the cache flushed) since
+        ``token`` was taken, or the cache is not live. Returns whether it was stored."""
+        with self._lock:
+            if not self.live or self._flush_seq > token or self._key_seq.get(key, -1) > token:
+                self._discarded += 1
+                return False
+            self._data[key] = (self._clock() + self.ttl, value)
+            self._data.move_to_end(key)
+            while len(self._data) > self.max_entries:
+                self._data.popitem(last=False)
+            return True
+
+    def invalidate(self, keys: Iterable[str] | None) -> None:
+        """Drop ``keys`` (None: everything) and refuse fills begun before now."""
+        with self._lock:
+            self._seq += 1
+            if keys is None:
+                self._data.clear()
+                self._flush_seq = self._seq
+                self._flushes += 1
+                return
+            for key in keys:
+                self._data.pop(key, None)
+                self._key_seq[key] = self._seq
+                self._invalidations += 1
+            # Remember recent invalidations only: past the bound, forget them all and
+            # refuse every fill begun before now instead (the same safety, coarser).
+            if len(self._key_seq) > 4 * self.max_entries + 1024:
+                self._key_seq.clear()
+                self._flush_seq = self._seq
+
+    def set_live(self, live: bool) -> None:
+        """Start or stop serving; either way, flush (nothing held before can be trusted)."""
+        with self._lock:
+            self._seq += 1
+            self._flush_seq = self._seq
+            self._data.clear()
+            self._key_seq.clear()
+            self._flushes += 1
+            self.live = live
+
+    def stats(self, *, enabled: bool = True) -> NearCacheStats:
+        """A snapshot of the counters."""
+        with self._lock:
+            return NearCacheStats(
+                enabled=enabled,
+                live=self.live,
+                size=len(self._data),
+                max_entries=self.max_entries,
+                hits=self._hits,
+                misses=self._misses,
+                invalidations=self._invalidations,
+                flushes=self._flushes,
+                discarded_fills=self._discarded,
+            )
