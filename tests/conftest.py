@@ -57,6 +57,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if item.get_closest_marker("sync_only"):
             item.add_marker(skip)
+
+
 ENV_VARS = ("REDIS_URL", "CACHE_TTL", "ENABLE_CACHING")
 
 

@@ -69,14 +69,15 @@ def test_local_policy_window_resets(down_url: str) -> None:
 
 def test_local_policy_is_exact_under_threads(down_url: str) -> None:
     """8 threads x 50 calls against a local limit of 100 allow exactly 100."""
-    with CRMCacheManager(
-        redis_url=down_url, socket_connect_timeout=0.3, rate_limit_policy="local"
-    ) as cache, ThreadPoolExecutor(8) as pool:
+    with (
+        CRMCacheManager(
+            redis_url=down_url, socket_connect_timeout=0.3, rate_limit_policy="local"
+        ) as cache,
+        ThreadPoolExecutor(8) as pool,
+    ):
         allowed = sum(
             pool.map(
-                lambda _: sum(
-                    cache.check_rate_limit("api", 100, 60).allowed for _ in range(50)
-                ),
+                lambda _: sum(cache.check_rate_limit("api", 100, 60).allowed for _ in range(50)),
                 range(8),
             )
         )

@@ -24,13 +24,12 @@ import threading
 import time
 from collections.abc import Callable
 from enum import StrEnum
-from typing import Final, TypeVar
+from typing import Final
 
 from redis.exceptions import (
     AuthenticationError,
     NoPermissionError,
     OutOfMemoryError,
-    RedisError,
     ResponseError,
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -40,7 +39,6 @@ __all__ = ["FAILED", "BreakerState", "CircuitBreaker", "Guard", "LogThrottle", "
 
 logger = logging.getLogger("crmcache")
 
-T = TypeVar("T")
 
 DEFAULT_FAILURE_THRESHOLD = 5
 DEFAULT_RESET_TIMEOUT = 1.0
@@ -235,7 +233,8 @@ def is_critical(exc: BaseException) -> bool:
 
 
 class Guard:
-    """Runs Redis calls under the breaker and turns failures into :data:`FAILED`."""
+    """Breaker and logging around Redis calls (the facades' ``_call`` does the I/O):
+    ``begin()`` before a call, then ``succeeded(token)`` or ``failed(op, exc)``."""
 
     def __init__(
         self,
@@ -258,26 +257,26 @@ class Guard:
         self._refusal_throttles: dict[str, LogThrottle] = {}
         self._lock = threading.Lock()
         self._failing = False
+        self._failures_seen = 0
 
-    def run(self, op: str, fn: Callable[..., T], *args: object, **kwargs: object) -> T | _Failed:
-        """Call ``fn(*args, **kwargs)`` unless the breaker is open.
-
-        Returns:
-            ``fn``'s result, or :data:`FAILED` when the breaker is open or ``fn`` raised a
-            redis-py error (which is counted and logged, never re-raised).
-        """
+    def begin(self) -> int | None:
+        """Before a Redis call: None if the breaker says not to make it, else a token to
+        pass to :meth:`succeeded` when it returns."""
         if not self.breaker.allow():
-            return FAILED
-        try:
-            result = fn(*args, **kwargs)
-        except (RedisError, OSError) as exc:
-            self.failed(op, exc)
-            return FAILED
-        self.succeeded()
-        return result
+            return None
+        return self._failures_seen
 
-    def succeeded(self) -> None:
-        """Note a call that reached Redis (closes the breaker, ends an outage)."""
+    def succeeded(self, token: int | None = None) -> None:
+        """Note a call that reached Redis (closes the breaker, ends an outage).
+
+        Args:
+            token: from :meth:`begin`. A call that began before a failure recorded since
+                says nothing about Redis now (its reply may predate a crash): it neither
+                closes the breaker nor announces a recovery.
+        """
+        if token is not None and token != self._failures_seen:
+            self.breaker.release_probe()
+            return
         if self.breaker.record_success() or self._failing:
             self._recovered()
 
@@ -305,6 +304,7 @@ class Guard:
             return
         opened = self.breaker.record_failure()
         with self._lock:
+            self._failures_seen += 1
             first = not self._failing
             self._failing = True
         suppressed = self._throttle.ready(force=first or opened)

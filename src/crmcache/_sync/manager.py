@@ -387,14 +387,15 @@ class CRMCacheManager:
             redis-py error (counted and logged by the guard, never re-raised).
         """
         guard = self._guard
-        if not guard.breaker.allow():
+        token = guard.begin()
+        if token is None:
             return FAILED
         try:
             result = fn(*args)
         except (RedisError, OSError) as exc:
             guard.failed(op, exc)
             return FAILED
-        guard.succeeded()
+        guard.succeeded(token)
         return result
 
     def _count_error(self, op: str, exc: BaseException) -> None:
