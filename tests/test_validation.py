@@ -736,3 +736,16 @@ def test_evict_script_wrong_type_mode(cache: CRMCacheManager, raw: redis.Redis) 
     assert _delete_if_equals(cache, "crm:prefs:missing", "wrongtype", b"") == 0
     assert raw.exists("crm:prefs:h") == 0
     assert raw.get("crm:prefs:s") == b"1:{}"
+
+
+def test_ten_megabyte_template(redis_url: str, raw: redis.Redis) -> None:
+    """A 10 MB template is refused by default (naming content) and stored when allowed."""
+    big = "x" * (10 * 1024 * 1024)
+    with CRMCacheManager(redis_url=redis_url) as cache:
+        with pytest.raises(ValueError, match="content"):
+            cache.set_template("big", "email", big)
+        assert raw.exists("crm:template:email:big") == 0
+    with CRMCacheManager(redis_url=redis_url, max_template_bytes=16 * 1024 * 1024) as roomy:
+        assert roomy.set_template("big", "email", big) is True
+        assert roomy.get_template("big", "email") == big
+        assert roomy.get_templates([("big", "email")]) == {("big", "email"): big}
