@@ -11,7 +11,11 @@ then prints:
    benchmark whose name contains ``raw`` or ``baseline``);
 2. the threaded throughput runs (``extra_info`` of test_bench_threads.py): ops/s and p99
    latency of crmcache beside raw redis-py, for each thread count, and failed calls;
-3. the Redis-side cost of each script (``extra_info`` of test_bench_redis_cost.py):
+3. the async throughput runs (``extra_info`` of test_bench_async.py): 100 asyncio tasks
+   sharing one ``AsyncCRMCacheManager`` (remote hits, and near-cached for reference)
+   beside the sync manager with 16 threads (test_bench_threads.py's figure from the
+   same run): ops/s, p99 and their ratios to the sync figure, and failed calls;
+4. the Redis-side cost of each script (``extra_info`` of test_bench_redis_cost.py):
    ``INFO commandstats`` microseconds per call, beside GET and SET;
 
 then the machine it ran on, the performance targets met or missed, and any failed test.
@@ -53,6 +57,12 @@ DEFAULT_RUNS = 3
 #: pytest-benchmark timings are whole runs, not calls: they stay out of the median table).
 REPORT_TABLE_KEY = "report_table"
 THROUGHPUT_TABLE = "throughput"
+ASYNC_TABLE = "async-throughput"
+#: The async runs are compared with test_bench_threads.py's crmcache figure at this many
+#: threads.
+ASYNC_BASELINE_THREADS = 16
+#: The async table's rows, in order: ``extra_info["implementation"]`` and its label.
+ASYNC_IMPLEMENTATIONS = (("async", "async"), ("async-near", "async + near cache"))
 REDIS_COST_TABLE = "redis-cost"
 #: Group under which the Redis-side cost targets look up ``usec_per_call``.
 REDIS_COST_GROUP = "redis-cost"
@@ -97,6 +107,31 @@ class ThroughputRow:
 
 
 @dataclass(frozen=True)
+class AsyncRow:
+    """One row of the async table: a manager, how many callers shared it, and its best
+    figures over the runs (None where it did not report)."""
+
+    label: str
+    callers: str
+    ops: float | None
+    p99_us: float | None
+    failed: int | None  # the most failed calls in any run (reads_failed included)
+    base_ops: float | None  # the sync manager's at ASYNC_BASELINE_THREADS threads
+    base_p99_us: float | None
+    is_baseline: bool = False
+
+    @property
+    def ops_ratio(self) -> float | None:
+        """ops/s over the sync manager's (above 1: faster)."""
+        return _ratio(self.ops, self.base_ops)
+
+    @property
+    def p99_ratio(self) -> float | None:
+        """p99 over the sync manager's (above 1: slower tail)."""
+        return _ratio(self.p99_us, self.base_p99_us)
+
+
+@dataclass(frozen=True)
 class CostRow:
     """Redis-side cost of one operation."""
 
@@ -138,6 +173,14 @@ TARGETS = (
            "templates_50_crmcache_sequential_get_template"),
     Target("breaker-open read <= 50 µs median", "breaker-open",
            "breaker_open_crmcache_read", 50.0),
+    Target("near-cache prefs hit <= 2 µs median", "near-hit",
+           "near_hit_crmcache_near_cache", 2.0),
+    Target("near-cache prefs hit >= 50x faster than raw GET+decode", "near-hit",
+           "near_hit_crmcache_near_cache", 0.02, "near_hit_raw_get_decode"),
+    Target("near-cache template hit <= 2 µs median", "near-hit-template",
+           "near_hit_template_crmcache_near_cache", 2.0),
+    Target("near-cache template hit >= 50x faster than raw GET+decode", "near-hit-template",
+           "near_hit_template_crmcache_near_cache", 0.02, "near_hit_template_raw_get_decode"),
     Target("rate-limit script <= 10 µs per call on the server (INFO commandstats)",
            REDIS_COST_GROUP, "rate_limit", 10.0),
 )  # fmt: skip
@@ -147,6 +190,16 @@ def _ratio(value: float | None, base: float | None) -> float | None:
     if value is None or base is None or base == 0:
         return None
     return value / base
+
+
+def _us(value: float) -> str:
+    """Microseconds: two decimals below 10 µs (near-cache hits are 1-3 µs), else one."""
+    return f"{value:,.2f}" if value < 10 else f"{value:,.1f}"
+
+
+def _times(ratio: float) -> str:
+    """A ratio: three decimals below 0.1 (a 0.02 bound needs them), else two."""
+    return f"{ratio:.3f}" if ratio < 0.1 else f"{ratio:.2f}"
 
 
 def run_benchmarks(json_path: Path, junit_path: Path, extra_args: Sequence[str]) -> int:
@@ -283,6 +336,61 @@ def build_throughput_rows(runs: Sequence[Sequence[Mapping[str, Any]]]) -> list[T
     return rows
 
 
+def build_async_rows(runs: Sequence[Sequence[Mapping[str, Any]]]) -> list[AsyncRow]:
+    """The sync baseline (test_bench_threads.py's crmcache manager at
+    ASYNC_BASELINE_THREADS threads) and then each async implementation that ran: best
+    ops/s and p99 over the runs, the most failed calls in any run. Empty when no async
+    benchmark ran."""
+    extras = [e for e in _extras(runs, ASYNC_TABLE) if "ops_per_s" in e]
+    if not extras:
+        return []
+    sync = [
+        e
+        for e in _extras(runs, THROUGHPUT_TABLE)
+        if "ops_per_s" in e
+        and e.get("implementation") == "crmcache"
+        and int(e.get("threads", 0)) == ASYNC_BASELINE_THREADS
+    ]
+
+    def failed(found: Sequence[Mapping[str, Any]]) -> int | None:
+        counts = [
+            max(int(e.get("failed_calls", 0)), int(e.get("reads_failed") or 0)) for e in found
+        ]
+        return max(counts) if counts else None
+
+    base_ops = _best((float(e["ops_per_s"]) for e in sync), highest=True)
+    base_p99 = _best((float(e["p99_us"]) for e in sync), highest=False)
+    rows = [
+        AsyncRow(
+            label="sync (baseline)",
+            callers=f"{ASYNC_BASELINE_THREADS} threads",
+            ops=base_ops,
+            p99_us=base_p99,
+            failed=failed(sync),
+            base_ops=base_ops,
+            base_p99_us=base_p99,
+            is_baseline=True,
+        )
+    ]
+    for implementation, label in ASYNC_IMPLEMENTATIONS:
+        found = [e for e in extras if e.get("implementation") == implementation]
+        if not found:
+            continue
+        tasks = sorted({int(e.get("tasks", 0)) for e in found})
+        rows.append(
+            AsyncRow(
+                label=label,
+                callers=" / ".join(str(t) for t in tasks) + " tasks",
+                ops=_best((float(e["ops_per_s"]) for e in found), highest=True),
+                p99_us=_best((float(e["p99_us"]) for e in found), highest=False),
+                failed=failed(found),
+                base_ops=base_ops,
+                base_p99_us=base_p99,
+            )
+        )
+    return rows
+
+
 def build_cost_rows(runs: Sequence[Sequence[Mapping[str, Any]]]) -> list[CostRow]:
     """One row per operation, in run order: the lowest µs per call over the runs, and its
     ratio to GET's."""
@@ -332,6 +440,7 @@ def target_lines(
     rows: Sequence[Row],
     costs: Sequence[CostRow] = (),
     throughput: Sequence[ThroughputRow] = (),
+    async_rows: Sequence[AsyncRow] = (),
 ) -> list[str]:
     """One line per target: met, missed, or not measured in this run."""
     figures = {(row.group, row.name): row.median_us for row in rows}
@@ -354,8 +463,8 @@ def target_lines(
         ratio = value / against
         verdict = "met" if ratio <= target.bound else "MISSED"
         lines.append(
-            f"- {verdict}: {target.description} "
-            f"({target.name} / {target.against} = {ratio:.2f}, bound {target.bound:.2f})"
+            f"- {verdict}: {target.description} ({target.name} / {target.against} = "
+            f"{_times(ratio)}, bound {_times(target.bound)})"
         )
     for row in throughput:
         description = f"{row.threads} thread(s) on one manager: no failed call"
@@ -367,6 +476,18 @@ def target_lines(
         lines.append(
             f"- {verdict}: {description} (crmcache {row.crmcache_failed} failed, "
             f"raw redis-py {raw}; most in any run)"
+        )
+    for arow in async_rows:
+        if arow.is_baseline:
+            continue
+        description = f"{arow.label}, {arow.callers} on one manager: no failed call"
+        if arow.failed is None:
+            lines.append(f"- not measured: {description}")
+            continue
+        verdict = "met" if arow.failed == 0 else "MISSED"
+        lines.append(
+            f"- {verdict}: {description} ({arow.failed} failed calls or reads_failed; "
+            "most in any run)"
         )
     return lines
 
@@ -403,6 +524,43 @@ def throughput_lines(rows: Sequence[ThroughputRow], runs: int) -> list[str]:
             f"| {_fmt(row.ops_ratio, '.2f')} | {_fmt(row.crmcache_p99_us, ',.1f')} "
             f"| {_fmt(row.raw_p99_us, ',.1f')} | {_fmt(row.p99_ratio, '.2f')} | {failed} |"
         )
+    return [*lines, ""]
+
+
+def async_lines(rows: Sequence[AsyncRow], runs: int) -> list[str]:
+    """The async table (empty when no async benchmark ran)."""
+    if not rows:
+        return []
+    how = "one run" if runs == 1 else f"best of {runs} runs (highest ops/s, lowest p99)"
+    lines = [
+        f"## Throughput: async 100 tasks vs sync {ASYNC_BASELINE_THREADS} threads "
+        "(one manager, max_connections=10)",
+        "",
+        "Preferences hits (`get_client_preferences`): asyncio tasks on one event loop "
+        "sharing one `AsyncCRMCacheManager`, beside the sync `CRMCacheManager` shared by "
+        f"{ASYNC_BASELINE_THREADS} threads (the figure of the threads table above, same "
+        f"run); {how}. p99 is per call, wait for a pooled connection and for the event "
+        "loop included. Ratio: to the sync figure (ops/s: above 1 is faster; p99: above 1 "
+        "is slower). The near-cached row is for reference: its hits never await, so its "
+        "tasks run one after another. Failed calls: the most in any run.",
+        "",
+        "| manager | callers | ops/s | p99 µs | ops/s ratio | p99 ratio | failed calls |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        p99 = "—" if row.p99_us is None else _us(row.p99_us)
+        ops_ratio = "—" if row.ops_ratio is None else _times(row.ops_ratio)
+        p99_ratio = "—" if row.p99_ratio is None else _times(row.p99_ratio)
+        lines.append(
+            f"| {row.label} | {row.callers} | {_fmt(row.ops, ',.0f')} | {p99} | {ops_ratio} "
+            f"| {p99_ratio} | {_fmt(row.failed, 'd')} |"
+        )
+    if rows[0].ops is None:
+        lines += [
+            "",
+            f"(The sync baseline was not measured in this run: run test_bench_threads.py's "
+            f"test_throughput_crmcache[{ASYNC_BASELINE_THREADS}] too.)",
+        ]
     return [*lines, ""]
 
 
@@ -447,6 +605,7 @@ def render(
     rows = build_rows(benchmark_lists)
     throughput = build_throughput_rows(benchmark_lists)
     costs = build_cost_rows(benchmark_lists)
+    async_rows = build_async_rows(benchmark_lists)
     data = runs[-1]
     how = "median" if len(runs) == 1 else f"lowest median of {len(runs)} runs"
     lines = [
@@ -461,13 +620,14 @@ def render(
         "|---|---|---:|---:|",
     ]
     for row in rows:
-        ratio = "—" if row.ratio is None else f"{row.ratio:.2f}"
-        lines.append(f"| {row.group} | {row.name} | {row.median_us:,.1f} | {ratio} |")
+        ratio = "—" if row.ratio is None else _times(row.ratio)
+        lines.append(f"| {row.group} | {row.name} | {_us(row.median_us)} | {ratio} |")
     lines.append("")
     lines += throughput_lines(throughput, len(runs))
+    lines += async_lines(async_rows, len(runs))
     lines += cost_lines(costs, len(runs))
     lines += [machine_line(data.get("machine_info", {})), "", "Targets:", ""]
-    lines += target_lines(rows, costs, throughput)
+    lines += target_lines(rows, costs, throughput, async_rows)
     if chart_note:
         lines += ["", chart_note]
     if failed:
@@ -514,7 +674,7 @@ def write_chart(rows: Sequence[Row], path: Path) -> bool:
         bars = ax.barh(names, medians, color=colors)
         ax.invert_yaxis()
         labels = [
-            f"{row.median_us:,.1f} µs" + ("" if row.ratio is None else f"  ({row.ratio:.2f}x)")
+            f"{_us(row.median_us)} µs" + ("" if row.ratio is None else f"  ({_times(row.ratio)}x)")
             for row in members
         ]
         ax.bar_label(bars, labels=labels, padding=3, fontsize=8)

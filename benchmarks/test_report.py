@@ -156,3 +156,83 @@ def test_chart_is_skipped_without_matplotlib(
     path = tmp_path / "chart.png"
     assert not report.write_chart(report.build_rows([_run()["benchmarks"]]), path)
     assert not path.exists()
+
+
+def _async(impl: str, ops: float, p99: float, failed: int = 0, reads_failed: int = 0) -> Any:
+    return _bench(
+        f"async_throughput[{impl}]",
+        "async-100tasks",
+        1e6,
+        {
+            "report_table": "async-throughput",
+            "implementation": impl,
+            "tasks": 100,
+            "ops_per_s": ops,
+            "p99_us": p99,
+            "failed_calls": failed,
+            "reads_failed": reads_failed,
+        },
+    )
+
+
+def _near_run(*, near_us: float = 1.5, template_us: float = 0.9) -> Any:
+    data = _run()
+    data["benchmarks"] += [
+        _bench("near_hit_raw_get_decode", "near-hit", 50.0),
+        _bench("near_hit_crmcache_remote", "near-hit", 40.0),
+        _bench("near_hit_crmcache_near_cache", "near-hit", near_us),
+        _bench("near_hit_template_raw_get_decode", "near-hit-template", 50.0),
+        _bench("near_hit_template_crmcache_near_cache", "near-hit-template", template_us),
+        _async("async", 12_000.0, 8_000.0),
+        _async("async-near", 300_000.0, 4.0),
+    ]
+    return data
+
+
+def test_async_rows_compare_with_sync_16_threads() -> None:
+    runs = [_near_run()["benchmarks"], _near_run()["benchmarks"]]
+    runs[1][-2]["extra_info"].update(ops_per_s=13_000.0, failed_calls=2)
+    rows = report.build_async_rows(runs)
+    assert [(r.label, r.callers) for r in rows] == [
+        ("sync (baseline)", "16 threads"),
+        ("async", "100 tasks"),
+        ("async + near cache", "100 tasks"),
+    ]
+    assert rows[0].ops_ratio == pytest.approx(1.0)
+    assert rows[1].ops == 13_000.0
+    assert rows[1].ops_ratio == pytest.approx(13_000 / 15_000)
+    assert rows[1].p99_ratio == pytest.approx(8_000 / 2_000)
+    assert rows[1].failed == 2
+
+
+def test_async_rows_without_the_sync_run_or_any_async_run() -> None:
+    only_async = [
+        b for b in _near_run()["benchmarks"] if b["extra_info"].get("report_table") != "throughput"
+    ]
+    rows = report.build_async_rows([only_async])
+    assert rows[0].ops is None
+    assert rows[1].ops_ratio is None
+    assert "not measured in this run" in "\n".join(report.async_lines(rows, 1))
+    assert report.build_async_rows([_run()["benchmarks"]]) == []
+
+
+def test_render_shows_the_near_cache_targets_and_the_async_table() -> None:
+    text = report.render([_near_run()])
+    assert "| near-hit | near_hit_crmcache_near_cache | 1.50 | 0.030 |" in text
+    assert "## Throughput: async 100 tasks vs sync 16 threads" in text
+    assert "| sync (baseline) | 16 threads | 15,000 | 2,000.0 | 1.00 | 1.00 | 0 |" in text
+    assert "| async | 100 tasks | 12,000 | 8,000.0 | 0.80 | 4.00 | 0 |" in text
+    assert "- met: near-cache prefs hit <= 2 µs median" in text
+    assert "- MISSED: near-cache prefs hit >= 50x faster than raw GET+decode" in text
+    assert "= 0.030, bound 0.020)" in text
+    assert "- met: near-cache template hit >= 50x faster than raw GET+decode" in text
+    assert "| async + near cache | 100 tasks | 300,000 | 4.00 | 20.00 | 0.002 | 0 |" in text
+    assert "- met: async, 100 tasks on one manager: no failed call" in text
+
+
+def test_render_flags_failed_async_calls_and_slow_near_hits() -> None:
+    data = _near_run(near_us=3.0)
+    data["benchmarks"][-1] = _async("async-near", 300_000.0, 4.0, reads_failed=1)
+    text = report.render([data])
+    assert "- MISSED: near-cache prefs hit <= 2 µs median" in text
+    assert "- MISSED: async + near cache, 100 tasks on one manager: no failed call" in text

@@ -28,6 +28,10 @@ __all__ = [
 ]
 
 
+_NEW = object.__new__
+_SET = object.__setattr__
+
+
 class CorruptValue(Exception):  # noqa: N818 - internal signal, never reaches callers
     """A cached value could not be decoded."""
 
@@ -67,8 +71,15 @@ def clone_preferences(prefs: ClientPreferences) -> ClientPreferences:
     The near cache hands out copies: the spec's callers edit what they read
     (``preferences.timezone = ...``) before saving it.
     """
-    copy = prefs.__copy__()
-    copy.__dict__["preferred_channels"] = list(prefs.preferred_channels)
+    # What BaseModel.__copy__ does, without its three copy.copy() calls (half the cost
+    # of a near-cache hit): a new instance over a copy of the field values.
+    copy = _NEW(ClientPreferences)
+    fields = prefs.__dict__.copy()
+    fields["preferred_channels"] = list(fields["preferred_channels"])
+    _SET(copy, "__dict__", fields)
+    _SET(copy, "__pydantic_fields_set__", set(prefs.__pydantic_fields_set__))
+    _SET(copy, "__pydantic_extra__", None)
+    _SET(copy, "__pydantic_private__", None)
     return copy
 
 

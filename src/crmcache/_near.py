@@ -23,6 +23,7 @@ invalidation message arrives (measured in the tests), and in any case after ``tt
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections import OrderedDict
@@ -80,6 +81,11 @@ class NearCacheStats:
     discarded_fills: int
 
 
+def _counted(counter: itertools.count[int]) -> int:
+    # count() exposes its next value only through its repr: "count(41)".
+    return int(repr(counter)[6:-1])
+
+
 class NearCache:
     """A bounded, thread-safe LRU with a local TTL and invalidation-safe fills.
 
@@ -100,25 +106,36 @@ class NearCache:
         self._key_seq: dict[str, int] = {}
         self._flush_seq = 0
         self.live = False
-        self._hits = self._misses = self._invalidations = self._flushes = self._discarded = 0
+        # Lock-free counters for the hit path (see _stats._Tally for the idiom).
+        self._hit_count = itertools.count()
+        self._miss_count = itertools.count()
+        self._invalidations = self._flushes = self._discarded = 0
 
     def get(self, key: str) -> Any:  # noqa: ANN401 - whatever was stored
-        """The value for ``key``, or :data:`MISSING`."""
+        """The value for ``key``, or :data:`MISSING`.
+
+        Takes no lock: each OrderedDict operation is atomic under the GIL, and a value
+        read just before a concurrent invalidation is one that was current when the read
+        began. Expiry and eviction, which change the dict, do lock.
+        """
         if not self.live:
             return MISSING
-        now = self._clock()
-        with self._lock:
-            entry = self._data.get(key)
-            if entry is None:
-                self._misses += 1
-                return MISSING
-            if entry[0] <= now:
-                del self._data[key]
-                self._misses += 1
-                return MISSING
+        entry = self._data.get(key)
+        if entry is None:
+            next(self._miss_count)
+            return MISSING
+        if entry[0] <= self._clock():
+            with self._lock:
+                if self._data.get(key) is entry:
+                    del self._data[key]
+            next(self._miss_count)
+            return MISSING
+        try:  # noqa: SIM105 - contextlib.suppress costs more than the lookup it guards
             self._data.move_to_end(key)
-            self._hits += 1
-            return entry[1]
+        except KeyError:
+            pass  # invalidated meanwhile: still the value current when this read began
+        next(self._hit_count)
+        return entry[1]
 
     def token(self) -> int:
         """Take before asking Redis; pass to :meth:`put` with what came back."""
@@ -174,8 +191,8 @@ class NearCache:
                 live=self.live,
                 size=len(self._data),
                 max_entries=self.max_entries,
-                hits=self._hits,
-                misses=self._misses,
+                hits=_counted(self._hit_count),
+                misses=_counted(self._miss_count),
                 invalidations=self._invalidations,
                 flushes=self._flushes,
                 discarded_fills=self._discarded,

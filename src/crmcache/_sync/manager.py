@@ -422,7 +422,8 @@ class CRMCacheManager:
         near = self._near
         prefs: ClientPreferences | None = None
         if lean is not None and near is not None:
-            self._ensure_listener()
+            if self._listener is None:
+                self._ensure_listener()
             held = near.get(key)
             if held is not MISSING:
                 if record:
@@ -583,7 +584,8 @@ class CRMCacheManager:
         near = self._near
         token = 0
         if near is not None:
-            self._ensure_listener()
+            if self._listener is None:
+                self._ensure_listener()
             held = near.get(key)
             if held is not MISSING:
                 self._stats.hit(Kind.TEMPLATES)
@@ -621,7 +623,8 @@ class CRMCacheManager:
         token = 0
         found: dict[TemplateRef, str | None] = {}
         if near is not None:
-            self._ensure_listener()
+            if self._listener is None:
+                self._ensure_listener()
             token = near.token()
             remote_refs, remote_keys = [], []
             for ref, key in zip(refs, keys, strict=True):
