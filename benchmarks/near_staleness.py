@@ -46,7 +46,8 @@ def main(writes: int) -> None:
     p50, p99 = delays[len(delays) // 2], delays[int(len(delays) * 0.99) - 1]
     worst = delays[-1]
     print(
-        f"write -> evicted, {writes} writes: p50 {p50:.0f} µs, p99 {p99:.0f} µs, max {worst:.0f} µs"
+        f"write -> evicted, {writes} writes: "
+        f"p50 {p50:.0f} µs, p99 {p99:.0f} µs, max {worst:.0f} µs"
     )
 
 
