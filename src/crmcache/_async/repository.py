@@ -1,8 +1,7 @@
 """Read-through repository: the cache in front of a real database.
 
-Source of truth for both facades: ``AsyncCommunicationRepository`` here, its generated
-twin ``CommunicationRepository`` in ``crmcache/_sync/repository.py``. The spec's import
-path re-exports the sync one::
+Written once, in ``crmcache/_async/repository.py`` (the source); ``scripts/unasync.py``
+generates ``crmcache/_sync/repository.py`` from it. The spec's import path::
 
     from crmcache.repository import CommunicationRepository
 

@@ -2,10 +2,10 @@
 # Edit the async original and run `python scripts/unasync.py`.
 """The cache manager: the slim Python facade over Redis and the Lua scripts.
 
-This is the source of truth for both facades: ``CRMCacheManager`` here, and its
-generated twin ``CRMCacheManager`` in ``crmcache/_sync/manager.py`` (see
-``scripts/unasync.py``). Every call awaits its Redis I/O; logic without I/O lives in the
-shared private modules (keys, codec, guard, stats, rate-limit results, settings).
+Written once, in ``crmcache/_async/manager.py`` (the source); ``scripts/unasync.py``
+generates ``crmcache/_sync/manager.py`` from it. Only the calls into the pools do I/O;
+logic without I/O lives in the shared private modules (keys, codec, guard, stats,
+rate-limit results, settings).
 """
 
 from __future__ import annotations

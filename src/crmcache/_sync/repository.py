@@ -2,9 +2,8 @@
 # Edit the async original and run `python scripts/unasync.py`.
 """Read-through repository: the cache in front of a real database.
 
-Source of truth for both facades: ``CommunicationRepository`` here, its generated
-twin ``CommunicationRepository`` in ``crmcache/_sync/repository.py``. The spec's import
-path re-exports the sync one::
+Written once, in ``crmcache/_async/repository.py`` (the source); ``scripts/unasync.py``
+generates ``crmcache/_sync/repository.py`` from it. The spec's import path::
 
     from crmcache.repository import CommunicationRepository
 
