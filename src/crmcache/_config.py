@@ -17,7 +17,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Literal, TypeVar
+from typing import Literal, TypeVar
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from pydantic import TypeAdapter, ValidationError
@@ -329,14 +329,3 @@ def resolve_settings(
         near_cache_ttl=_positive_seconds("near_cache_ttl", near_cache_ttl),
         near_cache_protocol=_check_protocol(near_cache_protocol),
     )
-
-
-def settings_summary(settings: CacheSettings) -> dict[str, Any]:
-    """Settings as a plain dict for stats and logs, with the URL masked."""
-    return {
-        "redis_url": settings.masked_url,
-        "enabled": settings.enabled,
-        "cache_ttl": settings.cache_ttl,
-        "max_connections": settings.max_connections,
-        "rate_limit_policy": settings.rate_limit_policy,
-    }

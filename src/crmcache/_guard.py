@@ -96,7 +96,6 @@ class CircuitBreaker:
         self._failures = 0
         self._timeout = reset_timeout
         self._opened_at = 0.0
-        self._probe_in_flight = False
         self.trips = 0
         self.recoveries = 0
         self.short_circuited = 0
@@ -115,7 +114,6 @@ class CircuitBreaker:
                 return True
             if state is BreakerState.OPEN and self._clock() - self._opened_at >= self._timeout:
                 self.state = BreakerState.HALF_OPEN
-                self._probe_in_flight = True
                 return True
             self.short_circuited += 1
             return False
@@ -129,7 +127,6 @@ class CircuitBreaker:
             self.state = BreakerState.CLOSED
             self._failures = 0
             self._timeout = self._base_timeout
-            self._probe_in_flight = False
             if recovered:
                 self.recoveries += 1
             return recovered
@@ -143,7 +140,6 @@ class CircuitBreaker:
                 self._timeout = min(self._timeout * 2, self._max_timeout)
                 self.state = BreakerState.OPEN
                 self._opened_at = self._clock()
-                self._probe_in_flight = False
                 return False
             if self.state is BreakerState.CLOSED and self._failures >= self._threshold:
                 self.state = BreakerState.OPEN
@@ -159,7 +155,6 @@ class CircuitBreaker:
             if self.state is BreakerState.HALF_OPEN:
                 self.state = BreakerState.OPEN
                 self._opened_at = self._clock() - self._timeout
-                self._probe_in_flight = False
 
     def reset(self) -> None:
         """Close the breaker and forget past failures."""
@@ -167,7 +162,6 @@ class CircuitBreaker:
             self.state = BreakerState.CLOSED
             self._failures = 0
             self._timeout = self._base_timeout
-            self._probe_in_flight = False
 
 
 def is_pool_exhausted(exc: BaseException) -> bool:

@@ -23,13 +23,14 @@ invalidation message arrives (measured in the tests), and in any case after ``tt
 
 from __future__ import annotations
 
-import itertools
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Final
+
+from ._stats import Tally
 
 __all__ = [
     "MISSING",
@@ -81,11 +82,6 @@ class NearCacheStats:
     discarded_fills: int
 
 
-def _counted(counter: itertools.count[int]) -> int:
-    # count() exposes its next value only through its repr: "count(41)".
-    return int(repr(counter)[6:-1])
-
-
 class NearCache:
     """A bounded, thread-safe LRU with a local TTL and invalidation-safe fills.
 
@@ -106,9 +102,9 @@ class NearCache:
         self._key_seq: dict[str, int] = {}
         self._flush_seq = 0
         self.live = False
-        # Lock-free counters for the hit path (see _stats._Tally for the idiom).
-        self._hit_count = itertools.count()
-        self._miss_count = itertools.count()
+        # Lock-free counters: the hit path takes no lock.
+        self._hit_count = Tally()
+        self._miss_count = Tally()
         self._invalidations = self._flushes = self._discarded = 0
 
     def get(self, key: str) -> Any:  # noqa: ANN401 - whatever was stored
@@ -122,19 +118,19 @@ class NearCache:
             return MISSING
         entry = self._data.get(key)
         if entry is None:
-            next(self._miss_count)
+            self._miss_count.add()
             return MISSING
         if entry[0] <= self._clock():
             with self._lock:
                 if self._data.get(key) is entry:
                     del self._data[key]
-            next(self._miss_count)
+            self._miss_count.add()
             return MISSING
         try:  # noqa: SIM105 - contextlib.suppress costs more than the lookup it guards
             self._data.move_to_end(key)
         except KeyError:
             pass  # invalidated meanwhile: still the value current when this read began
-        next(self._hit_count)
+        self._hit_count.add()
         return entry[1]
 
     def token(self) -> int:
@@ -191,8 +187,8 @@ class NearCache:
                 live=self.live,
                 size=len(self._data),
                 max_entries=self.max_entries,
-                hits=_counted(self._hit_count),
-                misses=_counted(self._miss_count),
+                hits=self._hit_count.value,
+                misses=self._miss_count.value,
                 invalidations=self._invalidations,
                 flushes=self._flushes,
                 discarded_fills=self._discarded,

@@ -22,6 +22,7 @@ __all__ = [
     "RedisServerStats",
     "RepositoryStats",
     "StatsRecorder",
+    "Tally",
     "hit_rate",
 ]
 
@@ -175,7 +176,7 @@ class RepositoryStats:
     saves: int
 
 
-class _Tally:
+class Tally:
     """A counter cheap enough for a near-cache hit: one C-level ``next()`` per +1.
 
     ``next(itertools.count())`` is a single call into C, so concurrent threads never lose
@@ -209,9 +210,9 @@ class StatsRecorder:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._hits = {k: _Tally() for k in Kind}
-        self._misses = {k: _Tally() for k in Kind}
-        self._counters = {c: _Tally() for c in Counter}
+        self._hits = {k: Tally() for k in Kind}
+        self._misses = {k: Tally() for k in Kind}
+        self._counters = {c: Tally() for c in Counter}
 
     def hit(self, kind: Kind, n: int = 1) -> None:
         """Count ``n`` hits."""
@@ -236,6 +237,6 @@ class StatsRecorder:
     def reset(self) -> None:
         """Zero every counter."""
         with self._lock:
-            self._hits = {k: _Tally() for k in Kind}
-            self._misses = {k: _Tally() for k in Kind}
-            self._counters = {c: _Tally() for c in Counter}
+            self._hits = {k: Tally() for k in Kind}
+            self._misses = {k: Tally() for k in Kind}
+            self._counters = {c: Tally() for c in Counter}
