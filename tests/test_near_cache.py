@@ -92,12 +92,19 @@ def test_hits_are_served_in_process(server: RedisServer, protocol: int) -> None:
                 and near.get("crm:template:email:welcome") is not MISSING
             )
         )
-        raw.config_resetstat()
-        for _ in range(10):
-            assert cache.get_client_preferences("c1") == prefs
-            assert cache.get_template("welcome", "email") == "hi"
-            assert cache.get_templates([("welcome", "email")]) == {("welcome", "email"): "hi"}
-        assert gets(raw) == 0
+
+
+        def ten_reads_without_a_get() -> bool:
+            # A late invalidation of our own writes may still evict once (the listener
+            # thread can lag under load): then the next round must be all in-process.
+            raw.config_resetstat()
+            for _ in range(10):
+                assert cache.get_client_preferences("c1") == prefs
+                assert cache.get_template("welcome", "email") == "hi"
+                assert cache.get_templates([("welcome", "email")]) == {("welcome", "email"): "hi"}
+            return gets(raw) == 0
+
+        poll(ten_reads_without_a_get)
         assert "cmdstat_mget" not in raw.info("commandstats")
         near_stats = cache.get_cache_stats()["near_cache"]
         assert near_stats["hits"] >= 30

@@ -33,7 +33,7 @@ def pool(redis_url: str, raw: redis.Redis) -> Iterator[LeanPool]:
     """A two-connection pool on the session's (flushed) Redis."""
     lean = make_pool(redis_url)
     yield lean
-    lean.disconnect()
+    lean.close(0)
 
 
 def blocked_clients(raw: redis.Redis) -> int:
@@ -87,8 +87,9 @@ def test_exhausted_pool_waits_then_says_so(redis_url: str, raw: redis.Redis) -> 
     finally:
         raw.lpush("test:wake", "x")
         holder.join(timeout=10)
-        lean.disconnect()
-    assert lean.counts() == (1, 1)
+        assert lean.counts() == (1, 1)
+        lean.close(0)
+    assert lean.counts() == (0, 0)
 
 
 def test_timeout_mid_reply_drops_the_connection(redis_url: str, raw: redis.Redis) -> None:
@@ -101,7 +102,7 @@ def test_timeout_mid_reply_drops_the_connection(redis_url: str, raw: redis.Redis
         raw.set("k", "fresh")
         assert lean.execute("GET", "k") == b"fresh"
     finally:
-        lean.disconnect()
+        lean.close(0)
 
 
 def test_saturation_does_not_open_the_breaker(redis_url: str, raw: redis.Redis) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from enum import StrEnum
 from typing import Final
@@ -35,7 +36,17 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-__all__ = ["FAILED", "BreakerState", "CircuitBreaker", "Guard", "LogThrottle", "is_critical"]
+__all__ = [
+    "FAILED",
+    "POOL_EXHAUSTED",
+    "BreakerState",
+    "CircuitBreaker",
+    "Guard",
+    "LogThrottle",
+    "PoolClosedError",
+    "PoolExhaustedError",
+    "is_critical",
+]
 
 logger = logging.getLogger("crmcache")
 
@@ -48,7 +59,21 @@ DEFAULT_LOG_INTERVAL = 30.0
 #: Distinct (operation, error) kinds with a log throttle of their own.
 _MAX_REFUSAL_KINDS = 256
 #: redis-py's BlockingConnectionPool message when no connection freed up in time.
-_POOL_EXHAUSTED = "No connection available."
+POOL_EXHAUSTED = "No connection available."
+
+
+class PoolExhaustedError(RedisConnectionError):
+    """No pooled connection came free within the pool timeout (saturated, not down)."""
+
+    def __init__(self) -> None:
+        super().__init__(POOL_EXHAUSTED)
+
+
+class PoolClosedError(RedisConnectionError):
+    """The pool was closed (the manager is closing): the call was not sent."""
+
+    def __init__(self) -> None:
+        super().__init__("the connection pool is closed")
 
 
 class _Failed:
@@ -165,8 +190,12 @@ class CircuitBreaker:
 
 
 def is_pool_exhausted(exc: BaseException) -> bool:
-    """True if ``exc`` says no pooled connection came free in time (saturation)."""
-    return isinstance(exc, RedisConnectionError) and str(exc) == _POOL_EXHAUSTED
+    """True if ``exc`` says no pooled connection came free in time (saturation): our lean
+    pool's :class:`PoolExhaustedError`, or redis-py's blocking pool (admin calls), which
+    only says so in its message."""
+    return isinstance(exc, PoolExhaustedError) or (
+        isinstance(exc, RedisConnectionError) and str(exc) == POOL_EXHAUSTED
+    )
 
 
 def is_connection_failure(exc: BaseException) -> bool:
@@ -248,6 +277,7 @@ class Guard:
         self._clock = clock
         self._throttle = LogThrottle(log_interval, clock)
         self._saturation_throttle = LogThrottle(log_interval, clock)
+        self._unexpected_throttle = LogThrottle(log_interval, clock)
         self._refusal_throttles: dict[str, LogThrottle] = {}
         self._lock = threading.Lock()
         self._failing = False
@@ -273,6 +303,28 @@ class Guard:
             return
         if self.breaker.record_success() or self._failing:
             self._recovered()
+
+    def abandoned(self) -> None:
+        """Note a call that ended with neither a reply nor a failure: its caller was
+        cancelled (asyncio) or interrupted (``KeyboardInterrupt``). It says nothing about
+        Redis, but if it was the breaker's half-open probe, the next call may probe."""
+        self.breaker.release_probe()
+
+    def unexpected(self, op: str, exc: BaseException) -> None:
+        """Note a call that raised neither a Redis error nor a cancellation (a bug, or a
+        reply no code expected). The call degrades like a failure and is logged with its
+        traceback (throttled); it says nothing about Redis being up or down, so the
+        breaker only lets the next call probe if this one was the probe."""
+        self._on_error(op, exc)
+        self.breaker.release_probe()
+        suppressed = self._unexpected_throttle.ready()
+        if suppressed is not None:
+            logger.error(
+                "unexpected error during %s, the call degraded (%d more not logged): %s",
+                op,
+                suppressed,
+                self.scrub("".join(traceback.format_exception(exc)).rstrip()),
+            )
 
     def failed(self, op: str, exc: BaseException) -> None:
         """Record and log (throttled) a failed call."""

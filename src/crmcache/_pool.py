@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from ._sync.pool import POOL_EXHAUSTED, LeanPool
+from ._guard import POOL_EXHAUSTED
+from ._sync.pool import LeanPool
 from ._sync.primitives import FairSlots
 
 __all__ = ["POOL_EXHAUSTED", "FairSlots", "LeanPool"]

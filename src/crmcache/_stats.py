@@ -49,6 +49,10 @@ class Counter(StrEnum):
     RATE_LIMIT_ALLOWED = "rate_limit_allowed"
     RATE_LIMIT_REJECTED = "rate_limit_rejected"
     RATE_LIMIT_DEGRADED = "rate_limit_degraded"
+    #: Calls whose caller was cancelled (or, sync, interrupted) while Redis was asked.
+    CANCELLED = "cancelled"
+    #: Calls that failed with an error that is neither Redis's nor a cancellation.
+    UNEXPECTED_ERRORS = "unexpected_errors"
 
 
 def hit_rate(hits: int, misses: int) -> float:
@@ -82,6 +86,24 @@ class PoolStats:
     in_use: int
     idle: int
     created: int
+
+
+@dataclass(frozen=True, slots=True)
+class PoolAccounting:
+    """Where every slot and connection of the data-path pool is, at one moment.
+
+    At rest (no call running) ``slots_held == checked_out == 0`` and ``created == idle``;
+    during calls ``slots_held >= checked_out`` (a slot is taken just before a connection).
+    """
+
+    slots_held: int
+    checked_out: int
+    idle: int
+    created: int
+    waiting: int  # callers queued for a slot now
+    waits: int  # acquisitions that had to queue, since start
+    timeouts: int  # ... and gave up at the pool timeout
+    discarded: int  # connections closed instead of reused (timeouts, drops, cancellations)
 
 
 @dataclass(frozen=True, slots=True)

@@ -72,7 +72,7 @@ from .._config import (
     url_password,
 )
 from .._errors import ConfigurationError
-from .._guard import FAILED, CircuitBreaker, Guard, LogThrottle
+from .._guard import FAILED, CircuitBreaker, Guard, LogThrottle, PoolClosedError
 from .._keys import (
     SCAN_PATTERN,
     check_channel,
@@ -96,7 +96,7 @@ from .._stats import (
 )
 from ..models import MAX_VERSION, ClientPreferences, MessageChannel
 from .pool import AsyncLeanPool
-from .primitives import Background, Event, spawn
+from .primitives import Background, Event, finish, spawn
 
 __all__ = [
     "AsyncCRMCacheManager",
@@ -324,12 +324,37 @@ class AsyncCRMCacheManager:
         return self.settings.enabled and not self._closed
 
     async def aclose(self) -> None:
-        """Close every pooled connection. Idempotent; later calls behave as disabled."""
+        """Close the manager. Idempotent; later calls behave as disabled.
+
+        Background work stops, a last replay sends the invalidations still pending, and
+        calls in flight keep their connection for up to ``socket_timeout`` to read their
+        reply. Safe to cancel: the connections are closed all the same (only the last
+        replay may then be skipped, which is logged with the number lost).
+        """
         with self._close_lock:
             if self._stopping.is_set():
-                return  # closed, or being closed by another thread
+                return  # closed, or being closed by another task or thread
             self._stopping.set()
-            replayer = self._replayer
+        try:
+            await self._stop_background()
+            if self._pending and self._lean is not None:
+                # A last attempt: these are the invalidations that would otherwise be lost.
+                await self._replay_once()
+        finally:
+            with self._close_lock:
+                self._closed = True
+            if self._pending:
+                logger.error(
+                    "closing with %d invalidation(s) Redis never received: the affected "
+                    "preferences may stay stale for up to %ds",
+                    len(self._pending),
+                    self.settings.cache_ttl,
+                )
+            await finish(self._close_connections)
+        logger.info("crmcache closed: url=%s", self.settings.masked_url)
+
+    async def _stop_background(self) -> None:
+        replayer = self._replayer
         if replayer is not None:
             await replayer.join(timeout=self.settings.socket_timeout + 1)
         listener = self._listener
@@ -337,26 +362,15 @@ class AsyncCRMCacheManager:
             # Unblock its read: closing the socket (thread) or cancelling the task.
             listener.cancel()
             if self._listener_conn is not None:
-                await self._listener_conn.disconnect()
+                await self._listener_conn.disconnect(nowait=True)
             await listener.join(timeout=self.settings.socket_timeout + 1)
-        if self._pending and self._lean is not None:
-            # A last attempt: these are the invalidations that would otherwise be lost.
-            await self._replay_once()
-        if self._pending:
-            logger.error(
-                "closing with %d invalidation(s) Redis never received: the affected "
-                "preferences may stay stale for up to %ds",
-                len(self._pending),
-                self.settings.cache_ttl,
-            )
-        with self._close_lock:
-            self._closed = True
+
+    async def _close_connections(self) -> None:
         if self._lean is not None:
-            await self._lean.disconnect()
+            await self._lean.close(grace=self.settings.socket_timeout)
         for pool in (self._pool, self._health_pool):
             if pool is not None:
                 await pool.disconnect()
-        logger.info("crmcache closed: url=%s", self.settings.masked_url)
 
     async def __aenter__(self) -> Self:
         return self
@@ -392,14 +406,27 @@ class AsyncCRMCacheManager:
             return FAILED
         try:
             result = await fn(*args)
+        except PoolClosedError:
+            guard.abandoned()  # the manager is closing: not an outage
+            return FAILED
         except (RedisError, OSError) as exc:
             guard.failed(op, exc)
             return FAILED
+        except Exception as exc:  # noqa: BLE001 - degraded, counted and logged by the guard
+            guard.unexpected(op, exc)
+            return FAILED
+        except BaseException:
+            # Cancelled or interrupted: never swallowed, but a half-open probe must not
+            # stay taken by a call that will never report back.
+            guard.abandoned()
+            self._stats.count(Counter.CANCELLED)
+            raise
         guard.succeeded(token)
         return result
 
     def _count_error(self, op: str, exc: BaseException) -> None:
-        self._stats.count(Counter.REDIS_ERRORS)
+        unexpected = not isinstance(exc, RedisError | OSError)
+        self._stats.count(Counter.UNEXPECTED_ERRORS if unexpected else Counter.REDIS_ERRORS)
 
     # -- client preferences ------------------------------------------------------------
 
@@ -422,7 +449,7 @@ class AsyncCRMCacheManager:
         near = self._near
         prefs: ClientPreferences | None = None
         if lean is not None and near is not None:
-            if self._listener is None:
+            if not near.live:
                 self._ensure_listener()
             held = near.get(key)
             if held is not MISSING:
@@ -548,13 +575,17 @@ class AsyncCRMCacheManager:
         if lean is None or scripts is None:
             return False
         self._near_forget(key)
-        reply = await self._call(
-            "invalidate_client_preferences",
-            lean.evalsha,
-            scripts.prefs_invalidate,
-            [key],
-            ["" if version is None else version, self._tombstone_ms],
-        )
+        try:
+            reply = await self._call(
+                "invalidate_client_preferences",
+                lean.evalsha,
+                scripts.prefs_invalidate,
+                [key],
+                ["" if version is None else version, self._tombstone_ms],
+            )
+        except BaseException:
+            self._defer_invalidation(PendingKind.PREFERENCES, key, version)
+            raise
         self._near_forget(key)
         if reply is FAILED:
             self._invalidation_failed(PendingKind.PREFERENCES, key, version)
@@ -586,7 +617,7 @@ class AsyncCRMCacheManager:
         near = self._near
         token = 0
         if near is not None:
-            if self._listener is None:
+            if not near.live:
                 self._ensure_listener()
             held = near.get(key)
             if held is not MISSING:
@@ -627,7 +658,7 @@ class AsyncCRMCacheManager:
         token = 0
         found: dict[TemplateRef, str | None] = {}
         if near is not None:
-            if self._listener is None:
+            if not near.live:
                 self._ensure_listener()
             token = near.token()
             remote_refs, remote_keys = [], []
@@ -787,7 +818,11 @@ class AsyncCRMCacheManager:
         if lean is None:
             return False
         self._near_forget(key)
-        deleted = await self._call("invalidate_template", lean.execute, "DEL", key)
+        try:
+            deleted = await self._call("invalidate_template", lean.execute, "DEL", key)
+        except BaseException:
+            self._defer_invalidation(PendingKind.TEMPLATE, key, None)
+            raise
         self._near_forget(key)
         if deleted is FAILED:
             self._invalidation_failed(PendingKind.TEMPLATE, key, None)
@@ -1022,12 +1057,13 @@ class AsyncCRMCacheManager:
         lean = self._lean
         if lean is None:
             return PoolStats(self.settings.max_connections, 0, 0, 0)
-        created, idle = lean.counts()
+        # In use = slots held: a slot that leaked would show here, not as a phantom idle.
+        books = lean.accounting()
         return PoolStats(
             max_connections=self.settings.max_connections,
-            in_use=max(created - idle, 0),
-            idle=idle,
-            created=created,
+            in_use=books.slots_held,
+            idle=books.idle,
+            created=books.created,
         )
 
     # -- helpers ------------------------------------------------------------------------
@@ -1041,10 +1077,16 @@ class AsyncCRMCacheManager:
 
     def _ensure_listener(self) -> None:
         """Start the invalidation listener on first use (it needs a running loop/thread)."""
-        if self._listener is not None or self._stopping.is_set() or self._pool is None:
+        listener = self._listener
+        if (listener is not None and listener.is_alive()) or self._stopping.is_set():
+            return
+        if self._pool is None:
             return
         with self._replay_lock:
-            if self._listener is None:
+            listener = self._listener
+            if listener is None or not listener.is_alive():
+                # Also restarts a listener that ended without the manager closing (its
+                # task cancelled from outside): the near cache must not stay off unseen.
                 self._listener = spawn(self._near_listen, "crmcache-near-cache-listener")
 
     async def _near_listen(self) -> None:
@@ -1083,9 +1125,15 @@ class AsyncCRMCacheManager:
                         "near cache off until Redis tracking is back: %s",
                         self._guard.scrub(f"{type(exc).__name__}: {exc}"),
                     )
+            except Exception as exc:  # noqa: BLE001 - the listener must outlive any message
+                logger.error(  # noqa: TRY400 - one scrubbed line; a traceback could show a secret
+                    "near cache off after an unexpected error in its listener; reconnecting: %s",
+                    self._guard.scrub(f"{type(exc).__name__}: {exc}"),
+                )
             finally:
+                # Cancelled included: nothing is served once no invalidation can arrive.
                 near.set_live(False)
-                await conn.disconnect()
+                await conn.disconnect(nowait=True)
             await self._stopping.wait(delay)
             delay = min(delay * 2, NEAR_RECONNECT_MAX)
 
@@ -1121,6 +1169,18 @@ class AsyncCRMCacheManager:
                 key,
                 suppressed,
             )
+        self._start_replay()
+
+    def _defer_invalidation(self, kind: PendingKind, key: str, version: int | None) -> None:
+        """Queue an invalidation whose caller was cancelled (or interrupted) before Redis
+        confirmed it: Redis may or may not have it, so the replay sends it (again).
+        Sending it twice is harmless (a tombstone keeps the higher version); losing it
+        could serve a stale value for up to its TTL."""
+        self._near_forget(key)
+        if self._stopping.is_set():
+            return
+        self._pending.add(kind, key, version)
+        logger.debug("invalidation of %s interrupted; queued for replay", key)
         self._start_replay()
 
     def _start_replay(self) -> None:

@@ -23,21 +23,27 @@ from typing import TYPE_CHECKING, Any
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 
-from .primitives import FairSlots
+from .._guard import PoolClosedError, PoolExhaustedError
+from .._stats import PoolAccounting
+from .primitives import Event, FairSlots
 
 if TYPE_CHECKING:
     from redis.asyncio.connection import AbstractConnection
 
     from .._scripts import ScriptLike
 
-__all__ = ["POOL_EXHAUSTED", "AsyncLeanPool"]
-
-#: The message redis-py's BlockingConnectionPool uses when no connection freed up in time.
-POOL_EXHAUSTED = "No connection available."
+__all__ = ["AsyncLeanPool"]
 
 
 class AsyncLeanPool:
     """At most ``max_connections`` redis-py connections, handed out LIFO.
+
+    Cancellation-safe (and, in the sync twin, safe against ``KeyboardInterrupt``): a call
+    that ends in any way but a complete reply never returns its connection to the pool.
+    The connection is closed instead, because a reply may still be on its way and would
+    be read by the next caller (the bug behind CVE-2023-28858/28859 in redis-py's asyncio
+    client). The call's slot is always given back; a caller cancelled while it waits for a
+    slot takes none.
 
     Args:
         factory: makes a new (unconnected) redis-py connection.
@@ -60,57 +66,61 @@ class AsyncLeanPool:
         # the list only holds the idle ones.
         self._idle: list[AbstractConnection] = []
         self._all: list[AbstractConnection] = []
+        self._checked_out = 0
+        self._discarded = 0
         self._lock = threading.Lock()
         self._pid = os.getpid()
+        self._closed = False
+        self._drained = Event()
 
     async def execute(self, *args: Any) -> Any:  # noqa: ANN401 - a raw Redis reply
         """Send one command and return its reply.
 
         Raises:
-            redis.exceptions.ConnectionError: no connection freed up within the timeout
-                (message ``"No connection available."``), or Redis could not be reached
-                twice in a row.
+            PoolExhaustedError: no connection freed up within the timeout (a
+                ``redis.exceptions.ConnectionError``, message ``"No connection available."``).
+            PoolClosedError: the pool is closed.
+            redis.exceptions.ConnectionError: Redis could not be reached twice in a row.
             redis.exceptions.TimeoutError: no reply within the socket timeout.
             redis.exceptions.ResponseError: Redis answered with an error.
         """
         if os.getpid() != self._pid:
             self._after_fork()
+        if self._closed:
+            raise PoolClosedError
         if not await self._slots.acquire(self._timeout):
-            raise RedisConnectionError(POOL_EXHAUSTED)
+            raise PoolExhaustedError
         try:
+            if self._closed:
+                raise PoolClosedError  # closed while this call waited for its slot
+            conn = self._checkout()
             try:
-                conn = self._idle.pop()
-            except IndexError:
-                conn = self._new()
-            try:
-                return await self._call(conn, args)
-            finally:
-                self._idle.append(conn)
+                reply = await self._call(conn, args)
+            except ResponseError:
+                await self._checkin(conn)  # an error reply was read in full: the stream is in step
+                raise
+            except BaseException:
+                # A timeout, a dropped connection, a cancellation or an interrupt: a reply
+                # may still be on its way, so this connection is never used again.
+                await self._discard(conn)
+                raise
+            await self._checkin(conn)
+            return reply
         finally:
             self._slots.release()
 
-    @staticmethod
-    async def _call(conn: AbstractConnection, args: Sequence[Any]) -> Any:  # noqa: ANN401
+    async def _call(self, conn: AbstractConnection, args: Sequence[Any]) -> Any:  # noqa: ANN401
         try:
             await conn.send_command(*args)
             return await conn.read_response()
         except RedisConnectionError:
+            if self._closed:
+                raise
             # A connection dropped while idle (Redis restarted, or a proxy closed it):
             # reconnect and try once more, as redis-py's Retry(retries=1) would.
-            await conn.disconnect()
-            try:
-                await conn.send_command(*args)
-                return await conn.read_response()
-            except BaseException:
-                await conn.disconnect()
-                raise
-        except ResponseError:
-            raise  # an error reply was read in full: the connection is clean
-        except BaseException:
-            # A timeout (or a cancellation) mid-reply leaves unread bytes on the socket:
-            # only a clean connection may go back to the pool.
-            await conn.disconnect()
-            raise
+            await conn.disconnect(nowait=True)
+            await conn.send_command(*args)
+            return await conn.read_response()
 
     async def evalsha(self, script: ScriptLike, keys: Sequence[Any], args: Sequence[Any]) -> Any:  # noqa: ANN401
         """Run a registered script by SHA, loading it first if Redis answers ``NOSCRIPT``
@@ -121,11 +131,39 @@ class AsyncLeanPool:
             await self.execute("SCRIPT", "LOAD", script.script)
             return await self.execute("EVALSHA", script.sha, len(keys), *keys, *args)
 
-    def _new(self) -> AbstractConnection:
-        conn = self._factory()
+    def _checkout(self) -> AbstractConnection:
         with self._lock:
+            self._checked_out += 1
+            if self._idle:
+                return self._idle.pop()
+            conn = self._factory()
             self._all.append(conn)
-        return conn
+            return conn
+
+    async def _checkin(self, conn: AbstractConnection) -> None:
+        with self._lock:
+            self._checked_out -= 1
+            if not self._closed:
+                self._idle.append(conn)
+                return
+        # Closed meanwhile: this call was its connection's last user.
+        await self._drop(conn)
+
+    async def _discard(self, conn: AbstractConnection) -> None:
+        with self._lock:
+            self._checked_out -= 1
+            self._discarded += 1
+        await self._drop(conn)
+
+    async def _drop(self, conn: AbstractConnection) -> None:
+        with self._lock:
+            if conn in self._all:
+                self._all.remove(conn)
+            if self._closed and self._checked_out == 0:
+                self._drained.set()
+        # nowait: the socket is closed without a suspension point, so a second
+        # cancellation cannot leave it half closed.
+        await conn.disconnect(nowait=True)
 
     def _after_fork(self) -> None:
         # The parent's sockets belong to the parent: forget them without closing them.
@@ -134,6 +172,7 @@ class AsyncLeanPool:
                 return
             self._idle = []
             self._all = []
+            self._checked_out = 0
             self._slots = FairSlots(self.max_connections)
             self._pid = os.getpid()
 
@@ -142,9 +181,42 @@ class AsyncLeanPool:
         with self._lock:
             return len(self._all), len(self._idle)
 
-    async def disconnect(self) -> None:
-        """Close every connection (idle ones at once, busy ones when they next fail)."""
+    def accounting(self) -> PoolAccounting:
+        """Where every slot and connection is (see :class:`PoolAccounting`)."""
+        slots = self._slots
         with self._lock:
-            conns = list(self._all)
-        for conn in conns:
-            await conn.disconnect()
+            return PoolAccounting(
+                slots_held=slots.held,
+                checked_out=self._checked_out,
+                idle=len(self._idle),
+                created=len(self._all),
+                waiting=slots.waiting,
+                waits=slots.waits,
+                timeouts=slots.timeouts,
+                discarded=self._discarded,
+            )
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` began."""
+        return self._closed
+
+    async def close(self, grace: float) -> None:
+        """Close the pool: new calls fail at once with :class:`PoolClosedError`, idle
+        connections close now, and calls in flight keep their connection for up to
+        ``grace`` seconds to read their reply; what is still open then is closed."""
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+            if self._checked_out == 0:
+                self._drained.set()
+        for conn in idle:
+            await self._drop(conn)
+        if not self._drained.is_set():
+            await self._drained.wait(grace)
+        with self._lock:
+            busy = list(self._all)
+        for conn in busy:
+            # A call still waiting on one of these sees a ConnectionError (not retried
+            # on a closed pool) and degrades.
+            await conn.disconnect(nowait=True)

@@ -10,8 +10,11 @@ import asyncio
 import contextlib
 from collections import deque
 from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
-__all__ = ["Background", "Event", "FairSlots", "sleep", "spawn"]
+T = TypeVar("T")
+
+__all__ = ["Background", "Event", "FairSlots", "finish", "sleep", "spawn"]
 
 
 class Event:
@@ -29,49 +32,86 @@ class Event:
         return self._event.is_set()
 
     async def wait(self, timeout: float | None = None) -> bool:
-        """Wait up to ``timeout`` seconds; True if the event is set."""
+        """Wait up to ``timeout`` seconds; True if the event is set.
+
+        A cancellation of the waiter is always raised (``asyncio.wait_for`` on Python 3.11
+        swallows one that arrives as the event is set).
+        """
         if timeout is None:
             await self._event.wait()
             return True
         try:
-            await asyncio.wait_for(self._event.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await self._event.wait()
         except TimeoutError:
             return self._event.is_set()
         return True
 
 
 class FairSlots:
-    """A counting semaphore that hands a freed slot to the longest-waiting task."""
+    """A counting semaphore that hands a freed slot to the longest-waiting task.
+
+    Cancellation-safe: a caller cancelled while it waits takes no slot, and one cancelled
+    just after a slot was handed to it passes that slot on, so no cancellation storm can
+    shrink the pool.
+    """
 
     def __init__(self, slots: int) -> None:
+        self.slots = slots
         self._free = slots
-        self._waiters: deque[asyncio.Future[None]] = deque()
+        # Each waiter's turn resolves to True (handed a slot) or False (timed out).
+        self._waiters: deque[asyncio.Future[bool]] = deque()
+        #: Acquisitions that had to queue, and those that gave up at their timeout.
+        self.waits = 0
+        self.timeouts = 0
 
     async def acquire(self, timeout: float) -> bool:
         """Take a slot, waiting up to ``timeout`` seconds; False if none came free."""
         if self._free > 0 and not self._waiters:
             self._free -= 1
             return True
-        turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        turn: asyncio.Future[bool] = loop.create_future()
         self._waiters.append(turn)
+        self.waits += 1
+        expiry = loop.call_later(timeout, self._expire, turn)
         try:
-            await asyncio.wait_for(asyncio.shield(turn), timeout)
-        except TimeoutError:
-            if turn.done():
-                return True  # handed a slot just as the wait timed out: keep it
+            got = await turn
+        except BaseException:
+            # Cancelled (awaiting ``turn`` cancels it too, unless it already resolved).
+            if turn.done() and not turn.cancelled() and turn.result():
+                self.release()  # a slot was handed over as the cancellation came: pass it on
+            else:
+                self._forget(turn)
+            raise
+        finally:
+            expiry.cancel()
+        if not got:
+            self.timeouts += 1
+        return got
+
+    def _expire(self, turn: asyncio.Future[bool]) -> None:
+        if not turn.done():
+            turn.set_result(False)
+            self._forget(turn)
+
+    def _forget(self, turn: asyncio.Future[bool]) -> None:
+        with contextlib.suppress(ValueError):
             self._waiters.remove(turn)
-            turn.cancel()
-            return False
-        return True
 
     def release(self) -> None:
         """Give the slot to the first waiter, or free it."""
         while self._waiters:
             turn = self._waiters.popleft()
             if not turn.done():
-                turn.set_result(None)
+                turn.set_result(True)
                 return
         self._free += 1
+
+    @property
+    def held(self) -> int:
+        """Slots taken (by callers, or handed to a waiter that has yet to resume)."""
+        return self.slots - self._free
 
     @property
     def waiting(self) -> int:
@@ -112,3 +152,9 @@ async def _run(job: Callable[[], Awaitable[None]]) -> None:
 async def sleep(seconds: float) -> None:
     """Sleep without blocking other tasks."""
     await asyncio.sleep(seconds)
+
+
+async def finish(work: Callable[[], Awaitable[T]]) -> T:
+    """Run ``work()`` to its end even if the caller is cancelled meanwhile (the caller
+    still sees its cancellation): for clean-up that must not stop half way."""
+    return await asyncio.shield(work())

@@ -10,8 +10,11 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import TypeVar
 
-__all__ = ["Background", "Event", "FairSlots", "sleep", "spawn"]
+T = TypeVar("T")
+
+__all__ = ["Background", "Event", "FairSlots", "finish", "sleep", "spawn"]
 
 
 class Event:
@@ -40,12 +43,21 @@ class FairSlots:
     next call, so under load one waiter can lose that race for its whole timeout (seen
     with 16 threads on 10 connections). Here a waiter queues, and release() passes the
     slot to the head of the queue instead of freeing it.
+
+    Interrupt-safe: a thread that a ``KeyboardInterrupt`` (or any exception) stops while it
+    waits takes no slot, and passes on one handed to it as the interrupt came.
     """
 
     def __init__(self, slots: int) -> None:
+        self.slots = slots
         self._free = slots
         self._lock = threading.Lock()
+        # A waiter's event is set when a slot is handed to it; handing it over also takes
+        # the waiter off the queue, so "still queued" means "no slot".
         self._waiters: deque[threading.Event] = deque()
+        #: Acquisitions that had to queue, and those that gave up at their timeout.
+        self.waits = 0
+        self.timeouts = 0
 
     def acquire(self, timeout: float) -> bool:
         """Take a slot, waiting up to ``timeout`` seconds; False if none came free."""
@@ -55,14 +67,28 @@ class FairSlots:
                 return True
             turn = threading.Event()
             self._waiters.append(turn)
-        if turn.wait(timeout):
-            return True
+            self.waits += 1
+        try:
+            if turn.wait(timeout):
+                return True
+        except BaseException:
+            if not self._withdraw(turn):
+                self.release()  # handed a slot as the interrupt came: pass it on
+            raise
+        if self._withdraw(turn):
+            with self._lock:
+                self.timeouts += 1
+            return False
+        return True  # handed a slot just as the wait timed out: keep it
+
+    def _withdraw(self, turn: threading.Event) -> bool:
+        """Take ``turn`` off the queue; False if it was already handed a slot."""
         with self._lock:
             try:
                 self._waiters.remove(turn)
             except ValueError:
-                return True  # handed a slot just as the wait timed out: keep it
-            return False
+                return False
+            return True
 
     def release(self) -> None:
         """Give the slot to the first waiter, or free it."""
@@ -71,6 +97,12 @@ class FairSlots:
                 self._waiters.popleft().set()
             else:
                 self._free += 1
+
+    @property
+    def held(self) -> int:
+        """Slots taken (by callers, or handed to a waiter that has yet to resume)."""
+        with self._lock:
+            return self.slots - self._free
 
     @property
     def waiting(self) -> int:
@@ -107,3 +139,9 @@ def spawn(job: Callable[[], None], name: str) -> Background:
 def sleep(seconds: float) -> None:
     """Sleep (blocks the calling thread)."""
     time.sleep(seconds)
+
+
+def finish(work: Callable[[], T]) -> T:
+    """Run ``work()`` (the sync twin of the async ``finish``, which shields it from
+    cancellation)."""
+    return work()

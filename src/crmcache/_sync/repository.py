@@ -20,7 +20,8 @@ import time
 
 from .._common import DEFAULT_LEASE_TTL, LeaseState
 from .._config import DEFAULT_MAX_ID_LENGTH
-from .._keys import check_id
+from .._keys import check_id, prefs_key
+from .._pending import PendingKind
 from .._stats import RepositoryStats
 from ..models import ClientPreferences
 from ..store import PreferenceStore
@@ -39,12 +40,15 @@ _LEASE_POLL = 0.005
 class _Flight:
     """One in-process database load that concurrent misses for the same client share."""
 
-    __slots__ = ("done", "error", "result")
+    __slots__ = ("abandoned", "done", "error", "result")
 
     def __init__(self) -> None:
         self.done = Event()
         self.result: ClientPreferences | None = None
-        self.error: BaseException | None = None
+        self.error: Exception | None = None
+        # The leader was cancelled (or interrupted): its followers take over, they do not
+        # share its cancellation.
+        self.abandoned = False
 
 
 class CommunicationRepository:
@@ -140,22 +144,32 @@ class CommunicationRepository:
         return self._load_once(client_id)
 
     def _load_once(self, client_id: str) -> ClientPreferences | None:
-        with self._lock:
-            flight = self._flights.get(client_id)
-            leader = flight is None
-            if flight is None:
-                flight = self._flights[client_id] = _Flight()
-            else:
-                self._counts["single_flight_joins"] += 1
-        if not leader:
+        while True:
+            with self._lock:
+                flight = self._flights.get(client_id)
+                leader = flight is None
+                if flight is None:
+                    flight = self._flights[client_id] = _Flight()
+                else:
+                    self._counts["single_flight_joins"] += 1
+            if leader:
+                return self._lead(client_id, flight)
+            # A follower holds nothing: cancelling it here leaves the flight as it was.
             flight.done.wait()
+            if flight.abandoned:
+                continue  # the leader was cancelled: the first follower back leads anew
             if flight.error is not None:
                 raise flight.error
             return flight.result
+
+    def _lead(self, client_id: str, flight: _Flight) -> ClientPreferences | None:
         try:
             flight.result = self._load_and_fill(client_id)
-        except BaseException as exc:
+        except Exception as exc:
             flight.error = exc
+            raise
+        except BaseException:
+            flight.abandoned = True
             raise
         else:
             return flight.result
@@ -219,8 +233,20 @@ class CommunicationRepository:
         with self._lock:
             # Readers that start from now on must not share a load begun before the save.
             self._flights.pop(saved.client_id, None)
-        if self.cache is not None and not self.cache.set_client_preferences(saved):
-            # Refused means a newer version is already cached; failed means Redis is away:
-            # then at least try to leave a tombstone so the old row is not served.
-            self.cache.invalidate_client_preferences(saved.client_id, version=saved.version)
+        cache = self.cache
+        if cache is None:
+            return saved
+        try:
+            if not cache.set_client_preferences(saved):
+                # Refused means a newer version is already cached; failed means Redis is
+                # away: then at least try to leave a tombstone so the old row is not served.
+                cache.invalidate_client_preferences(saved.client_id, version=saved.version)
+        except BaseException:
+            # Cancelled after the database committed: the cache may still hold the old
+            # row. The replay leaves a tombstone of the saved version (which that version
+            # passes), so the old row is not served for the rest of its TTL.
+            cache._defer_invalidation(
+                PendingKind.PREFERENCES, prefs_key(saved.client_id), saved.version
+            )
+            raise
         return saved
