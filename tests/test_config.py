@@ -461,10 +461,11 @@ def test_rediss_url_uses_tls_and_degrades_without_a_server() -> None:
     manager = CRMCacheManager(redis_url=dead_url(scheme="rediss"), socket_connect_timeout=0.5)
     try:
         assert manager._pool is not None
-        assert manager._health_pool is not None
-        # redis.SSLConnection, or its redis.asyncio namesake under --facade=async.
+        # redis.SSLConnection, or its redis.asyncio namesake under --facade=async, for the
+        # data path, the admin calls and the health probe alike.
         assert manager._pool.connection_class.__name__ == "SSLConnection"
-        assert manager._health_pool.connection_class.__name__ == "SSLConnection"
+        for pool in (manager._lean, manager._admin, manager._health):
+            assert type(pool._factory()).__name__ == "SSLConnection"
         started = time.monotonic()
         assert manager.health_check() is False
         assert time.monotonic() - started < 2.0

@@ -93,7 +93,6 @@ def test_hits_are_served_in_process(server: RedisServer, protocol: int) -> None:
             )
         )
 
-
         def ten_reads_without_a_get() -> bool:
             # A late invalidation of our own writes may still evict once (the listener
             # thread can lag under load): then the next round must be all in-process.

@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from redis._parsers.helpers import parse_info
+
 __all__ = [
     "CacheStats",
     "Counter",
@@ -117,6 +119,12 @@ class RedisServerStats:
     used_memory_human: str
     keyspace_hits: int
     keyspace_misses: int
+
+    @classmethod
+    def from_reply(cls, reply: bytes) -> RedisServerStats:
+        """Parse a raw ``INFO`` reply (redis-py's parser) and pick the fields."""
+        text = reply.decode("utf-8", "replace")
+        return cls.from_info(parse_info(text))  # type: ignore[no-untyped-call]
 
     @classmethod
     def from_info(cls, info: Mapping[str, Any]) -> RedisServerStats:

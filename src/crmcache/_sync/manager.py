@@ -247,10 +247,10 @@ class CRMCacheManager:
         self._invalidation_warnings = LogThrottle(30.0)
         self._rate_limit_keys: dict[tuple[str, int], str] = {}
         self._pool: BlockingConnectionPool | None = None
-        self._health_pool: BlockingConnectionPool | None = None
         self._client: Redis | None = None
         self._lean: LeanPool | None = None
-        self._health_client: Redis | None = None
+        self._admin: LeanPool | None = None
+        self._health: LeanPool | None = None
         self._scripts: Scripts | None = None
         self._near = NearCache(s.near_cache_size, s.near_cache_ttl) if s.near_cache else None
         self._listener: Background | None = None
@@ -275,9 +275,9 @@ class CRMCacheManager:
             supported_errors=(RedisConnectionError,),
         )
         try:
-            # redis-py's pool serves the rare administrative calls (SCAN and INFO for the
-            # stats); the data path runs on LeanPool (see _pool.py) with connections of
-            # the same class and settings.
+            # redis-py parses the URL and holds the connection settings (class, TLS, auth,
+            # db, timeouts); every call runs on a lean pool of its connections (see
+            # pool.py), whose slots and connections survive cancellation.
             self._pool = BlockingConnectionPool.from_url(
                 s.redis_url,
                 max_connections=ADMIN_CONNECTIONS,
@@ -289,30 +289,40 @@ class CRMCacheManager:
                 health_check_interval=HEALTH_CHECK_INTERVAL,
                 client_name="crmcache",
             )
-            # Health checks get their own single connection whose read timeout is the
-            # connect timeout, so a probe is bounded by it even when the pool is busy.
-            self._health_pool = BlockingConnectionPool.from_url(
-                s.redis_url,
-                max_connections=1,
-                timeout=s.socket_connect_timeout,
-                socket_timeout=s.socket_connect_timeout,
-                socket_connect_timeout=s.socket_connect_timeout,
-                retry=Retry(ExponentialWithJitterBackoff(cap=0.1, base=0.01), retries=0),
-                protocol=2,
-                client_name="crmcache-health",
-            )
         except ValueError as exc:
             message = self._guard.scrub(str(exc))
             raise ConfigurationError(
                 f"redis_url {s.masked_url!r} is not usable: {message}"
             ) from None
         self._client = Redis(connection_pool=self._pool)
-        self._health_client = Redis(connection_pool=self._health_pool)
-        admin = self._pool
+        settings = self._pool
+        connection_class, kwargs = settings.connection_class, settings.connection_kwargs
         self._lean = LeanPool(
-            lambda: admin.connection_class(**admin.connection_kwargs),
+            lambda: connection_class(**kwargs),
             max_connections=s.max_connections,
             timeout=s.pool_timeout,
+        )
+        # The rare administrative calls (SCAN and INFO for the stats) do not take the
+        # data path's connections.
+        self._admin = LeanPool(
+            lambda: connection_class(**kwargs),
+            max_connections=ADMIN_CONNECTIONS,
+            timeout=s.pool_timeout,
+        )
+        # Health checks get their own single connection whose read timeout is the
+        # connect timeout, so a probe is bounded by it even when the pool is busy; a
+        # dropped connection is not retried (that would double the bound).
+        health_kwargs = {
+            **kwargs,
+            "socket_timeout": s.socket_connect_timeout,
+            "retry": Retry(ExponentialWithJitterBackoff(cap=0.1, base=0.01), retries=0),
+            "client_name": "crmcache-health",
+        }
+        self._health = LeanPool(
+            lambda: connection_class(**health_kwargs),
+            max_connections=1,
+            timeout=s.socket_connect_timeout,
+            retry_dropped=False,
         )
         self._scripts = register_scripts(self._client)
 
@@ -366,11 +376,9 @@ class CRMCacheManager:
             listener.join(timeout=self.settings.socket_timeout + 1)
 
     def _close_connections(self) -> None:
-        if self._lean is not None:
-            self._lean.close(grace=self.settings.socket_timeout)
-        for pool in (self._pool, self._health_pool):
+        for pool in (self._lean, self._admin, self._health):
             if pool is not None:
-                pool.disconnect()
+                pool.close(grace=self.settings.socket_timeout)
 
     def __enter__(self) -> Self:
         return self
@@ -962,11 +970,13 @@ class CRMCacheManager:
         A disabled or closed manager is reported unhealthy (it serves nothing); check
         :attr:`enabled` to tell the cases apart.
         """
-        client = self._health_client
-        if self._closed or client is None:
+        health = self._health
+        if self._closed or health is None:
             return False
         try:
-            return bool(client.ping())
+            return bool(health.execute("PING") == b"PONG")
+        except PoolClosedError:
+            return False
         except Exception as exc:  # noqa: BLE001 - a health probe reports, it never raises
             reason = self._guard.scrub(f"{type(exc).__name__}: {exc}")
             logger.warning("health check failed: %s", reason)
@@ -982,14 +992,14 @@ class CRMCacheManager:
         total_keys: int | None = None
         exact = False
         info: RedisServerStats | None = None
-        client = self._client if self._active() is not None else None
-        if client is not None:
-            counted = self._call("get_cache_stats", self._count_keys, client)
+        admin = self._admin if self._active() is not None else None
+        if admin is not None:
+            counted = self._call("get_cache_stats", self._count_keys, admin)
             if counted is not FAILED:
                 total_keys, exact = counted
-            raw_info = self._call("get_cache_stats", client.info)
+            raw_info = self._call("get_cache_stats", admin.execute, "INFO")
             if raw_info is not FAILED:
-                info = RedisServerStats.from_info(raw_info)
+                info = RedisServerStats.from_reply(raw_info)
         stats = CacheStats(
             enabled=self.enabled,
             total_keys=total_keys,
@@ -1033,16 +1043,16 @@ class CRMCacheManager:
         """Zero the local hit/miss and event counters."""
         self._stats.reset()
 
-    def _count_keys(self, client: Redis) -> tuple[int, bool]:
+    def _count_keys(self, admin: LeanPool) -> tuple[int, bool]:
         # SCAN in batches (never KEYS): Redis serves other clients between batches. Stop at
         # a time budget on a huge keyspace and say the count is a lower bound.
         deadline = time.monotonic() + SCAN_BUDGET
-        cursor, total = 0, 0
+        cursor, total = b"0", 0
         while True:
-            reply = client.scan(cursor=cursor, match=SCAN_PATTERN, count=SCAN_COUNT)
-            cursor, batch = cast("tuple[int, list[bytes]]", reply)
+            reply = admin.execute("SCAN", cursor, "MATCH", SCAN_PATTERN, "COUNT", SCAN_COUNT)
+            cursor, batch = cast("tuple[bytes, list[bytes]]", reply)
             total += len(batch)
-            if cursor == 0:
+            if cursor == b"0":
                 return total, True
             if time.monotonic() > deadline:
                 return total, False
@@ -1227,16 +1237,20 @@ class CRMCacheManager:
         return not self._pending
 
     def _shorten_all_preferences(self) -> int:
-        client = self._client
-        if client is None:
+        admin = self._admin
+        if admin is None:
             return 0
-        count = 0
-        for key in client.scan_iter(match="crm:prefs:*", count=SCAN_COUNT):
-            # PEXPIRE ... LT would be exact but needs Redis 7; a longer TTL is only
-            # shortened to the tombstone TTL, a shorter one lengthened to it at most.
-            client.pexpire(key, self._tombstone_ms)
-            count += 1
-        return count
+        count, cursor = 0, b"0"
+        while True:
+            reply = admin.execute("SCAN", cursor, "MATCH", "crm:prefs:*", "COUNT", SCAN_COUNT)
+            cursor, batch = cast("tuple[bytes, list[bytes]]", reply)
+            for key in batch:
+                # PEXPIRE ... LT would be exact but needs Redis 7; a longer TTL is only
+                # shortened to the tombstone TTL, a shorter one lengthened to it at most.
+                admin.execute("PEXPIRE", key, self._tombstone_ms)
+                count += 1
+            if cursor == b"0":
+                return count
 
     def _evict(self, key: str, raw: bytes | None, reason: str) -> None:
         """Delete a value that failed to decode (only if unchanged) and count it."""

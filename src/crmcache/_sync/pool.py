@@ -51,6 +51,8 @@ class LeanPool:
         factory: makes a new (unconnected) redis-py connection.
         max_connections: connections open at most; callers beyond wait.
         timeout: seconds a caller waits for a free connection.
+        retry_dropped: send once more on a fresh connection when the first attempt finds
+            the connection dropped (how a restarted Redis is reconnected).
     """
 
     def __init__(
@@ -59,8 +61,10 @@ class LeanPool:
         *,
         max_connections: int,
         timeout: float,
+        retry_dropped: bool = True,
     ) -> None:
         self._factory = factory
+        self._retry_dropped = retry_dropped
         self.max_connections = max_connections
         self._timeout = timeout
         self._slots = FairSlots(max_connections)
@@ -116,7 +120,7 @@ class LeanPool:
             conn.send_command(*args)
             return conn.read_response()
         except RedisConnectionError:
-            if self._closed:
+            if self._closed or not self._retry_dropped:
                 raise
             # A connection dropped while idle (Redis restarted, or a proxy closed it):
             # reconnect and try once more, as redis-py's Retry(retries=1) would.
