@@ -432,6 +432,25 @@ def test_unexpected_error_degrades_and_releases_the_probe(
     assert "RuntimeError: a bug in a reply decoder" in errors[0].getMessage()
 
 
+async def gated_flight(
+    cache: AsyncCRMCacheManager, row: ClientPreferences, followers: int
+) -> tuple[
+    MemoryStore, AsyncCommunicationRepository, asyncio.Future[Any], list[asyncio.Future[Any]]
+]:
+    """A leader whose database load is held at the store's gate, and ``followers`` tasks
+    that joined its flight."""
+    store = MemoryStore({row.client_id: row})
+    store.gate, store.entered = asyncio.Event(), asyncio.Event()
+    repo = AsyncCommunicationRepository(store, cache)
+    leader = asyncio.ensure_future(repo.get_client_preferences(row.client_id))
+    await store.entered.wait()
+    joined = [
+        asyncio.ensure_future(repo.get_client_preferences(row.client_id)) for _ in range(followers)
+    ]
+    await apoll(lambda: repo.stats.single_flight_joins == followers)
+    return store, repo, leader, joined
+
+
 def test_cancelled_single_flight_leader_hands_over(redis_url: str, raw: redis.Redis) -> None:
     """The leader of a single-flight load is cancelled mid-load: its followers are not
     cancelled; one of them loads, all get the row, the lease is released."""
@@ -439,15 +458,9 @@ def test_cancelled_single_flight_leader_hands_over(redis_url: str, raw: redis.Re
     async def main() -> None:
         async with AsyncCRMCacheManager(redis_url=redis_url) as cache:
             row = ClientPreferences(client_id="hot", version=4)
-            store = MemoryStore({"hot": row})
-            store.gate, store.entered = asyncio.Event(), asyncio.Event()
-            repo = AsyncCommunicationRepository(store, cache)
-            leader = asyncio.ensure_future(repo.get_client_preferences("hot"))
-            await store.entered.wait()
-            followers = [
-                asyncio.ensure_future(repo.get_client_preferences("hot")) for _ in range(10)
-            ]
-            await apoll(lambda: repo.stats.single_flight_joins == 10)
+            store, repo, leader, followers = await gated_flight(cache, row, 10)
+            assert store.entered is not None
+            assert store.gate is not None
             store.entered.clear()
             leader.cancel()
             with pytest.raises(asyncio.CancelledError):
@@ -471,15 +484,8 @@ def test_cancelled_followers_leave_the_leader_alone(redis_url: str, raw: redis.R
     async def main() -> None:
         async with AsyncCRMCacheManager(redis_url=redis_url) as cache:
             row = ClientPreferences(client_id="hot", version=2)
-            store = MemoryStore({"hot": row})
-            store.gate, store.entered = asyncio.Event(), asyncio.Event()
-            repo = AsyncCommunicationRepository(store, cache)
-            leader = asyncio.ensure_future(repo.get_client_preferences("hot"))
-            await store.entered.wait()
-            followers = [
-                asyncio.ensure_future(repo.get_client_preferences("hot")) for _ in range(5)
-            ]
-            await apoll(lambda: repo.stats.single_flight_joins == 5)
+            store, repo, leader, followers = await gated_flight(cache, row, 5)
+            assert store.gate is not None
             for task in followers[:3]:
                 task.cancel()
             store.gate.set()

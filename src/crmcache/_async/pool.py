@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -25,7 +26,7 @@ from redis.exceptions import NoScriptError, ResponseError
 
 from .._guard import PoolClosedError, PoolExhaustedError
 from .._stats import PoolAccounting
-from .primitives import Event, FairSlots
+from .primitives import FairSlots, sleep
 
 if TYPE_CHECKING:
     from redis.asyncio.connection import AbstractConnection
@@ -33,6 +34,9 @@ if TYPE_CHECKING:
     from .._scripts import ScriptLike
 
 __all__ = ["AsyncLeanPool"]
+
+#: Seconds between checks for calls still in flight while the pool closes.
+_DRAIN_POLL = 0.005
 
 
 class AsyncLeanPool:
@@ -70,12 +74,10 @@ class AsyncLeanPool:
         # the list only holds the idle ones.
         self._idle: list[AbstractConnection] = []
         self._all: list[AbstractConnection] = []
-        self._checked_out = 0
         self._discarded = 0
         self._lock = threading.Lock()
         self._pid = os.getpid()
         self._closed = False
-        self._drained = Event()
 
     async def execute(self, *args: Any) -> Any:  # noqa: ANN401 - a raw Redis reply
         """Send one command and return its reply.
@@ -97,18 +99,26 @@ class AsyncLeanPool:
         try:
             if self._closed:
                 raise PoolClosedError  # closed while this call waited for its slot
-            conn = self._checkout()
+            # list.pop/list.append are atomic: the slots bound how many connections
+            # exist, the list holds the idle ones.
+            try:
+                conn = self._idle.pop()
+            except IndexError:
+                conn = self._new()
             try:
                 reply = await self._call(conn, args)
             except ResponseError:
-                await self._checkin(conn)  # an error reply was read in full: the stream is in step
+                await self._checkin(conn)  # an error reply was read in full: in step
                 raise
             except BaseException:
                 # A timeout, a dropped connection, a cancellation or an interrupt: a reply
                 # may still be on its way, so this connection is never used again.
                 await self._discard(conn)
                 raise
-            await self._checkin(conn)
+            if self._closed:
+                await self._drop(conn)
+            else:
+                self._idle.append(conn)
             return reply
         finally:
             self._slots.release()
@@ -135,27 +145,20 @@ class AsyncLeanPool:
             await self.execute("SCRIPT", "LOAD", script.script)
             return await self.execute("EVALSHA", script.sha, len(keys), *keys, *args)
 
-    def _checkout(self) -> AbstractConnection:
+    def _new(self) -> AbstractConnection:
+        conn = self._factory()
         with self._lock:
-            self._checked_out += 1
-            if self._idle:
-                return self._idle.pop()
-            conn = self._factory()
             self._all.append(conn)
-            return conn
+        return conn
 
     async def _checkin(self, conn: AbstractConnection) -> None:
-        with self._lock:
-            self._checked_out -= 1
-            if not self._closed:
-                self._idle.append(conn)
-                return
-        # Closed meanwhile: this call was its connection's last user.
-        await self._drop(conn)
+        if self._closed:
+            await self._drop(conn)  # this call was its connection's last user
+        else:
+            self._idle.append(conn)
 
     async def _discard(self, conn: AbstractConnection) -> None:
         with self._lock:
-            self._checked_out -= 1
             self._discarded += 1
         await self._drop(conn)
 
@@ -163,8 +166,6 @@ class AsyncLeanPool:
         with self._lock:
             if conn in self._all:
                 self._all.remove(conn)
-            if self._closed and self._checked_out == 0:
-                self._drained.set()
         # nowait: the socket is closed without a suspension point, so a second
         # cancellation cannot leave it half closed.
         await conn.disconnect(nowait=True)
@@ -176,7 +177,6 @@ class AsyncLeanPool:
                 return
             self._idle = []
             self._all = []
-            self._checked_out = 0
             self._slots = FairSlots(self.max_connections)
             self._pid = os.getpid()
 
@@ -189,11 +189,12 @@ class AsyncLeanPool:
         """Where every slot and connection is (see :class:`PoolAccounting`)."""
         slots = self._slots
         with self._lock:
+            created, idle = len(self._all), len(self._idle)
             return PoolAccounting(
                 slots_held=slots.held,
-                checked_out=self._checked_out,
-                idle=len(self._idle),
-                created=len(self._all),
+                checked_out=created - idle,
+                idle=idle,
+                created=created,
                 waiting=slots.waiting,
                 waits=slots.waits,
                 timeouts=slots.timeouts,
@@ -208,19 +209,18 @@ class AsyncLeanPool:
     async def close(self, grace: float) -> None:
         """Close the pool: new calls fail at once with :class:`PoolClosedError`, idle
         connections close now, and calls in flight keep their connection for up to
-        ``grace`` seconds to read their reply; what is still open then is closed."""
+        ``grace`` seconds to read their reply; whatever is still open then is closed."""
         with self._lock:
             self._closed = True
             idle, self._idle = self._idle, []
-            if self._checked_out == 0:
-                self._drained.set()
         for conn in idle:
             await self._drop(conn)
-        if not self._drained.is_set():
-            await self._drained.wait(grace)
+        deadline = time.monotonic() + grace
+        while len(self._all) > len(self._idle) and time.monotonic() < deadline:
+            await sleep(_DRAIN_POLL)  # shutdown only: a poll is simpler than a wake-up
         with self._lock:
-            busy = list(self._all)
-        for conn in busy:
-            # A call still waiting on one of these sees a ConnectionError (not retried
-            # on a closed pool) and degrades.
+            left, self._all, self._idle = self._all, [], []
+        for conn in left:
+            # A call still waiting on one of these sees a ConnectionError (not retried on a
+            # closed pool) and degrades.
             await conn.disconnect(nowait=True)

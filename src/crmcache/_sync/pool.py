@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -27,7 +28,7 @@ from redis.exceptions import NoScriptError, ResponseError
 
 from .._guard import PoolClosedError, PoolExhaustedError
 from .._stats import PoolAccounting
-from .primitives import Event, FairSlots
+from .primitives import FairSlots, sleep
 
 if TYPE_CHECKING:
     from redis.connection import AbstractConnection
@@ -35,6 +36,9 @@ if TYPE_CHECKING:
     from .._scripts import ScriptLike
 
 __all__ = ["LeanPool"]
+
+#: Seconds between checks for calls still in flight while the pool closes.
+_DRAIN_POLL = 0.005
 
 
 class LeanPool:
@@ -72,12 +76,10 @@ class LeanPool:
         # the list only holds the idle ones.
         self._idle: list[AbstractConnection] = []
         self._all: list[AbstractConnection] = []
-        self._checked_out = 0
         self._discarded = 0
         self._lock = threading.Lock()
         self._pid = os.getpid()
         self._closed = False
-        self._drained = Event()
 
     def execute(self, *args: Any) -> Any:  # noqa: ANN401 - a raw Redis reply
         """Send one command and return its reply.
@@ -99,18 +101,26 @@ class LeanPool:
         try:
             if self._closed:
                 raise PoolClosedError  # closed while this call waited for its slot
-            conn = self._checkout()
+            # list.pop/list.append are atomic: the slots bound how many connections
+            # exist, the list holds the idle ones.
+            try:
+                conn = self._idle.pop()
+            except IndexError:
+                conn = self._new()
             try:
                 reply = self._call(conn, args)
             except ResponseError:
-                self._checkin(conn)  # an error reply was read in full: the stream is in step
+                self._checkin(conn)  # an error reply was read in full: in step
                 raise
             except BaseException:
                 # A timeout, a dropped connection, a cancellation or an interrupt: a reply
                 # may still be on its way, so this connection is never used again.
                 self._discard(conn)
                 raise
-            self._checkin(conn)
+            if self._closed:
+                self._drop(conn)
+            else:
+                self._idle.append(conn)
             return reply
         finally:
             self._slots.release()
@@ -137,27 +147,20 @@ class LeanPool:
             self.execute("SCRIPT", "LOAD", script.script)
             return self.execute("EVALSHA", script.sha, len(keys), *keys, *args)
 
-    def _checkout(self) -> AbstractConnection:
+    def _new(self) -> AbstractConnection:
+        conn = self._factory()
         with self._lock:
-            self._checked_out += 1
-            if self._idle:
-                return self._idle.pop()
-            conn = self._factory()
             self._all.append(conn)
-            return conn
+        return conn
 
     def _checkin(self, conn: AbstractConnection) -> None:
-        with self._lock:
-            self._checked_out -= 1
-            if not self._closed:
-                self._idle.append(conn)
-                return
-        # Closed meanwhile: this call was its connection's last user.
-        self._drop(conn)
+        if self._closed:
+            self._drop(conn)  # this call was its connection's last user
+        else:
+            self._idle.append(conn)
 
     def _discard(self, conn: AbstractConnection) -> None:
         with self._lock:
-            self._checked_out -= 1
             self._discarded += 1
         self._drop(conn)
 
@@ -165,8 +168,6 @@ class LeanPool:
         with self._lock:
             if conn in self._all:
                 self._all.remove(conn)
-            if self._closed and self._checked_out == 0:
-                self._drained.set()
         # nowait: the socket is closed without a suspension point, so a second
         # cancellation cannot leave it half closed.
         conn.disconnect(nowait=True)
@@ -178,7 +179,6 @@ class LeanPool:
                 return
             self._idle = []
             self._all = []
-            self._checked_out = 0
             self._slots = FairSlots(self.max_connections)
             self._pid = os.getpid()
 
@@ -191,11 +191,12 @@ class LeanPool:
         """Where every slot and connection is (see :class:`PoolAccounting`)."""
         slots = self._slots
         with self._lock:
+            created, idle = len(self._all), len(self._idle)
             return PoolAccounting(
                 slots_held=slots.held,
-                checked_out=self._checked_out,
-                idle=len(self._idle),
-                created=len(self._all),
+                checked_out=created - idle,
+                idle=idle,
+                created=created,
                 waiting=slots.waiting,
                 waits=slots.waits,
                 timeouts=slots.timeouts,
@@ -210,19 +211,18 @@ class LeanPool:
     def close(self, grace: float) -> None:
         """Close the pool: new calls fail at once with :class:`PoolClosedError`, idle
         connections close now, and calls in flight keep their connection for up to
-        ``grace`` seconds to read their reply; what is still open then is closed."""
+        ``grace`` seconds to read their reply; whatever is still open then is closed."""
         with self._lock:
             self._closed = True
             idle, self._idle = self._idle, []
-            if self._checked_out == 0:
-                self._drained.set()
         for conn in idle:
             self._drop(conn)
-        if not self._drained.is_set():
-            self._drained.wait(grace)
+        deadline = time.monotonic() + grace
+        while len(self._all) > len(self._idle) and time.monotonic() < deadline:
+            sleep(_DRAIN_POLL)  # shutdown only: a poll is simpler than a wake-up
         with self._lock:
-            busy = list(self._all)
-        for conn in busy:
-            # A call still waiting on one of these sees a ConnectionError (not retried
-            # on a closed pool) and degrades.
+            left, self._all, self._idle = self._all, [], []
+        for conn in left:
+            # A call still waiting on one of these sees a ConnectionError (not retried on a
+            # closed pool) and degrades.
             conn.disconnect(nowait=True)
