@@ -201,11 +201,6 @@ class AsyncLeanPool:
                 discarded=self._discarded,
             )
 
-    @property
-    def closed(self) -> bool:
-        """True once :meth:`close` began."""
-        return self._closed
-
     async def close(self, grace: float) -> None:
         """Close the pool: new calls fail at once with :class:`PoolClosedError`, idle
         connections close now, and calls in flight keep their connection for up to
