@@ -105,20 +105,22 @@ class AsyncLeanPool:
                 conn = self._idle.pop()
             except IndexError:
                 conn = self._new()
+            refusal: ResponseError | None = None
             try:
                 reply = await self._call(conn, args)
-            except ResponseError:
-                await self._checkin(conn)  # an error reply was read in full: in step
-                raise
+            except ResponseError as exc:
+                refusal = exc  # an error reply was read in full: the stream is in step
             except BaseException:
                 # A timeout, a dropped connection, a cancellation or an interrupt: a reply
                 # may still be on its way, so this connection is never used again.
                 await self._discard(conn)
                 raise
             if self._closed:
-                await self._drop(conn)
+                await self._drop(conn)  # this call was its connection's last user
             else:
                 self._idle.append(conn)
+            if refusal is not None:
+                raise refusal
             return reply
         finally:
             self._slots.release()
@@ -150,12 +152,6 @@ class AsyncLeanPool:
         with self._lock:
             self._all.append(conn)
         return conn
-
-    async def _checkin(self, conn: AbstractConnection) -> None:
-        if self._closed:
-            await self._drop(conn)  # this call was its connection's last user
-        else:
-            self._idle.append(conn)
 
     async def _discard(self, conn: AbstractConnection) -> None:
         with self._lock:

@@ -107,20 +107,22 @@ class LeanPool:
                 conn = self._idle.pop()
             except IndexError:
                 conn = self._new()
+            refusal: ResponseError | None = None
             try:
                 reply = self._call(conn, args)
-            except ResponseError:
-                self._checkin(conn)  # an error reply was read in full: in step
-                raise
+            except ResponseError as exc:
+                refusal = exc  # an error reply was read in full: the stream is in step
             except BaseException:
                 # A timeout, a dropped connection, a cancellation or an interrupt: a reply
                 # may still be on its way, so this connection is never used again.
                 self._discard(conn)
                 raise
             if self._closed:
-                self._drop(conn)
+                self._drop(conn)  # this call was its connection's last user
             else:
                 self._idle.append(conn)
+            if refusal is not None:
+                raise refusal
             return reply
         finally:
             self._slots.release()
@@ -152,12 +154,6 @@ class LeanPool:
         with self._lock:
             self._all.append(conn)
         return conn
-
-    def _checkin(self, conn: AbstractConnection) -> None:
-        if self._closed:
-            self._drop(conn)  # this call was its connection's last user
-        else:
-            self._idle.append(conn)
 
     def _discard(self, conn: AbstractConnection) -> None:
         with self._lock:
