@@ -48,13 +48,13 @@ def poll(condition: Callable[[], object], timeout: float = 5.0) -> None:
 def assert_at_rest(cache: Any) -> None:
     """No call is running: every slot and connection of the data path is accounted for,
     and redis-py's admin pools hold nothing either."""
-    books = cache._lean.accounting()
+    books = cache._transport.accounting()
     assert books.slots_held == 0, books
     assert books.checked_out == 0, books
     assert books.waiting == 0, books
     assert books.created == books.idle, books
     assert books.created <= cache.settings.max_connections, books
-    for pool in (cache._admin, cache._health):
+    for pool in (cache._transport.admin, cache._transport.health):
         books = pool.accounting()
         assert (books.slots_held, books.checked_out, books.waiting) == (0, 0, 0), books
         assert books.created == books.idle, books
@@ -170,7 +170,7 @@ async def run_storm(
     Returns counts of completed and cancelled calls; fails on any wrong result."""
     counts = {"completed": 0, "cancelled": 0}
     max_slots = cache.settings.max_connections
-    lean = cache._lean
+    lean = cache._transport
     assert lean is not None
 
     async def one(call: Callable[[], Awaitable[object]], check: Callable[[object], bool]) -> None:
@@ -242,7 +242,7 @@ def test_cancellation_storm_leaks_nothing(
             )
             assert counts["cancelled"] > 200, counts
             assert counts["completed"] > 500, counts
-            await apoll(lambda: cache._lean.accounting().slots_held == 0)  # type: ignore[union-attr]
+            await apoll(lambda: cache._transport.accounting().slots_held == 0)  # type: ignore[union-attr]
             assert_at_rest(cache)
             assert not repo._flights
             stats = await cache.get_stats()
@@ -250,12 +250,12 @@ def test_cancellation_storm_leaks_nothing(
             assert stats.counters["redis_errors"] == 0
             assert stats.counters["unexpected_errors"] == 0
             assert stats.counters["cancelled"] > 0
-            before = cache._lean.accounting()  # type: ignore[union-attr]
+            before = cache._transport.accounting()  # type: ignore[union-attr]
             for n in range(100):
                 i = n % KEYS
                 assert await cache.get_template(*template(i)) == f"v{i}"
                 assert await cache.get_client_preferences(f"c{i}") == prefs(i)
-            after = cache._lean.accounting()  # type: ignore[union-attr]
+            after = cache._transport.accounting()  # type: ignore[union-attr]
             assert after.waits == before.waits  # nobody queued for a slot
             assert after.timeouts == 0
             assert (await cache.get_stats()).counters["reads_failed"] == 0
@@ -283,7 +283,7 @@ def test_issue_reproducer_next_call_is_served(redis_url: str, raw: redis.Redis) 
             await asyncio.gather(*tasks, return_exceptions=True)
             for _ in range(20):
                 assert await cache.get_template("k", "email") == "v"
-            books = cache._lean.accounting()  # type: ignore[union-attr]
+            books = cache._transport.accounting()  # type: ignore[union-attr]
             assert books.timeouts == 0
             assert_at_rest(cache)
             stats = await cache.get_stats()
@@ -301,7 +301,7 @@ def test_cancelled_slot_waiters_take_no_slot(redis_url: str, raw: redis.Redis) -
         async with AsyncCRMCacheManager(
             redis_url=redis_url, max_connections=1, pool_timeout=10
         ) as cache:
-            lean = cache._lean
+            lean = cache._transport
             assert lean is not None
             holder = asyncio.ensure_future(lean.execute("BLPOP", "wake", 10))
             await apoll(lambda: lean.accounting().checked_out == 1)
@@ -338,7 +338,7 @@ def test_cancel_between_write_and_reply_never_misdelivers(own_server: RedisServe
             finally:
                 own_server.resume_process()
             assert await cache.get_template("b", "email") == "value-of-b"
-            books = cache._lean.accounting()  # type: ignore[union-attr]
+            books = cache._transport.accounting()  # type: ignore[union-attr]
             assert books.discarded == 1
             assert_at_rest(cache)
             # Many times over, at random moments in the round trip.
@@ -498,11 +498,11 @@ def test_cancelled_invalidation_is_replayed(own_server: RedisServer) -> None:
                 with pytest.raises(TimeoutError):
                     async with asyncio.timeout(0.1):
                         await cache.invalidate_client_preferences("c", version=5)
-                assert len(cache._pending) == 1
+                assert len(cache._replayer.pending) == 1
             finally:
                 own_server.resume_process()
             await apoll(lambda: raw.get("crm:prefs:c") == b"T5")
-            await apoll(lambda: not cache._pending)
+            await apoll(lambda: not cache._replayer.pending)
 
             store = MemoryStore({"d": ClientPreferences(client_id="d", version=1)})
             repo = AsyncCommunicationRepository(store, cache)
@@ -518,7 +518,7 @@ def test_cancelled_invalidation_is_replayed(own_server: RedisServer) -> None:
             finally:
                 own_server.resume_process()
             assert store.rows["d"].version == 2  # the database committed
-            await apoll(lambda: not cache._pending)
+            await apoll(lambda: not cache._replayer.pending)
             assert await cache.get_client_preferences("d") is None  # never the old row
             assert (await repo.get_client_preferences("d")) == store.rows["d"]
         raw.close()
@@ -540,7 +540,7 @@ def test_aclose_with_calls_in_flight(redis_url: str, raw: redis.Redis) -> None:
         await cache.aclose()
         results = await asyncio.gather(*calls)
         assert all(r in (None, f"v{i % KEYS}") for i, r in enumerate(results))
-        books = cache._lean.accounting()  # type: ignore[union-attr]
+        books = cache._transport.accounting()  # type: ignore[union-attr]
         assert (books.created, books.checked_out, books.slots_held) == (0, 0, 0)
         assert await cache.get_template(*template(0)) is None  # closed: a miss
 
@@ -553,13 +553,13 @@ def test_cancelled_aclose_still_closes(redis_url: str, raw: redis.Redis) -> None
     async def main() -> None:
         cache = AsyncCRMCacheManager(redis_url=redis_url, max_connections=4)
         await seed(cache)
-        assert cache._lean.accounting().created > 0  # type: ignore[union-attr]
+        assert cache._transport.accounting().created > 0  # type: ignore[union-attr]
         closing = asyncio.ensure_future(cache.aclose())
         await asyncio.sleep(0)
         closing.cancel()
         await asyncio.gather(closing, return_exceptions=True)
         assert cache.enabled is False
-        await apoll(lambda: cache._lean.accounting().created == 0)  # type: ignore[union-attr]
+        await apoll(lambda: cache._transport.accounting().created == 0)  # type: ignore[union-attr]
         await cache.aclose()  # idempotent
 
     asyncio.run(main())
@@ -604,7 +604,7 @@ def test_keyboard_interrupt_mid_reply_never_misdelivers(
         finally:
             own_server.resume_process()
         assert cache.get_template("b", "email") == "value-of-b"
-        books = cache._lean.accounting()  # type: ignore[union-attr]
+        books = cache._transport.accounting()  # type: ignore[union-attr]
         assert books.discarded == 1
         assert_at_rest(cache)
         assert cache.get_stats().counters["cancelled"] == 1
@@ -616,7 +616,7 @@ def test_keyboard_interrupt_while_waiting_for_a_slot(
 ) -> None:
     """A thread interrupted while it waits for a slot takes none: the pool is whole."""
     with SyncCRMCacheManager(redis_url=redis_url, max_connections=1, pool_timeout=10) as cache:
-        lean = cache._lean
+        lean = cache._transport
         assert lean is not None
         holder = threading.Thread(target=lean.execute, args=("BLPOP", "wake", 10))
         holder.start()

@@ -111,7 +111,7 @@ def test_env_enable_caching_values(
     with CRMCacheManager(redis_url=redis_url) as manager:
         assert manager.settings.enabled is expected
         assert manager.enabled is expected
-        assert (manager._pool is not None) is expected
+        assert (manager._transport is not None) is expected
         assert manager.set_template("t", "sms", "x") is expected
 
 
@@ -137,7 +137,7 @@ def test_explicit_false_wins_over_env_true(
     monkeypatch.setenv("ENABLE_CACHING", "true")
     with CRMCacheManager(redis_url=redis_url, enabled=False) as manager:
         assert manager.enabled is False
-        assert manager._pool is None
+        assert manager._transport is None
 
 
 def test_explicit_cache_ttl_wins_over_invalid_env(
@@ -277,8 +277,8 @@ def test_valid_settings_are_normalised(redis_url: str) -> None:
         assert settings.socket_connect_timeout == 1.0
         assert settings.cache_ttl == 42
         assert settings.rate_limit_policy == "closed"
-        assert manager._lean is not None
-        assert manager._lean.max_connections == 3
+        assert manager._transport is not None
+        assert manager._transport.max_connections == 3
 
 
 def test_settings_are_immutable(redis_url: str) -> None:
@@ -460,11 +460,11 @@ def test_rediss_url_uses_tls_and_degrades_without_a_server() -> None:
     """A rediss:// URL builds SSL connections; with no server it reports unhealthy fast."""
     manager = CRMCacheManager(redis_url=dead_url(scheme="rediss"), socket_connect_timeout=0.5)
     try:
-        assert manager._pool is not None
+        assert manager._transport is not None
         # redis.SSLConnection, or its redis.asyncio namesake under --facade=async, for the
         # data path, the admin calls and the health probe alike.
-        assert manager._pool.connection_class.__name__ == "SSLConnection"
-        for pool in (manager._lean, manager._admin, manager._health):
+        assert manager._transport.connection_class.__name__ == "SSLConnection"
+        for pool in (manager._transport, manager._transport.admin, manager._transport.health):
             assert type(pool._factory()).__name__ == "SSLConnection"
         started = time.monotonic()
         assert manager.health_check() is False
@@ -504,7 +504,7 @@ def test_disabled_manager_never_connects(redis_url: str, raw: redis.Redis) -> No
     prefs = ClientPreferences(client_id="c1")
 
     manager = CRMCacheManager(redis_url=redis_url, enabled=False)
-    assert manager._pool is None
+    assert manager._transport is None
     assert manager.enabled is False
     assert manager.get_client_preferences("c1") is None
     assert manager.set_client_preferences(prefs) is False
@@ -532,7 +532,7 @@ def test_disabled_manager_never_connects(redis_url: str, raw: redis.Redis) -> No
     assert manager.health_check() is False
     manager.close()
 
-    assert manager._pool is None
+    assert manager._transport is None
     assert _crmcache_clients(raw) == []
     assert int(raw.info("stats")["total_connections_received"]) == before
     assert raw.dbsize() == 0

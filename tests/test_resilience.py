@@ -172,7 +172,7 @@ def test_overflow_shortens_every_cached_preference(
 ) -> None:
     """Past the pending bound, the replay caps every cached preference at the tombstone TTL."""
     server, cache, raw = hung
-    cache._pending = PendingInvalidations(max_entries=1)
+    cache._replayer.pending = PendingInvalidations(max_entries=1)
     for i in range(3):
         cache.set_client_preferences(ClientPreferences(client_id=f"c{i}", version=1))
     server.pause_process()
@@ -181,7 +181,7 @@ def test_overflow_shortens_every_cached_preference(
             assert cache.invalidate_client_preferences(f"c{i}", version=2) is False
     finally:
         server.resume_process()
-    poll(lambda: not cache._pending)
+    poll(lambda: not cache._replayer.pending)
     assert raw.get("crm:prefs:c0") == b"T2"
     for i in (1, 2):
         assert 0 < raw.pttl(f"crm:prefs:c{i}") <= 30_000
@@ -233,7 +233,7 @@ def test_replay_thread_stops_on_close(down_url: str) -> None:
     """close() stops the replay thread even while Redis stays away."""
     cache = CRMCacheManager(redis_url=down_url, socket_connect_timeout=0.3)
     cache.invalidate_template("t", "email")
-    replayer = cache._replayer
+    replayer = cache._replayer.task
     assert replayer is not None
     cache.close()
     replayer.join(timeout=5)

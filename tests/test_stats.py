@@ -72,7 +72,7 @@ def test_total_keys_counts_only_crm_keys_beyond_one_scan_batch(
 def test_pool_in_use_and_idle(cache: CRMCacheManager, raw: redis.Redis) -> None:
     """A connection busy with a command shows as in use; returned, as idle."""
     cache.get_template("warm", "email")
-    lean = cache._lean
+    lean = cache._transport
     assert lean is not None
     # Hold one pooled connection in a blocking BLPOP until the test pushes a value.
     holder = threading.Thread(target=lean.execute, args=("BLPOP", "test:wake", 10))

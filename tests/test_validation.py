@@ -687,10 +687,10 @@ def test_wrong_type_template_in_batch_read_is_a_miss(
 
 def _delete_if_equals(cache: CRMCacheManager, key: str, mode: str, expected: bytes) -> int:
     """Run the eviction script the manager uses, by its SHA, through the manager's pool."""
-    assert cache._scripts is not None
-    lean = cache._lean
+    assert cache._transport.scripts is not None
+    lean = cache._transport
     assert lean is not None
-    return int(lean.evalsha(cache._scripts.delete_if_equals, [key], [mode, expected]))
+    return int(lean.evalsha(cache._transport.scripts.delete_if_equals, [key], [mode, expected]))
 
 
 def test_evict_script_keeps_a_value_replaced_since_the_read(

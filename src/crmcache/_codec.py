@@ -13,12 +13,16 @@ miss, deletes it and counts it.
 
 from __future__ import annotations
 
+from typing import Final
+
 from pydantic import ValidationError
 
 from .models import ClientPreferences
 
 __all__ = [
+    "WRONG_TYPE",
     "CorruptValue",
+    "check_template_content",
     "clone_preferences",
     "decode_preferences",
     "decode_template",
@@ -27,6 +31,9 @@ __all__ = [
     "is_tombstone",
 ]
 
+
+#: A GET that found a value of another type (reported by the transport, not raised).
+WRONG_TYPE: Final = object()
 
 _NEW = object.__new__
 _SET = object.__setattr__
@@ -93,6 +100,23 @@ def encode_template(content: str) -> bytes:
         return content.encode("utf-8")
     except UnicodeEncodeError as exc:
         raise ValueError(f"content is not encodable as UTF-8: {exc.reason}") from None
+
+
+def check_template_content(content: object, max_bytes: int) -> bytes:
+    """Validate a template's text and return it encoded.
+
+    Raises:
+        TypeError: ``content`` is not a str.
+        ValueError: it holds lone surrogates, or is larger than ``max_bytes`` UTF-8 bytes.
+    """
+    if not isinstance(content, str):
+        raise TypeError(f"content must be a str, not {type(content).__name__}")
+    data = encode_template(content)
+    if len(data) > max_bytes:
+        raise ValueError(
+            f"content is {len(data)} bytes; the limit is {max_bytes} (max_template_bytes)"
+        )
+    return data
 
 
 def decode_template(raw: bytes) -> str:

@@ -23,11 +23,12 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 from pydantic import TypeAdapter, ValidationError
 
 from ._errors import ConfigurationError
-from ._validate import positive_int
+from ._validate import MAX_TTL, positive_int
 
 __all__ = [
     "DEFAULT_CACHE_TTL",
     "DEFAULT_ENABLED",
+    "DEFAULT_LEASE_TTL",
     "DEFAULT_MAX_CONNECTIONS",
     "DEFAULT_MAX_ID_LENGTH",
     "DEFAULT_MAX_TEMPLATE_BYTES",
@@ -60,8 +61,8 @@ DEFAULT_POOL_TIMEOUT = 1.0
 #: Seconds an invalidation tombstone keeps stale preference writes out.
 DEFAULT_TOMBSTONE_TTL = 30
 DEFAULT_RATE_LIMIT_WINDOW = 60
-#: Longest TTL or rate-limit window accepted, in seconds (ten years).
-MAX_TTL = 10 * 365 * 86400
+#: Seconds a database-load lease lives if its holder never releases it.
+DEFAULT_LEASE_TTL = 2.0
 #: Longest client id, template name or API name accepted, in characters.
 DEFAULT_MAX_ID_LENGTH = 256
 #: Near cache: most values held per process, and seconds one is served at most.

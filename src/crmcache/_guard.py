@@ -11,10 +11,17 @@ The breaker stops paying a timeout on every call while Redis is down: after
 probe. Success closes the breaker; failure re-opens it with the timeout doubled, up to
 ``max_reset_timeout``.
 
-Only connection-level failures (``ConnectionError``, ``TimeoutError``, ``OSError``) count
-towards the breaker. Replies such as ``OOM`` or ``WRONGTYPE`` prove the server is up, and a
-full pool means "saturated", not "down": those are logged and degraded the same way but do
-not open the breaker.
+Failures fall in four classes, each logged on its own throttle:
+
+* **outage**: the node could not be reached (``ConnectionError``, ``TimeoutError``,
+  ``OSError``). Only these count towards the breaker.
+* **refusal**: the node answered with an error (``OOM``, ``NOPERM``, ``WRONGTYPE``, a
+  script error). It is up: a refusal closes the breaker like a success.
+* **topology moved**: the node answered ``MOVED``, ``ASK``, ``READONLY``, ``TRYAGAIN``,
+  ``CLUSTERDOWN`` or ``MASTERDOWN`` (:data:`TOPOLOGY_ERRORS`): the key lives elsewhere now,
+  or the node stopped (or has not yet started) being a writable primary. Neither an outage
+  nor a refusal: the breaker is left as it is, and the call degrades.
+* **saturation**: no pooled connection came free in time (:class:`PoolExhaustedError`).
 """
 
 from __future__ import annotations
@@ -28,10 +35,16 @@ from enum import StrEnum
 from typing import Final
 
 from redis.exceptions import (
+    AskError,
     AuthenticationError,
+    ClusterDownError,
+    MasterDownError,
+    MovedError,
     NoPermissionError,
     OutOfMemoryError,
+    ReadOnlyError,
     ResponseError,
+    TryAgainError,
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -39,6 +52,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 __all__ = [
     "FAILED",
     "POOL_EXHAUSTED",
+    "TOPOLOGY_ERRORS",
     "BreakerState",
     "CircuitBreaker",
     "Guard",
@@ -46,6 +60,7 @@ __all__ = [
     "PoolClosedError",
     "PoolExhaustedError",
     "is_critical",
+    "is_topology_moved",
 ]
 
 logger = logging.getLogger("crmcache")
@@ -58,8 +73,17 @@ DEFAULT_LOG_INTERVAL = 30.0
 
 #: Distinct (operation, error) kinds with a log throttle of their own.
 _MAX_REFUSAL_KINDS = 256
-#: redis-py's BlockingConnectionPool message when no connection freed up in time.
+#: The message of :class:`PoolExhaustedError` (redis-py's own pool says the same).
 POOL_EXHAUSTED = "No connection available."
+#: Error replies that mean the topology moved (redis-py maps each reply to its class).
+TOPOLOGY_ERRORS: Final = (
+    MovedError,
+    AskError,
+    ReadOnlyError,
+    TryAgainError,
+    ClusterDownError,
+    MasterDownError,
+)
 
 
 class PoolExhaustedError(RedisConnectionError):
@@ -181,6 +205,15 @@ class CircuitBreaker:
                 self.state = BreakerState.OPEN
                 self._opened_at = self._clock() - self._timeout
 
+    def snapshot(self) -> dict[str, object]:
+        """``{"state", "trips", "recoveries", "short_circuited"}``, as the stats show it."""
+        return {
+            "state": self.state.value,
+            "trips": self.trips,
+            "recoveries": self.recoveries,
+            "short_circuited": self.short_circuited,
+        }
+
     def reset(self) -> None:
         """Close the breaker and forget past failures."""
         with self._lock:
@@ -190,19 +223,20 @@ class CircuitBreaker:
 
 
 def is_pool_exhausted(exc: BaseException) -> bool:
-    """True if ``exc`` says no pooled connection came free in time (saturation): our lean
-    pool's :class:`PoolExhaustedError`, or redis-py's blocking pool (admin calls), which
-    only says so in its message."""
-    return isinstance(exc, PoolExhaustedError) or (
-        isinstance(exc, RedisConnectionError) and str(exc) == POOL_EXHAUSTED
-    )
+    """True if ``exc`` says no pooled connection came free in time (saturation)."""
+    return isinstance(exc, PoolExhaustedError)
+
+
+def is_topology_moved(exc: BaseException) -> bool:
+    """True if ``exc`` is a reply saying the topology moved (see :data:`TOPOLOGY_ERRORS`)."""
+    return isinstance(exc, TOPOLOGY_ERRORS)
 
 
 def is_connection_failure(exc: BaseException) -> bool:
-    """True if ``exc`` says Redis could not be reached (as opposed to a refusal or a full
-    pool)."""
+    """True if ``exc`` says Redis could not be reached (as opposed to a refusal, a moved
+    topology or a full pool)."""
     if isinstance(exc, RedisConnectionError):
-        return not is_pool_exhausted(exc)
+        return not isinstance(exc, PoolExhaustedError)
     return isinstance(exc, RedisTimeoutError | OSError)
 
 
@@ -278,6 +312,7 @@ class Guard:
         self._throttle = LogThrottle(log_interval, clock)
         self._saturation_throttle = LogThrottle(log_interval, clock)
         self._unexpected_throttle = LogThrottle(log_interval, clock)
+        self._topology_throttle = LogThrottle(log_interval, clock)
         self._refusal_throttles: dict[str, LogThrottle] = {}
         self._lock = threading.Lock()
         self._failing = False
@@ -339,6 +374,21 @@ class Guard:
                     "pool timeout; the call degraded (%d more not logged). Consider a larger "
                     "max_connections.",
                     op,
+                    suppressed,
+                )
+            return
+        if isinstance(exc, TOPOLOGY_ERRORS):
+            # The node answered, but the key (or the primary) is elsewhere now: neither an
+            # outage nor a refusal. A probe says nothing either way.
+            self.breaker.release_probe()
+            suppressed = self._topology_throttle.ready()
+            if suppressed is not None:
+                logger.warning(
+                    "Redis topology changed under %s (%s): the call degraded (%d more not "
+                    "logged). A cluster node answers MOVED/ASK and a replica READONLY: "
+                    "point redis_url at what serves the keys.",
+                    op,
+                    self.scrub(f"{type(exc).__name__}: {exc}"),
                     suppressed,
                 )
             return

@@ -1,6 +1,6 @@
 """Every Redis key crmcache uses is built here, from validated parts.
 
-Key formats (fixed by the spec)::
+Key formats (fixed by the spec), all under :data:`KEY_PREFIX`::
 
     crm:prefs:<client_id>                 client preferences, TTL = cache_ttl
     crm:template:<channel>:<name>         message templates, no TTL
@@ -10,26 +10,53 @@ Key formats (fixed by the spec)::
 User-supplied parts are validated before they reach a key: they must be ``str``,
 non-blank, at most ``max_length`` characters, and free of control characters. Glob
 characters and ``{}`` braces are allowed: crmcache never matches user input against a
-pattern (no ``KEYS``, and ``SCAN`` only ever uses the fixed ``crm:*`` pattern).
+pattern (no ``KEYS``, and ``SCAN`` only ever uses the fixed patterns below).
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 from .models import MessageChannel
 
 __all__ = [
     "KEY_PREFIX",
+    "MAX_BATCH",
+    "PREFS_PREFIX",
+    "PREFS_SCAN_PATTERN",
     "SCAN_PATTERN",
+    "TEMPLATE_PREFIX",
+    "TEMPLATE_ROOT",
+    "TRACKED_PREFIXES",
+    "TemplateRef",
     "check_channel",
     "check_id",
     "lease_key",
     "prefs_key",
     "rate_limit_key",
     "template_key",
+    "template_key_for",
+    "template_keys",
 ]
 
+#: The one prefix of every key crmcache writes.
 KEY_PREFIX = "crm:"
-SCAN_PATTERN = "crm:*"
+PREFS_PREFIX = f"{KEY_PREFIX}prefs:"
+TEMPLATE_ROOT = f"{KEY_PREFIX}template:"
+_RATE_LIMIT_PREFIX = f"{KEY_PREFIX}ratelimit:"
+_LEASE_PREFIX = f"{KEY_PREFIX}lease:prefs:"
+#: Everything crmcache owns (counted by get_cache_stats with SCAN, never KEYS).
+SCAN_PATTERN = f"{KEY_PREFIX}*"
+#: Every cached preference (the replay shortens their TTL after an overflow).
+PREFS_SCAN_PATTERN = f"{PREFS_PREFIX}*"
+#: What the near cache tracks (``CLIENT TRACKING ... BCAST PREFIX``).
+TRACKED_PREFIXES = (PREFS_PREFIX, TEMPLATE_ROOT)
+#: Most templates one batched call may ask for.
+MAX_BATCH = 10_000
+
+#: A template is named by (name, channel); the channel may be given as its string value.
+TemplateRef = tuple[str, MessageChannel | str]
+
 _CHANNELS: dict[str, MessageChannel] = {c.value: c for c in MessageChannel}
 
 
@@ -80,19 +107,61 @@ def check_channel(value: object) -> MessageChannel:
 
 def prefs_key(client_id: str) -> str:
     """Key of a client's cached preferences: ``crm:prefs:<client_id>``."""
-    return f"crm:prefs:{client_id}"
+    return PREFS_PREFIX + client_id
 
 
 def template_key(channel: MessageChannel, name: str) -> str:
     """Key of a cached template: ``crm:template:<channel>:<name>``."""
-    return f"crm:template:{channel.value}:{name}"
+    return f"{TEMPLATE_ROOT}{channel.value}:{name}"
 
 
 def lease_key(client_id: str) -> str:
     """Key of the lease on loading a client's preferences: ``crm:lease:prefs:<client_id>``."""
-    return f"crm:lease:prefs:{client_id}"
+    return _LEASE_PREFIX + client_id
 
 
 def rate_limit_key(api: str, window: int) -> str:
     """Key of a rate-limit counter: ``crm:ratelimit:<api>:<window>``."""
-    return f"crm:ratelimit:{api}:{window}"
+    return f"{_RATE_LIMIT_PREFIX}{api}:{window}"
+
+
+#: Key prefix per channel, under the enum member and its string value alike.
+TEMPLATE_PREFIX: dict[object, str] = {
+    **{c: template_key(c, "") for c in MessageChannel},
+    **{c.value: template_key(c, "") for c in MessageChannel},
+}
+
+
+def template_key_for(name: object, channel: object, max_length: int) -> str:
+    """Validate a template's ``name`` and ``channel`` and return its key.
+
+    Raises:
+        TypeError, ValueError: a bad ``name`` or an unknown ``channel``.
+    """
+    prefix = TEMPLATE_PREFIX.get(channel) if isinstance(channel, str) else None
+    if prefix is None:
+        prefix = TEMPLATE_PREFIX[check_channel(channel)]
+    return prefix + check_id("name", name, max_length)
+
+
+def template_keys(
+    templates: Iterable[TemplateRef], max_length: int
+) -> tuple[list[TemplateRef], list[str]]:
+    """Validate ``(name, channel)`` pairs; return the distinct pairs and their keys.
+
+    Raises:
+        TypeError: not an iterable of pairs. ValueError: a bad pair, or more than
+            :data:`MAX_BATCH` of them.
+    """
+    if isinstance(templates, str | bytes) or not isinstance(templates, Iterable):
+        raise TypeError("templates must be an iterable of (name, channel) pairs")
+    keys: dict[TemplateRef, str] = {}
+    for item in templates:
+        if not isinstance(item, tuple) or len(item) != 2:
+            raise TypeError(f"templates items must be (name, channel) pairs, got {item!r}")
+        # The right side runs first: a bad (or unhashable) name is reported before the
+        # pair is hashed.
+        keys[item] = template_key_for(item[0], item[1], max_length)
+        if len(keys) > MAX_BATCH:
+            raise ValueError(f"templates may name at most {MAX_BATCH} templates")
+    return list(keys), list(keys.values())

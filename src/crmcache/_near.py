@@ -34,6 +34,8 @@ from ._stats import Tally
 
 __all__ = [
     "MISSING",
+    "NEAR_RECONNECT_FIRST",
+    "NEAR_RECONNECT_MAX",
     "NOT_AN_INVALIDATION",
     "NearCache",
     "NearCacheStats",
@@ -44,6 +46,9 @@ __all__ = [
 MISSING: Final = object()
 #: Returned by :func:`invalidated_keys` for a message that invalidates nothing.
 NOT_AN_INVALIDATION: Final = object()
+#: Seconds before the invalidation listener reconnects, first and at most.
+NEAR_RECONNECT_FIRST = 0.1
+NEAR_RECONNECT_MAX = 5.0
 
 
 def invalidated_keys(message: Any) -> Any:  # noqa: ANN401 - a raw RESP2/RESP3 message

@@ -18,10 +18,20 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from enum import StrEnum
 
-__all__ = ["DEFAULT_MAX_PENDING", "PendingEntry", "PendingInvalidations", "PendingKind"]
+__all__ = [
+    "DEFAULT_MAX_PENDING",
+    "REPLAY_FIRST_DELAY",
+    "REPLAY_MAX_DELAY",
+    "PendingEntry",
+    "PendingInvalidations",
+    "PendingKind",
+]
 
 #: Most distinct keys remembered while Redis is away.
 DEFAULT_MAX_PENDING = 10_000
+#: Seconds before the first replay of failed invalidations, and the most between tries.
+REPLAY_FIRST_DELAY = 0.2
+REPLAY_MAX_DELAY = 5.0
 
 
 class PendingKind(StrEnum):

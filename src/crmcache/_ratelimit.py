@@ -7,19 +7,25 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 
-from ._config import MAX_TTL
-from ._validate import positive_int
+from ._config import CacheSettings, RateLimitPolicy, check_policy
+from ._validate import MAX_TTL, positive_int
 
 __all__ = [
+    "KEY_MEMO_SIZE",
     "MAX_WINDOW",
     "LocalRateLimiter",
     "RateLimitResult",
     "check_limit_args",
+    "choose_policy",
+    "degraded_result",
     "result_from_reply",
 ]
 
 #: Longest rate-limit window accepted, in seconds (ten years).
 MAX_WINDOW = MAX_TTL
+#: Most (api, window) -> key entries a manager remembers (hot APIs are few; the bound keeps
+#: a caller with endless names from growing the memo).
+KEY_MEMO_SIZE = 4096
 
 
 class RateLimitResult:
@@ -118,6 +124,33 @@ def result_from_reply(reply: Sequence[int], limit: int) -> RateLimitResult:
         limit,
         remaining if remaining > 0 else 0,
         ttl_ms / 1000.0 if ttl_ms > 0 else 0.0,
+    )
+
+
+def choose_policy(settings: CacheSettings, api: str, policy: object) -> RateLimitPolicy:
+    """The failure policy for one call: ``policy`` if given (validated), else the API's
+    own from ``rate_limit_policies``, else the manager's ``rate_limit_policy``.
+
+    Raises:
+        TypeError, ValueError: ``policy`` is not one of the policies.
+    """
+    if policy is not None:
+        return check_policy(policy, "policy")
+    return settings.rate_limit_policies.get(api, settings.rate_limit_policy)
+
+
+def degraded_result(policy: RateLimitPolicy, limit: int) -> RateLimitResult:
+    """What ``"open"`` or ``"closed"`` answers when Redis cannot be asked: allow with the
+    whole limit left, or refuse with a retry in one second (``degraded=True`` either way).
+    """
+    allowed = policy == "open"
+    return RateLimitResult(
+        allowed=allowed,
+        current_count=0,
+        limit=limit,
+        remaining=limit if allowed else 0,
+        retry_after=0.0 if allowed else 1.0,
+        degraded=True,
     )
 
 

@@ -16,6 +16,10 @@ from typing import Any
 from redis._parsers.helpers import parse_info
 
 __all__ = [
+    "LOW_HIT_RATE_THRESHOLD",
+    "MIN_LOOKUPS_FOR_HIT_RATE_WARNING",
+    "SCAN_BUDGET",
+    "SCAN_COUNT",
     "CacheStats",
     "Counter",
     "Kind",
@@ -27,6 +31,16 @@ __all__ = [
     "Tally",
     "hit_rate",
 ]
+
+
+#: Below this many lookups a low hit rate says nothing and is not logged.
+MIN_LOOKUPS_FOR_HIT_RATE_WARNING = 100
+#: Hit rate (percent) under which get_cache_stats logs a WARNING (spec: 50).
+LOW_HIT_RATE_THRESHOLD = 50.0
+#: Time budget for counting crm:* keys with SCAN in get_cache_stats, in seconds.
+SCAN_BUDGET = 2.0
+#: Keys asked per SCAN step.
+SCAN_COUNT = 1000
 
 
 class Kind(StrEnum):
@@ -55,6 +69,9 @@ class Counter(StrEnum):
     CANCELLED = "cancelled"
     #: Calls that failed with an error that is neither Redis's nor a cancellation.
     UNEXPECTED_ERRORS = "unexpected_errors"
+    #: Calls a node answered with MOVED, ASK, READONLY, TRYAGAIN or CLUSTERDOWN: the
+    #: topology changed under the call (not an outage, not a refusal).
+    TOPOLOGY_ERRORS = "topology_errors"
 
 
 def hit_rate(hits: int, misses: int) -> float:

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-__all__ = ["positive_int"]
+from .models import MAX_VERSION
+
+__all__ = ["MAX_TTL", "check_version", "positive_int", "seconds_to_ms", "ttl_ms"]
+
+#: Longest TTL or rate-limit window accepted, in seconds (ten years).
+MAX_TTL = 10 * 365 * 86400
 
 
 def positive_int(name: str, value: object, *, error: type[ValueError] = ValueError) -> int:
@@ -22,3 +27,44 @@ def positive_int(name: str, value: object, *, error: type[ValueError] = ValueErr
     if value <= 0:
         raise error(f"{name} must be > 0, got {value}")
     return value
+
+
+def ttl_ms(name: str, seconds: object) -> int:
+    """A TTL argument in whole seconds, validated, as milliseconds.
+
+    Raises:
+        TypeError: not an int. ValueError: <= 0 or longer than :data:`MAX_TTL`.
+    """
+    value = positive_int(name, seconds)
+    if value > MAX_TTL:
+        raise ValueError(f"{name} must be at most {MAX_TTL} seconds, got {value}")
+    return value * 1000
+
+
+def seconds_to_ms(name: str, seconds: object) -> int:
+    """A duration argument in (fractional) seconds, validated, as milliseconds (>= 1).
+
+    Raises:
+        TypeError: not a number. ValueError: not within (0, 86400).
+    """
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float):
+        raise TypeError(f"{name} must be a number of seconds, not {type(seconds).__name__}")
+    if not 0 < seconds < 86400:
+        raise ValueError(f"{name} must be between 0 and 86400 seconds, got {seconds}")
+    return max(int(seconds * 1000), 1)
+
+
+def check_version(name: str, version: object) -> int | None:
+    """An optional row version: None, or an int in ``[0, MAX_VERSION]``.
+
+    Raises:
+        TypeError: neither None nor an int (``bool`` is refused).
+        ValueError: out of range.
+    """
+    if version is None:
+        return None
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise TypeError(f"{name} must be an int or None, not {type(version).__name__}")
+    if not 0 <= version <= MAX_VERSION:
+        raise ValueError(f"{name} must be between 0 and {MAX_VERSION}, got {version}")
+    return version

@@ -1,8 +1,8 @@
 """The cache manager (import path kept from the spec).
 
 ``from crmcache.cache_manager import CRMCacheManager, get_cache_manager``. The classes are
-generated from the async source (``crmcache/_async/manager.py``) into
-``crmcache/_sync/manager.py``; this module only gives them their public home.
+generated from the async source (``crmcache/_async/``) into
+``crmcache/_sync/``; this module only gives them their public home.
 """
 
 from __future__ import annotations
@@ -13,13 +13,15 @@ from ._async.manager import (
     close_async_cache_managers,
     get_async_cache_manager,
 )
-from ._common import DEFAULT_LEASE_TTL, LeaseState, TemplateRef
+from ._config import DEFAULT_LEASE_TTL
+from ._keys import TemplateRef
 from ._sync.manager import (
     CRMCacheManager,
     LoadLease,
     close_cache_managers,
     get_cache_manager,
 )
+from .models import LeaseState
 
 __all__ = [
     "DEFAULT_LEASE_TTL",

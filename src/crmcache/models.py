@@ -10,7 +10,7 @@ from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-__all__ = ["MAX_VERSION", "ClientPreferences", "MessageChannel"]
+__all__ = ["MAX_VERSION", "ClientPreferences", "LeaseState", "MessageChannel"]
 
 #: Versions are compared inside Lua, whose numbers are doubles: keep them exact.
 MAX_VERSION = 2**53 - 1
@@ -22,6 +22,15 @@ class MessageChannel(StrEnum):
     EMAIL = "email"
     SMS = "sms"
     WHATSAPP = "whatsapp"
+
+
+class LeaseState(StrEnum):
+    """Outcome of ``acquire_load_lease``: load and release, wait for the holder, or just
+    load (no cache to coordinate through)."""
+
+    ACQUIRED = "acquired"
+    BUSY = "busy"
+    UNAVAILABLE = "unavailable"
 
 
 class ClientPreferences(BaseModel):

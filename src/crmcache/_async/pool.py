@@ -55,6 +55,7 @@ class AsyncLeanPool:
         timeout: seconds a caller waits for a free connection.
         retry_dropped: send once more on a fresh connection when the first attempt finds
             the connection dropped (how a restarted Redis is reconnected).
+        address: the node's ``host:port`` (or socket path), for logs and stats.
     """
 
     def __init__(
@@ -64,7 +65,9 @@ class AsyncLeanPool:
         max_connections: int,
         timeout: float,
         retry_dropped: bool = True,
+        address: str = "",
     ) -> None:
+        self.address = address
         self._factory = factory
         self._retry_dropped = retry_dropped
         self.max_connections = max_connections

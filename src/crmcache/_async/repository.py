@@ -16,12 +16,11 @@ import logging
 import threading
 import time
 
-from .._common import DEFAULT_LEASE_TTL, LeaseState
-from .._config import DEFAULT_MAX_ID_LENGTH
+from .._config import DEFAULT_LEASE_TTL, DEFAULT_MAX_ID_LENGTH
 from .._keys import check_id, prefs_key
 from .._pending import PendingKind
 from .._stats import RepositoryStats
-from ..models import ClientPreferences
+from ..models import ClientPreferences, LeaseState
 from ..store import AsyncPreferenceStore
 from .manager import AsyncCRMCacheManager
 from .primitives import Event, sleep

@@ -57,6 +57,7 @@ class LeanPool:
         timeout: seconds a caller waits for a free connection.
         retry_dropped: send once more on a fresh connection when the first attempt finds
             the connection dropped (how a restarted Redis is reconnected).
+        address: the node's ``host:port`` (or socket path), for logs and stats.
     """
 
     def __init__(
@@ -66,7 +67,9 @@ class LeanPool:
         max_connections: int,
         timeout: float,
         retry_dropped: bool = True,
+        address: str = "",
     ) -> None:
+        self.address = address
         self._factory = factory
         self._retry_dropped = retry_dropped
         self.max_connections = max_connections

@@ -1,0 +1,226 @@
+"""The core under the manager's mixins: state, the transport, the guarded call, lifecycle.
+
+``AsyncCRMCacheManager`` is composed of one mixin per concern (``preferences.py``,
+``templates.py``, ``ratelimits.py``, ``leases.py``, ``health.py``), each a subclass of
+:class:`AsyncCacheCore`, as redis-py composes ``Redis`` from its command mixins: a mixin
+method is a plain method, so the split costs nothing per call. The core owns what they
+share: the settings, the counters, the breaker and its guard, the transport (every byte
+goes through it, see ``transport.py``), the near cache with its listener, and the
+invalidation replayer; and the one way to call Redis, :meth:`AsyncCacheCore._call`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Awaitable, Callable
+from types import TracebackType
+from typing import Any, Self
+
+from redis.exceptions import RedisError
+
+from .._config import CacheSettings, url_password
+from .._guard import FAILED, CircuitBreaker, Guard, PoolClosedError, is_topology_moved
+from .._near import NearCache
+from .._pending import PendingKind
+from .._ratelimit import LocalRateLimiter
+from .._stats import Counter, StatsRecorder
+from .listener import AsyncNearCacheListener
+from .node import AsyncNodeTransport
+from .primitives import Event, finish
+from .replay import AsyncInvalidationReplayer
+from .transport import AsyncTransport
+
+__all__ = ["AsyncCacheCore", "open_transport"]
+
+logger = logging.getLogger("crmcache")
+
+
+def open_transport(settings: CacheSettings, scrub: Callable[[str], str]) -> AsyncTransport:
+    """The transport for ``settings.redis_url``, chosen by its scheme.
+
+    Raises:
+        ConfigurationError: the URL cannot be used.
+    """
+    # redis://, rediss:// and unix:// (validated by the settings) name one node.
+    return AsyncNodeTransport(settings, scrub)
+
+
+class AsyncCacheCore:
+    """What every concern of the manager shares (see the module docstring)."""
+
+    def __init__(self, settings: CacheSettings) -> None:
+        self.settings = s = settings
+        self._ttl_ms = s.cache_ttl * 1000
+        self._tombstone_ms = s.tombstone_ttl * 1000
+        self._max_id = s.max_id_length
+        self._stats = StatsRecorder()
+        self._closed = False
+        self._close_lock = threading.Lock()
+        self._stopping = Event()
+        self._breaker = CircuitBreaker()
+        self._guard = Guard(
+            breaker=self._breaker,
+            on_error=self._count_error,
+            secret=url_password(s.redis_url),
+            on_recovered=self._recovered,
+        )
+        self._local_limiter = LocalRateLimiter(s.rate_limit_local_share)
+        self._rate_limit_keys: dict[tuple[str, int], str] = {}
+        self._transport: AsyncTransport | None = (
+            open_transport(s, self._guard.scrub) if s.enabled else None
+        )
+        self._replayer = AsyncInvalidationReplayer(
+            self._transport,
+            call=self._call,
+            stats=self._stats,
+            settings=s,
+            stopping=self._stopping,
+            forget=self._near_forget,
+        )
+        self._near: NearCache | None = None
+        self._listener: AsyncNearCacheListener | None = None
+        if s.near_cache and self._transport is not None:
+            self._near = NearCache(s.near_cache_size, s.near_cache_ttl)
+            self._listener = AsyncNearCacheListener(
+                self._near,
+                self._transport,
+                protocol=s.near_cache_protocol,
+                stopping=self._stopping,
+                scrub=self._guard.scrub,
+            )
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    @property
+    def enabled(self) -> bool:
+        """True if the cache is on (and the manager not closed)."""
+        return self.settings.enabled and not self._closed
+
+    async def aclose(self) -> None:
+        """Close the manager. Idempotent; later calls behave as disabled.
+
+        Background work stops, a last replay sends the invalidations still pending, and
+        calls in flight keep their connection for up to ``socket_timeout`` to read their
+        reply. Safe to cancel: the connections are closed all the same (only the last
+        replay may then be skipped, which is logged with the number lost).
+        """
+        with self._close_lock:
+            if self._stopping.is_set():
+                return  # closed, or being closed by another task or thread
+            self._stopping.set()
+        replayer = self._replayer
+        try:
+            wait = self.settings.socket_timeout + 1
+            await replayer.stop(wait)
+            if self._listener is not None:
+                await self._listener.stop(wait)
+            if replayer.pending and self._transport is not None:
+                # A last attempt: these are the invalidations that would otherwise be lost.
+                await replayer.replay_once()
+        finally:
+            with self._close_lock:
+                self._closed = True
+            replayer.report_lost()
+            transport = self._transport
+            if transport is not None:
+                await finish(lambda: transport.close(self.settings.socket_timeout))
+        logger.info("crmcache closed: url=%s", self.settings.masked_url)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else ("enabled" if self.settings.enabled else "disabled")
+        return f"<CRMCacheManager url={self.settings.masked_url!r} {state}>"
+
+    # -- the guarded call ----------------------------------------------------------------
+
+    def _active(self) -> AsyncTransport | None:
+        """The transport, or None when the cache is disabled or closed."""
+        if self._closed:
+            return None
+        return self._transport
+
+    async def _call(self, op: str, fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:  # noqa: ANN401
+        """Run one Redis call under the circuit breaker.
+
+        Returns:
+            ``fn``'s result, or ``FAILED`` when the breaker is open or ``fn`` raised
+            (counted and logged by the guard, never re-raised); a cancellation or an
+            interrupt is re-raised.
+        """
+        guard = self._guard
+        token = guard.begin()
+        if token is None:
+            return FAILED
+        try:
+            result = await fn(*args)
+        except PoolClosedError:
+            guard.abandoned()  # the manager is closing: not an outage
+            return FAILED
+        except (RedisError, OSError) as exc:
+            guard.failed(op, exc)
+            return FAILED
+        except Exception as exc:  # noqa: BLE001 - degraded, counted and logged by the guard
+            guard.unexpected(op, exc)
+            return FAILED
+        except BaseException:
+            # Cancelled or interrupted: never swallowed, but a half-open probe must not
+            # stay taken by a call that will never report back.
+            guard.abandoned()
+            self._stats.count(Counter.CANCELLED)
+            raise
+        guard.succeeded(token)
+        return result
+
+    def _count_error(self, op: str, exc: BaseException) -> None:
+        if is_topology_moved(exc):
+            self._stats.count(Counter.TOPOLOGY_ERRORS)
+        elif isinstance(exc, RedisError | OSError):
+            self._stats.count(Counter.REDIS_ERRORS)
+        else:
+            self._stats.count(Counter.UNEXPECTED_ERRORS)
+
+    def _recovered(self) -> None:
+        """Redis answers again: send what it missed."""
+        self._replayer.start()
+
+    # -- shared by the concerns -------------------------------------------------------
+
+    def _near_forget(self, *keys: str) -> None:
+        """Drop keys this process is about to write (and has written) from the near cache:
+        it reads its own writes at once, and a read in flight cannot put the old value
+        back."""
+        if self._near is not None:
+            self._near.invalidate(keys)
+
+    def _start_listener(self) -> None:
+        """The near cache is not live: start (or restart) its listener. Called only then,
+        so a live near cache costs its hits one attribute read."""
+        if self._listener is not None:
+            self._listener.ensure()
+
+    def _defer_invalidation(self, kind: PendingKind, key: str, version: int | None) -> None:
+        """Queue an invalidation whose caller was cancelled before Redis confirmed it."""
+        self._replayer.deferred(kind, key, version)
+
+    async def _evict(self, key: str, raw: bytes | None, reason: str) -> None:
+        """Delete a value that failed to decode (only if unchanged) and count it."""
+        self._near_forget(key)
+        self._stats.count(Counter.CORRUPT_VALUES)
+        logger.warning("undecodable value at %s (%s): deleted, treated as a miss", key, reason)
+        transport = self._active()
+        if transport is not None:
+            args = ["wrongtype", b""] if raw is None else ["value", raw]
+            await self._call(
+                "evict", transport.evalsha, transport.scripts.delete_if_equals, [key], args
+            )

@@ -1,0 +1,139 @@
+"""Statistics and health: counters, key counts and ``INFO`` on every primary, ``PING``."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict
+from typing import Any, cast
+
+from .._guard import FAILED, PoolClosedError
+from .._keys import SCAN_PATTERN
+from .._stats import (
+    LOW_HIT_RATE_THRESHOLD,
+    MIN_LOOKUPS_FOR_HIT_RATE_WARNING,
+    SCAN_BUDGET,
+    SCAN_COUNT,
+    CacheStats,
+    PoolStats,
+    RedisServerStats,
+    hit_rate,
+)
+from .core import AsyncCacheCore
+from .transport import AsyncAdminNode
+
+__all__ = ["AsyncStatsMixin"]
+
+logger = logging.getLogger("crmcache")
+
+
+class AsyncStatsMixin(AsyncCacheCore):
+    """``health_check``, ``get_stats``, ``get_cache_stats``, ``reset_stats``."""
+
+    async def health_check(self) -> bool:
+        """PING Redis; True if it answered. Never raises; bounded by the connect timeout.
+
+        A disabled or closed manager is reported unhealthy (it serves nothing); check
+        :attr:`enabled` to tell the cases apart.
+        """
+        transport = self._active()
+        if transport is None:
+            return False
+        try:
+            return await transport.ping()
+        except PoolClosedError:
+            return False
+        except Exception as exc:  # noqa: BLE001 - a health probe reports, it never raises
+            reason = self._guard.scrub(f"{type(exc).__name__}: {exc}")
+            logger.warning("health check failed: %s", reason)
+            return False
+
+    async def get_stats(self) -> CacheStats:
+        """A typed snapshot of the statistics (see :class:`CacheStats`).
+
+        Logs the summary at INFO, and a WARNING when the hit rate is below 50% over at
+        least 100 lookups.
+        """
+        by_kind = self._stats.by_kind()
+        total_keys: int | None = None
+        exact = False
+        info: RedisServerStats | None = None
+        transport = self._active()
+        if transport is not None:
+            total_keys, exact = 0, True
+            for node in transport.primaries():
+                counted = await self._call("get_cache_stats", self._count_keys, node)
+                if counted is FAILED:
+                    total_keys, exact = None, False
+                    break
+                total_keys += counted[0]
+                exact = exact and counted[1]
+            # One node's INFO (the first primary's) describes the server.
+            first = transport.primaries()[0]
+            raw_info = await self._call("get_cache_stats", first.execute, "INFO")
+            if raw_info is not FAILED:
+                info = RedisServerStats.from_reply(raw_info)
+        stats = CacheStats(
+            enabled=self.enabled,
+            total_keys=total_keys,
+            total_keys_exact=exact,
+            by_kind=by_kind,
+            counters=self._stats.counters(),
+            connection_pool=self._pool_stats(),
+            redis=info,
+            pending_invalidations=len(self._replayer.pending),
+            near_cache=(
+                asdict(self._near.stats()) if self._near is not None else {"enabled": False}
+            ),
+            circuit_breaker=self._breaker.snapshot(),
+        )
+        hits, misses = stats.hits, stats.misses
+        logger.info(
+            "cache stats: hit rate %.2f%% (%d hits, %d misses), %s keys",
+            hit_rate(hits, misses),
+            hits,
+            misses,
+            total_keys,
+        )
+        if hits + misses >= MIN_LOOKUPS_FOR_HIT_RATE_WARNING and (
+            stats.local_hit_rate < LOW_HIT_RATE_THRESHOLD
+        ):
+            logger.warning("Low cache hit rate: %.2f%%", stats.local_hit_rate)
+        return stats
+
+    async def get_cache_stats(self) -> dict[str, Any]:
+        """The spec's statistics dict: ``enabled``, ``total_keys``, ``local_hit_rate``
+        (percent), ``connection_pool`` (``max_connections``, ``in_use``, ``idle``), ``redis``
+        (selected INFO fields), hits and misses per kind, counters, breaker state."""
+        return (await self.get_stats()).as_dict()
+
+    def reset_stats(self) -> None:
+        """Zero the local hit/miss and event counters."""
+        self._stats.reset()
+
+    async def _count_keys(self, node: AsyncAdminNode) -> tuple[int, bool]:
+        # SCAN in batches (never KEYS): Redis serves other clients between batches. Stop at
+        # a time budget on a huge keyspace and say the count is a lower bound.
+        deadline = time.monotonic() + SCAN_BUDGET
+        cursor, total = b"0", 0
+        while True:
+            reply = await node.execute("SCAN", cursor, "MATCH", SCAN_PATTERN, "COUNT", SCAN_COUNT)
+            cursor, batch = cast("tuple[bytes, list[bytes]]", reply)
+            total += len(batch)
+            if cursor == b"0":
+                return total, True
+            if time.monotonic() > deadline:
+                return total, False
+
+    def _pool_stats(self) -> PoolStats:
+        transport = self._transport
+        if transport is None:
+            return PoolStats(self.settings.max_connections, 0, 0, 0)
+        # In use = slots held: a slot that leaked would show here, not as a phantom idle.
+        books = transport.accounting()
+        return PoolStats(
+            max_connections=self.settings.max_connections,
+            in_use=books.slots_held,
+            idle=books.idle,
+            created=books.created,
+        )

@@ -1,0 +1,143 @@
+"""The single-node transport: one Redis (``redis://``, ``rediss://``, ``unix://``).
+
+The data path is the lean pool itself (this class *is* an :class:`AsyncLeanPool`), so a
+keyed command costs exactly what a lean-pool call costs: the seam adds no call. Admin
+commands (``SCAN``, ``INFO``) run on a small pool of their own, so a slow stats call never
+takes a data-path connection; health checks run on one connection whose read timeout is
+the connect timeout, so a probe stays bounded by it even when the data path is saturated.
+
+redis-py parses the URL and holds the connection settings (class, TLS, auth, db,
+timeouts); crmcache never sends a command through redis-py's own pool.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from redis.asyncio import ConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from .._config import CacheSettings
+from .._errors import ConfigurationError
+from .._scripts import register_scripts
+from .pool import AsyncLeanPool
+from .transport import AsyncAdminNode, AsyncTransport
+
+__all__ = ["ADMIN_CONNECTIONS", "HEALTH_CHECK_INTERVAL", "AsyncNodeTransport"]
+
+#: Connections for SCAN and INFO (get_cache_stats) and the replay's TTL shortening.
+ADMIN_CONNECTIONS = 2
+#: Seconds between connection health checks (PING before reuse of an idle connection).
+HEALTH_CHECK_INTERVAL = 30
+
+
+def _retry(retries: int) -> Retry:
+    # One retry on a dropped connection reconnects after a Redis restart; a timeout is
+    # not retried (it would double the stall).
+    return Retry(
+        ExponentialWithJitterBackoff(cap=0.1, base=0.01),
+        retries=retries,
+        supported_errors=(RedisConnectionError,),
+    )
+
+
+class AsyncNodeTransport(AsyncLeanPool, AsyncTransport):
+    """One Redis node: the data path on this lean pool, admin and health beside it.
+
+    Args:
+        settings: the manager's resolved settings (URL, pool size, timeouts).
+        scrub: removes the password from a message (for errors raised here).
+
+    Raises:
+        ConfigurationError: redis-py cannot use ``settings.redis_url``.
+    """
+
+    def __init__(self, settings: CacheSettings, scrub: Callable[[str], str]) -> None:
+        s = settings
+        try:
+            parsed = ConnectionPool.from_url(
+                s.redis_url,
+                socket_timeout=s.socket_timeout,
+                socket_connect_timeout=s.socket_connect_timeout,
+                retry=_retry(1),
+                protocol=2,
+                health_check_interval=HEALTH_CHECK_INTERVAL,
+                client_name="crmcache",
+            )
+        except ValueError as exc:
+            raise ConfigurationError(
+                f"redis_url {s.masked_url!r} is not usable: {scrub(str(exc))}"
+            ) from None
+        self.connection_class = cls = parsed.connection_class
+        self.connection_kwargs = kwargs = parsed.connection_kwargs
+        path = kwargs.get("path")
+        address = str(path) if path else f"{kwargs.get('host')}:{kwargs.get('port')}"
+        super().__init__(
+            lambda: cls(**kwargs),
+            max_connections=s.max_connections,
+            timeout=s.pool_timeout,
+            address=address,
+        )
+        # register_script computes each SHA locally: no round trip here.
+        self.scripts = register_scripts(Redis(connection_pool=parsed))
+        self.admin = AsyncLeanPool(
+            lambda: cls(**kwargs),
+            max_connections=ADMIN_CONNECTIONS,
+            timeout=s.pool_timeout,
+            address=self.address,
+        )
+        # A dropped health connection is not retried (that would double the bound).
+        health_kwargs = {
+            **kwargs,
+            "socket_timeout": s.socket_connect_timeout,
+            "retry": _retry(0),
+            "client_name": "crmcache-health",
+        }
+        self.health = AsyncLeanPool(
+            lambda: cls(**health_kwargs),
+            max_connections=1,
+            timeout=s.socket_connect_timeout,
+            retry_dropped=False,
+        )
+
+    async def mget(self, keys: Sequence[str]) -> list[bytes | None]:
+        """One ``MGET`` for every key."""
+        return await self.execute("MGET", *keys)  # type: ignore[no-any-return]
+
+    async def mset(self, values: Mapping[str, bytes]) -> None:
+        """One ``MSET`` for every key (atomic)."""
+        await self.execute("MSET", *[part for pair in values.items() for part in pair])
+
+    def primaries(self) -> Sequence[AsyncAdminNode]:
+        """This node, on its admin pool."""
+        return (self.admin,)
+
+    def nodes(self) -> list[str]:
+        """This node's address."""
+        return [self.address]
+
+    async def ping(self) -> bool:
+        """PING on the health connection; True if Redis answered ``PONG``."""
+        return bool(await self.health.execute("PING") == b"PONG")
+
+    def tracking_connection(self, node: str, *, protocol: int) -> Any:  # noqa: ANN401
+        """A connection to this node for the near cache's invalidation listener."""
+        return self.connection_class(
+            **{
+                **self.connection_kwargs,
+                "protocol": protocol,
+                # Blocks until a message comes; a dead server is seen as a closed socket.
+                "socket_timeout": None,
+                "socket_keepalive": True,
+                "client_name": "crmcache-near-cache",
+            }
+        )
+
+    async def close(self, grace: float) -> None:
+        """Close the data, admin and health pools (calls in flight get ``grace``)."""
+        await super().close(grace)
+        await self.admin.close(grace)
+        await self.health.close(grace)

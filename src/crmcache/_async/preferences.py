@@ -1,0 +1,193 @@
+"""Client preferences: versioned reads, writes and invalidations (``crm:prefs:<id>``)."""
+
+from __future__ import annotations
+
+import logging
+
+from .._codec import (
+    WRONG_TYPE,
+    CorruptValue,
+    clone_preferences,
+    decode_preferences,
+    encode_preferences,
+    is_tombstone,
+)
+from .._guard import FAILED
+from .._keys import check_id, prefs_key
+from .._near import MISSING
+from .._pending import PendingKind
+from .._stats import Counter, Kind
+from .._validate import check_version, ttl_ms
+from ..models import ClientPreferences
+from .core import AsyncCacheCore
+from .transport import AsyncTransport
+
+__all__ = ["AsyncPreferencesMixin"]
+
+logger = logging.getLogger("crmcache")
+
+
+class AsyncPreferencesMixin(AsyncCacheCore):
+    """``get``/``set``/``invalidate_client_preferences``."""
+
+    async def get_client_preferences(self, client_id: str) -> ClientPreferences | None:
+        """Return a client's cached preferences, or ``None`` on a miss.
+
+        A miss is also what a disabled cache, an unreachable Redis, an invalidation
+        tombstone, or an undecodable value (which is then deleted) returns.
+
+        Raises:
+            TypeError, ValueError: ``client_id`` is not a valid id.
+        """
+        return await self._get_preferences(client_id, record=True)
+
+    async def _get_preferences(self, client_id: str, *, record: bool) -> ClientPreferences | None:
+        """The read behind get_client_preferences; ``record=False`` leaves hits and misses
+        uncounted (for polls that are not lookups of their own)."""
+        key = prefs_key(check_id("client_id", client_id, self._max_id))
+        transport = self._active()
+        near = self._near
+        prefs: ClientPreferences | None = None
+        if transport is not None and near is not None:
+            if not near.live:
+                self._start_listener()
+            held = near.get(key)
+            if held is not MISSING:
+                if record:
+                    self._stats.hit(Kind.PREFERENCES)
+                return clone_preferences(held)
+            token = near.token()
+            prefs = await self._read_preferences(transport, key)
+            if prefs is not None and near.put(key, prefs, token):
+                prefs = clone_preferences(prefs)  # the caller may change its copy
+        elif transport is not None:
+            prefs = await self._read_preferences(transport, key)
+        if record:
+            if prefs is None:
+                self._stats.miss(Kind.PREFERENCES)
+                logger.debug("cache miss: %s", key)
+            else:
+                self._stats.hit(Kind.PREFERENCES)
+                logger.debug("cache hit: %s", key)
+        return prefs
+
+    async def _read_preferences(
+        self, transport: AsyncTransport, key: str
+    ) -> ClientPreferences | None:
+        """GET and decode one preferences value; None for a miss of any kind (absent,
+        tombstone, Redis away, undecodable or wrong-type value: the last two evicted)."""
+        raw = await self._call("get_client_preferences", transport.get, key)
+        if raw is FAILED:
+            self._stats.count(Counter.READS_FAILED)
+            return None
+        if raw is WRONG_TYPE:
+            await self._evict(key, None, "wrong type")
+            return None
+        if raw is None or is_tombstone(raw):
+            return None
+        try:
+            return decode_preferences(raw)
+        except CorruptValue as exc:
+            await self._evict(key, raw, str(exc))
+            return None
+
+    async def set_client_preferences(
+        self, preferences: ClientPreferences, *, ttl: int | None = None
+    ) -> bool:
+        """Cache ``preferences`` unless a newer version is cached or was invalidated.
+
+        Runs ``prefs_set.lua``: the write is refused when the key holds a higher version
+        or a tombstone of a higher version (left by an invalidation), so a slow reader can
+        never put an old row back.
+
+        Args:
+            preferences: what to cache; ``preferences.version`` orders writes.
+            ttl: seconds to keep it; default the manager's ``cache_ttl``.
+
+        Returns:
+            True if stored; False if refused as stale, or if Redis was unavailable
+            (logged and counted) or the cache is disabled.
+
+        Raises:
+            TypeError: ``preferences`` is not a ClientPreferences / ``ttl`` not an int.
+            ValueError: ``ttl`` <= 0.
+        """
+        if not isinstance(preferences, ClientPreferences):
+            raise TypeError(
+                f"preferences must be ClientPreferences, not {type(preferences).__name__}"
+            )
+        expiry_ms = self._ttl_ms if ttl is None else ttl_ms("ttl", ttl)
+        check_id("preferences.client_id", preferences.client_id, self._max_id)
+        key = prefs_key(preferences.client_id)
+        transport = self._active()
+        if transport is None:
+            return False
+        payload = encode_preferences(preferences)
+        self._near_forget(key)
+        reply = await self._call(
+            "set_client_preferences",
+            transport.evalsha,
+            transport.scripts.prefs_set,
+            [key],
+            [preferences.version, payload, expiry_ms],
+        )
+        self._near_forget(key)
+        if reply is FAILED:
+            self._stats.count(Counter.WRITES_FAILED)
+            return False
+        stored, current = (int(x) for x in reply)
+        if not stored:
+            self._stats.count(Counter.STALE_WRITES_REFUSED)
+            logger.debug(
+                "refused stale write of %s: version %d, cached %s",
+                key,
+                preferences.version,
+                "tombstone" if current == -2 else current,
+            )
+            return False
+        self._stats.count(Counter.WRITES)
+        logger.debug("cached %s version %d", key, preferences.version)
+        return True
+
+    async def invalidate_client_preferences(
+        self, client_id: str, *, version: int | None = None
+    ) -> bool:
+        """Drop a client's cached preferences, leaving a short tombstone.
+
+        Call it after saving the row. Pass the saved row's ``version`` when known: the
+        tombstone then refuses only older writes, so the next reader can refill at once.
+        Without it, the tombstone assumes the row moved one version past what was cached
+        (or, with nothing cached, refuses every write for ``tombstone_ttl`` seconds).
+
+        Returns:
+            True if Redis recorded the invalidation; False if Redis was unavailable
+            (logged at WARNING and counted) or the cache is disabled.
+
+        Raises:
+            TypeError, ValueError: bad ``client_id`` or ``version``.
+        """
+        key = prefs_key(check_id("client_id", client_id, self._max_id))
+        version = check_version("version", version)
+        transport = self._active()
+        if transport is None:
+            return False
+        self._near_forget(key)
+        try:
+            reply = await self._call(
+                "invalidate_client_preferences",
+                transport.evalsha,
+                transport.scripts.prefs_invalidate,
+                [key],
+                ["" if version is None else version, self._tombstone_ms],
+            )
+        except BaseException:
+            self._replayer.deferred(PendingKind.PREFERENCES, key, version)
+            raise
+        self._near_forget(key)
+        if reply is FAILED:
+            self._replayer.failed(PendingKind.PREFERENCES, key, version)
+            return False
+        self._replayer.confirmed(key)
+        self._stats.count(Counter.INVALIDATIONS)
+        logger.debug("invalidated %s (tombstone version %s)", key, reply)
+        return True
