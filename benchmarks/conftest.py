@@ -38,7 +38,7 @@ import pytest
 import redis
 
 from crmcache import CRMCacheManager
-from crmcache._server import RedisServer, RedisServerError, find_redis_server_binary
+from crmcache.testing import RedisServer, RedisServerError, find_redis_server_binary
 
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 

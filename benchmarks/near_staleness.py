@@ -15,7 +15,7 @@ import redis
 
 from crmcache import CRMCacheManager
 from crmcache._near import MISSING
-from crmcache._server import RedisServer
+from crmcache.testing import RedisServer
 
 KEY = "crm:template:email:t"
 

@@ -24,7 +24,7 @@ from pytest_benchmark.fixture import BenchmarkFixture
 
 from crmcache import BreakerState, ClientPreferences, CRMCacheManager, MessageChannel
 from crmcache._keys import prefs_key
-from crmcache._server import RedisServer, RedisServerError, find_redis_server_binary
+from crmcache.testing import RedisServer, RedisServerError, find_redis_server_binary
 
 CLIENT_ID = "bench-breaker-client"
 #: As conftest.py's ``cache`` fixture (crmcache's defaults).

@@ -26,7 +26,7 @@ import redis
 
 import crmcache
 import crmcache.repository
-from crmcache._server import RedisServer, RedisServerError, find_redis_server_binary
+from crmcache.testing import RedisServer, RedisServerError, find_redis_server_binary
 
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 

@@ -19,9 +19,9 @@ from crmcache import (
     get_async_cache_manager,
 )
 from crmcache._async.primitives import Event, FairSlots, sleep, spawn
-from crmcache._server import free_loopback_port
 from crmcache.repository import AsyncCommunicationRepository
 from crmcache.store import SQLPreferenceStore, ThreadedAsyncStore
+from crmcache.testing import free_loopback_port
 
 
 def test_async_with_round_trip(redis_url: str, raw: redis.Redis) -> None:

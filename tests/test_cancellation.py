@@ -22,9 +22,9 @@ import redis
 
 from crmcache import AsyncCRMCacheManager, BreakerState, ClientPreferences
 from crmcache._guard import FAILED
-from crmcache._server import RedisServer
 from crmcache._sync.manager import CRMCacheManager as SyncCRMCacheManager
 from crmcache.repository import AsyncCommunicationRepository
+from crmcache.testing import RedisServer
 
 KEYS = 64
 

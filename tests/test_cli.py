@@ -16,7 +16,7 @@ import pytest
 import redis
 
 from crmcache import cli
-from crmcache._server import RedisServerError, free_loopback_port
+from crmcache.testing import RedisServerError, free_loopback_port
 
 DEMO_SMALL = ["--clients", "300", "--messages", "2000", "--threads", "2", "--seed", "7"]
 

@@ -24,7 +24,7 @@ from crmcache import (
     get_cache_manager,
     mask_url,
 )
-from crmcache._server import RedisServer, find_redis_server_binary, free_loopback_port
+from crmcache.testing import RedisServer, find_redis_server_binary, free_loopback_port
 
 SECRET = "s3cretpw"
 

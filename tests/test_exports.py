@@ -1,6 +1,8 @@
-"""The public surface: ``crmcache.__all__`` and the spec's import paths."""
+"""The public surface: ``__all__`` of ``crmcache`` and ``crmcache.testing``; import paths."""
 
 from __future__ import annotations
+
+import importlib
 
 import pytest
 
@@ -36,15 +38,28 @@ EXPECTED_ALL = [
     "mask_url",
 ]
 
+EXPECTED_TESTING_ALL = [
+    "RedisServer",
+    "RedisServerError",
+    "find_redis_server_binary",
+    "free_loopback_port",
+]
 
-def test_all_is_pinned() -> None:
-    """crmcache.__all__ is exactly the agreed public surface, in order."""
-    assert list(crmcache.__all__) == EXPECTED_ALL
+# Every public module whose __all__ is pinned, with its agreed names.
+PINNED = {"crmcache": EXPECTED_ALL, "crmcache.testing": EXPECTED_TESTING_ALL}
+PINNED_NAMES = [(module, name) for module, names in PINNED.items() for name in names]
 
 
-def test_all_is_sorted_and_unique() -> None:
+@pytest.mark.parametrize(("module", "expected"), PINNED.items())
+def test_all_is_pinned(module: str, expected: list[str]) -> None:
+    """Each pinned module's __all__ is exactly the agreed public surface, in order."""
+    assert list(importlib.import_module(module).__all__) == expected
+
+
+@pytest.mark.parametrize("module", PINNED)
+def test_all_is_sorted_and_unique(module: str) -> None:
     """__all__ is sorted (ruff's isort-style order) and names nothing twice."""
-    names = list(crmcache.__all__)
+    names = list(importlib.import_module(module).__all__)
     assert len(names) == len(set(names))
 
     # RUF022 order: SCREAMING_CASE, then CamelCase, then the rest, each alphabetical.
@@ -58,20 +73,22 @@ def test_all_is_sorted_and_unique() -> None:
     assert names == sorted(names, key=lambda n: (group(n), n))
 
 
-@pytest.mark.parametrize("name", EXPECTED_ALL)
-def test_every_exported_name_is_importable(name: str) -> None:
-    """Each name in __all__ exists on the package and survives `from crmcache import`."""
-    assert hasattr(crmcache, name)
+@pytest.mark.parametrize(("module", "name"), PINNED_NAMES)
+def test_every_exported_name_is_importable(module: str, name: str) -> None:
+    """Each name in __all__ exists on its module and survives `from <module> import`."""
+    target = importlib.import_module(module)
+    assert hasattr(target, name)
     namespace: dict[str, object] = {}
-    exec(f"from crmcache import {name}", namespace)  # noqa: S102 - the import is the test
-    assert namespace[name] is getattr(crmcache, name)
+    exec(f"from {module} import {name}", namespace)  # noqa: S102 - the import is the test
+    assert namespace[name] is getattr(target, name)
 
 
-def test_star_import_gives_exactly_all() -> None:
-    """`from crmcache import *` binds exactly the names of __all__."""
+@pytest.mark.parametrize(("module", "expected"), PINNED.items())
+def test_star_import_gives_exactly_all(module: str, expected: list[str]) -> None:
+    """`from <module> import *` binds exactly the names of its __all__."""
     namespace: dict[str, object] = {}
-    exec("from crmcache import *", namespace)  # noqa: S102 - the import is the test
-    assert sorted(k for k in namespace if k != "__builtins__") == sorted(EXPECTED_ALL)
+    exec(f"from {module} import *", namespace)  # noqa: S102 - the import is the test
+    assert sorted(k for k in namespace if k != "__builtins__") == sorted(expected)
 
 
 def test_version_is_a_string() -> None:

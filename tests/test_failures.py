@@ -10,7 +10,7 @@ import pytest
 import redis
 
 from crmcache import BreakerState, ClientPreferences, CRMCacheManager
-from crmcache._server import RedisServer, free_loopback_port
+from crmcache.testing import RedisServer, free_loopback_port
 
 
 def poll(condition: object, timeout: float = 10.0) -> None:

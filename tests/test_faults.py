@@ -22,8 +22,8 @@ import pytest
 import redis
 
 from crmcache import BreakerState, ClientPreferences, CRMCacheManager
-from crmcache._server import RedisServer
 from crmcache._stats import Counter
+from crmcache.testing import RedisServer
 
 SOCKET_TIMEOUT = 0.5
 CONNECT_TIMEOUT = 0.5

@@ -17,7 +17,7 @@ import redis
 
 from crmcache import ClientPreferences, CRMCacheManager
 from crmcache._near import MISSING, NOT_AN_INVALIDATION, NearCache, invalidated_keys
-from crmcache._server import RedisServer
+from crmcache.testing import RedisServer
 
 PROTOCOLS = [2, 3]
 

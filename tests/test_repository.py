@@ -10,10 +10,10 @@ import pytest
 import redis
 
 from crmcache import ClientPreferences, CRMCacheManager, MessageChannel, StaleVersionError
-from crmcache._server import RedisServer
 from crmcache.cache_manager import LeaseState
 from crmcache.repository import CommunicationRepository
 from crmcache.store import SQLPreferenceStore
+from crmcache.testing import RedisServer
 
 THREADS = 16
 KEY = "crm:prefs:client-123"

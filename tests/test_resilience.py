@@ -13,7 +13,7 @@ import redis
 
 from crmcache import ClientPreferences, ConfigurationError, CRMCacheManager
 from crmcache._pending import PendingInvalidations, PendingKind
-from crmcache._server import RedisServer, free_loopback_port
+from crmcache.testing import RedisServer, free_loopback_port
 
 
 def poll(condition: Callable[[], object], timeout: float = 15.0) -> None:

@@ -31,15 +31,15 @@ from redis.exceptions import NoPermissionError, ResponseError
 import crmcache
 from crmcache import ClientPreferences, CRMCacheManager, MessageChannel
 from crmcache._scripts import SCRIPT_NAMES, load_script_source
-from crmcache._server import (
+from crmcache.cache_manager import LeaseState
+from crmcache.repository import CommunicationRepository
+from crmcache.store import SQLPreferenceStore
+from crmcache.testing import (
     RedisServer,
     RedisServerError,
     find_redis_server_binary,
     free_loopback_port,
 )
-from crmcache.cache_manager import LeaseState
-from crmcache.repository import CommunicationRepository
-from crmcache.store import SQLPreferenceStore
 
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 

