@@ -20,10 +20,12 @@ from typing import Any
 import crmcache
 import crmcache.cache_manager
 import crmcache.repository
+import crmcache.templates
 from crmcache import AsyncCRMCacheManager
 from crmcache._async import manager as async_manager
 from crmcache.repository import AsyncCommunicationRepository
 from crmcache.store import PreferenceStore, ThreadedAsyncStore
+from crmcache.templates import AsyncFileTemplateSource
 
 _loop: asyncio.AbstractEventLoop | None = None
 _stand_ins: dict[int, Any] = {}
@@ -139,6 +141,14 @@ class RepositoryOverAsync(Proxy):
         object.__setattr__(self, "db", db_manager)
 
 
+class FileTemplateSourceOverAsync(Proxy):
+    """``FileTemplateSource(...)`` that is really an ``AsyncFileTemplateSource`` on the loop."""
+
+    def __init__(self, root: Any, cache: Any = None, **kwargs: Any) -> None:
+        target_cache = cache._target if isinstance(cache, Proxy) else cache
+        super().__init__(AsyncFileTemplateSource(root, target_cache, **kwargs))
+
+
 def install() -> None:
     """Point the names the tests import at the async stand-ins."""
     for module in (crmcache, crmcache.cache_manager):
@@ -146,3 +156,4 @@ def install() -> None:
         module.get_cache_manager = get_cache_manager  # type: ignore[assignment]
         module.close_cache_managers = close_cache_managers  # type: ignore[assignment]
     crmcache.repository.CommunicationRepository = RepositoryOverAsync  # type: ignore[misc,assignment]
+    crmcache.templates.FileTemplateSource = FileTemplateSourceOverAsync  # type: ignore[misc,assignment]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -9,8 +10,10 @@ from pathlib import Path
 import pytest
 import redis
 
-from crmcache import CRMCacheManager, MessageChannel
-from crmcache.templates import FileTemplateSource, warm_templates
+from crmcache import AsyncCRMCacheManager, CRMCacheManager, MessageChannel
+from crmcache._sync.file_templates import FileTemplateSource as SyncSource
+from crmcache._sync.manager import CRMCacheManager as SyncManager
+from crmcache.templates import AsyncFileTemplateSource, FileTemplateSource, warm_templates
 
 WELCOME = "<h1>Welcome, {{ name }}!</h1>"
 OTP = "Your code is {{ code }}"
@@ -235,3 +238,37 @@ def test_warm_and_get_pick_the_same_file(
     assert from_file == "from txt"
     FileTemplateSource(root, cache).warm()
     assert cache.get_template("promo", "sms") == from_file
+
+
+def test_each_source_refuses_the_other_facades_manager(redis_url: str, root: Path) -> None:
+    """FileTemplateSource refuses an AsyncCRMCacheManager (its calls would return
+    coroutines), and AsyncFileTemplateSource a CRMCacheManager, with a TypeError naming both."""
+    sync_cache = SyncManager(redis_url=redis_url)
+    async_cache = AsyncCRMCacheManager(redis_url=redis_url)
+    try:
+        with pytest.raises(TypeError, match="cache must be a CRMCacheManager for a "):
+            SyncSource(root, async_cache)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match=r"must be a AsyncCRMCacheManager .*not CRMCache"):
+            AsyncFileTemplateSource(root, sync_cache)  # type: ignore[arg-type]
+    finally:
+        sync_cache.close()
+        asyncio.run(async_cache.aclose())
+
+
+def test_async_source_reads_caches_and_warms(redis_url: str, root: Path, raw: redis.Redis) -> None:
+    """AsyncFileTemplateSource serves files through an AsyncCRMCacheManager: a miss reads the
+    file and caches it, the next read is a cache hit, warm() caches the whole tree."""
+
+    async def main() -> None:
+        async with AsyncCRMCacheManager(redis_url=redis_url) as cache:
+            source = AsyncFileTemplateSource(root, cache)
+            assert await source.get("welcome", "email") == WELCOME
+            assert await source.get("welcome", "email") == WELCOME
+            assert source.file_reads == 1
+            assert raw.get("crm:template:email:welcome") == WELCOME.encode()
+            found = await source.get_many([("otp", "sms"), ("nope", "sms")])
+            assert found == {("otp", "sms"): OTP, ("nope", "sms"): None}
+            assert await source.warm() == 3
+
+    asyncio.run(main())
+    assert template_keys(raw) == TEMPLATE_KEYS

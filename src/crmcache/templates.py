@@ -4,167 +4,26 @@ Files are laid out as the spec's example reads them: ``<root>/<channel>/<name>.<
 e.g. ``templates/email/welcome.html`` or ``templates/sms/otp.txt``. A read checks the
 cache, and on a miss reads the file and caches it (templates have no TTL). ``warm()``
 loads a whole folder in one batched write.
+
+``FileTemplateSource`` goes with a ``CRMCacheManager``, ``AsyncFileTemplateSource`` (whose
+methods are coroutines) with an ``AsyncCRMCacheManager``; each refuses the other's
+manager with ``TypeError``.
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Iterable
 from pathlib import Path
 
-from ._keys import check_channel, check_id
-from .cache_manager import CRMCacheManager, TemplateRef
-from .models import MessageChannel
+from ._async.file_templates import AsyncFileTemplateSource
+from ._sync.file_templates import TEMPLATE_EXTENSIONS, FileTemplateSource
+from .cache_manager import CRMCacheManager
 
-__all__ = ["TEMPLATE_EXTENSIONS", "FileTemplateSource", "warm_templates"]
-
-logger = logging.getLogger("crmcache")
-
-#: File extensions tried, in this order, for ``<root>/<channel>/<name>.<ext>``.
-TEMPLATE_EXTENSIONS = (".html", ".txt", ".md", ".j2", ".jinja", ".tmpl")
-
-
-class FileTemplateSource:
-    """Templates read from ``<root>/<channel>/<name>.<ext>``, cached in Redis.
-
-    Args:
-        root: the templates folder.
-        cache: the cache; None reads the files every time.
-        extensions: file extensions to try, in order.
-
-    Raises:
-        ValueError: ``root`` is not a folder.
-    """
-
-    def __init__(
-        self,
-        root: str | Path,
-        cache: CRMCacheManager | None = None,
-        *,
-        extensions: Iterable[str] = TEMPLATE_EXTENSIONS,
-    ) -> None:
-        self.root = Path(root).resolve()
-        if not self.root.is_dir():
-            raise ValueError(f"root must be a folder of templates: {str(root)!r}")
-        self.cache = cache
-        self.extensions = tuple(extensions)
-        self.file_reads = 0
-
-    @staticmethod
-    def _check_name(name: object) -> str:
-        checked = check_id("name", name, 256)
-        if "/" in checked or "\\" in checked or checked.startswith("."):
-            raise ValueError(f"name must be a plain file stem for a file template: {name!r}")
-        return checked
-
-    def path_for(self, name: str, channel: MessageChannel | str) -> Path | None:
-        """The file holding template ``name`` for ``channel``, or None if there is none.
-
-        When several extensions exist for one name, the first in ``extensions`` wins.
-
-        Raises:
-            TypeError, ValueError: a bad ``name`` (also one that would leave the folder,
-                such as ``../x``) or an unknown ``channel``.
-        """
-        folder = self.root / check_channel(channel).value
-        checked = self._check_name(name)
-        for ext in self.extensions:
-            candidate = folder / f"{checked}{ext}"
-            if candidate.is_file():
-                return candidate
-        return None
-
-    def _read(self, name: str, channel: MessageChannel | str) -> str | None:
-        path = self.path_for(name, channel)
-        if path is None:
-            return None
-        self.file_reads += 1
-        return path.read_text(encoding="utf-8")
-
-    def get(self, name: str, channel: MessageChannel | str) -> str | None:
-        """Template text: from the cache, else from its file (then cached); None if no file.
-
-        Raises:
-            TypeError, ValueError: a bad name or channel; ``UnicodeDecodeError`` (a
-                ValueError) for a file that is not UTF-8.
-        """
-        self._check_name(name)
-        if self.cache is not None:
-            cached = self.cache.get_template(name, channel)
-            if cached is not None:
-                return cached
-        content = self._read(name, channel)
-        if content is not None and self.cache is not None:
-            self._cache_one(name, channel, content)
-        return content
-
-    def get_many(self, templates: Iterable[TemplateRef]) -> dict[TemplateRef, str | None]:
-        """Many templates: one batched cache read, files for the misses, one batched write."""
-        refs = list(templates)
-        if self.cache is None:
-            return {ref: self._read(*ref) for ref in refs}
-        found = self.cache.get_templates(refs)
-        loaded: dict[TemplateRef, str] = {}
-        for ref, content in found.items():
-            if content is None:
-                text = self._read(*ref)
-                if text is not None:
-                    loaded[ref] = found[ref] = text
-        if loaded:
-            self._cache_many(loaded)
-        return found
-
-    def warm(self) -> int:
-        """Load every template file under the root into the cache in one batched write.
-
-        Files are chosen as :meth:`get` chooses them; hidden files, unknown extensions and
-        files that are not UTF-8 (logged) are skipped.
-
-        Returns:
-            How many templates were written to the cache (0 without a cache, or if Redis
-            is away).
-        """
-        batch: dict[TemplateRef, str] = {}
-        for channel in MessageChannel:
-            folder = self.root / channel.value
-            if not folder.is_dir():
-                continue
-            stems = {
-                p.stem
-                for p in folder.iterdir()
-                if p.is_file() and p.suffix in self.extensions and not p.name.startswith(".")
-            }
-            for stem in sorted(stems):
-                try:
-                    content = self._read(stem, channel)
-                except (UnicodeDecodeError, ValueError) as exc:
-                    logger.warning("template %s/%s skipped: %s", channel.value, stem, exc)
-                    continue
-                if content is not None:
-                    batch[stem, channel] = content
-        if self.cache is None or not batch:
-            return 0
-        return self._cache_many(batch)
-
-    def _cache_one(self, name: str, channel: MessageChannel | str, content: str) -> bool:
-        if self.cache is None:
-            return False
-        try:
-            return self.cache.set_template(name, channel, content)
-        except ValueError as exc:  # too large to cache: still served from the file
-            logger.warning("template %s/%s not cached: %s", channel, name, exc)
-            return False
-
-    def _cache_many(self, batch: dict[TemplateRef, str]) -> int:
-        """Write ``batch`` in one MSET (one by one if some are too large); return how many
-        were written."""
-        if self.cache is None:
-            return 0
-        try:
-            return len(batch) if self.cache.set_templates(batch) else 0
-        except ValueError as exc:
-            logger.warning("templates not cached in one batch (%s); caching one by one", exc)
-            return sum(self._cache_one(name, ch, content) for (name, ch), content in batch.items())
+__all__ = [
+    "TEMPLATE_EXTENSIONS",
+    "AsyncFileTemplateSource",
+    "FileTemplateSource",
+    "warm_templates",
+]
 
 
 def warm_templates(cache: CRMCacheManager, directory: str | Path) -> int:

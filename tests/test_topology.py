@@ -1,0 +1,96 @@
+"""Replies that mean "the topology moved" are their own class of failure: the call degrades,
+they are counted and logged apart, and the breaker treats them as neither an outage nor a
+refusal. Tried on real servers: a replica (READONLY) and a cluster node that serves no
+slot (CLUSTERDOWN)."""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from crmcache import BreakerState, ClientPreferences, CRMCacheManager
+from crmcache.testing import RedisServer, find_redis_server_binary, free_loopback_port
+
+#: More calls than the breaker's failure threshold (5): an outage would have opened it.
+CALLS = 12
+
+
+def _port_with_bus() -> int:
+    """A free loopback port whose cluster bus port (+10000) is free too."""
+    for _ in range(50):
+        port = free_loopback_port()
+        if port + 10000 >= 65536:
+            continue
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+    raise AssertionError("no free port pair for a cluster node")
+
+
+@pytest.fixture
+def replica() -> Iterator[tuple[RedisServer, RedisServer]]:
+    """A primary and a replica of it (read-only from its start, synced or not)."""
+    if find_redis_server_binary() is None:
+        pytest.skip("needs a redis-server binary")
+    primary = RedisServer()
+    primary.start()
+    follower = RedisServer(extra_args=["--replicaof", "127.0.0.1", str(primary.port)])
+    try:
+        follower.start()
+        with redis.Redis.from_url(follower.url) as client:
+            assert client.info("replication")["role"] == "slave"
+        yield primary, follower
+    finally:
+        follower.stop()
+        primary.stop()
+
+
+def test_writes_to_a_replica_are_topology_errors(
+    replica: tuple[RedisServer, RedisServer], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A replica answers READONLY: writes return False, counted as topology errors (not as
+    Redis errors), the breaker stays closed however many fail, one WARNING says why."""
+    _, follower = replica
+    caplog.set_level(logging.WARNING, logger="crmcache")
+    with CRMCacheManager(redis_url=follower.url) as cache:
+        for i in range(CALLS):
+            assert cache.set_client_preferences(ClientPreferences(client_id=f"c{i}")) is False
+        assert cache.set_template("welcome", "email", "hi") is False
+        assert cache.get_client_preferences("c0") is None  # reads work on a replica
+        stats = cache.get_stats()
+        assert stats.counters["topology_errors"] == CALLS + 1
+        assert stats.counters["redis_errors"] == 0
+        assert stats.counters["writes_failed"] == CALLS + 1
+        assert cache._breaker.state is BreakerState.CLOSED
+        assert cache.health_check() is True
+    moved = [r for r in caplog.records if "topology changed" in r.getMessage()]
+    assert len(moved) == 1, [r.getMessage() for r in caplog.records]
+    assert "ReadOnlyError" in moved[0].getMessage()
+
+
+def test_a_cluster_node_without_slots_is_a_topology_error() -> None:
+    """A cluster node that serves no slot answers CLUSTERDOWN: reads miss, rate limits
+    follow the policy, and the breaker stays closed (the node is up)."""
+    if find_redis_server_binary() is None:
+        pytest.skip("needs a redis-server binary")
+    node = RedisServer(port=_port_with_bus(), extra_args=["--cluster-enabled", "yes"])
+    node.start()
+    try:
+        with CRMCacheManager(redis_url=node.url, rate_limit_policy="closed") as cache:
+            for i in range(CALLS):
+                assert cache.get_client_preferences(f"c{i}") is None
+            result = cache.check_rate_limit("sms", limit=5)
+            assert (result.allowed, result.degraded) == (False, True)
+            counters = cache.get_stats().counters
+            assert counters["topology_errors"] == CALLS + 1
+            assert counters["redis_errors"] == 0
+            assert cache._breaker.state is BreakerState.CLOSED
+    finally:
+        node.stop()
