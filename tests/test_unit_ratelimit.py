@@ -1,0 +1,70 @@
+"""Rate-limit results and policies without Redis (``crmcache._ratelimit``)."""
+
+from __future__ import annotations
+
+import pytest
+
+from crmcache._config import resolve_settings
+from crmcache._ratelimit import (
+    RateLimitResult,
+    check_limit_args,
+    choose_policy,
+    degraded_result,
+    result_from_reply,
+)
+
+
+def test_degraded_open_allows_with_the_whole_limit_left() -> None:
+    """The "open" policy allows, reports the whole limit remaining and no wait, degraded."""
+    result = degraded_result("open", 10)
+    assert result == RateLimitResult(True, 0, 10, 10, 0.0, degraded=True)
+
+
+def test_degraded_closed_refuses_and_asks_for_a_retry() -> None:
+    """The "closed" policy refuses with nothing remaining and a one-second retry, degraded."""
+    result = degraded_result("closed", 10)
+    assert result == RateLimitResult(False, 0, 10, 0, 1.0, degraded=True)
+
+
+def test_policy_choice_order() -> None:
+    """An explicit policy wins, then the API's own, then the manager's default."""
+    settings = resolve_settings(
+        redis_url="redis://127.0.0.1:1/0",
+        enabled=False,
+        rate_limit_policy="local",
+        rate_limit_policies={"whatsapp": "closed"},
+    )
+    assert choose_policy(settings, "whatsapp", "open") == "open"
+    assert choose_policy(settings, "whatsapp", None) == "closed"
+    assert choose_policy(settings, "sms", None) == "local"
+
+
+@pytest.mark.parametrize(("policy", "error"), [("shut", ValueError), (1, TypeError)])
+def test_a_bad_policy_is_named(policy: object, error: type[Exception]) -> None:
+    """A policy that is not one of the three raises, naming the argument."""
+    settings = resolve_settings(redis_url="redis://127.0.0.1:1/0", enabled=False)
+    with pytest.raises(error, match="policy"):
+        choose_policy(settings, "sms", policy)
+
+
+def test_reply_decoding() -> None:
+    """The script's {allowed, count, ttl_ms} becomes a result; remaining never goes below 0."""
+    assert result_from_reply([1, 3, 1500], 10) == RateLimitResult(True, 3, 10, 7, 1.5)
+    assert result_from_reply([0, 12, -1], 10) == RateLimitResult(False, 12, 10, 0, 0.0)
+
+
+@pytest.mark.parametrize(
+    ("limit", "window", "cost", "error", "name"),
+    [
+        (0, 60, 1, ValueError, "limit"),
+        (10, True, 1, TypeError, "window"),
+        (10, 60, -1, ValueError, "cost"),
+        (10, 10**10, 1, ValueError, "window"),
+    ],
+)
+def test_limit_arguments_are_checked(
+    limit: object, window: object, cost: object, error: type[Exception], name: str
+) -> None:
+    """Each bad limit, window or cost raises, naming the argument."""
+    with pytest.raises(error, match=name):
+        check_limit_args(limit, window, cost)
