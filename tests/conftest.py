@@ -10,6 +10,7 @@ Where the server comes from, in order:
 
 With ``CI=true`` failing to get a server is an error, never a skip. Tests that kill,
 pause or reconfigure a server use ``own_server``: a dedicated process for that test.
+Unit-test modules (``test_unit_*.py``) may use neither: they run without Redis.
 """
 
 from __future__ import annotations
@@ -49,8 +50,19 @@ def pytest_configure(config: pytest.Config) -> None:
         facades.install()
 
 
+#: Fixtures that start or reach a Redis server; unit-test modules must use none of them.
+SERVER_FIXTURES = frozenset({"redis_server", "own_server"})
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """In the async run, skip tests of sync-only machinery (marked ``sync_only``)."""
+    """Refuse a unit-test module (``test_unit_*.py``) that asks for a Redis server; in the
+    async run, skip tests of sync-only machinery (marked ``sync_only``)."""
+    for item in items:
+        used = SERVER_FIXTURES.intersection(getattr(item, "fixturenames", ()))
+        if item.path.name.startswith("test_unit_") and used:
+            raise pytest.UsageError(
+                f"{item.nodeid} is a unit test (runs without Redis) but uses {sorted(used)}"
+            )
     if config.getoption("--facade") != "async":
         return
     skip = pytest.mark.skip(reason="tests sync-only machinery; the async twin has its own tests")

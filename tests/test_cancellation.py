@@ -25,24 +25,9 @@ from crmcache._guard import FAILED
 from crmcache._sync.manager import CRMCacheManager as SyncCRMCacheManager
 from crmcache.repository import AsyncCommunicationRepository
 from crmcache.testing import RedisServer
+from helpers import apoll, poll
 
 KEYS = 64
-
-
-async def apoll(condition: Callable[[], object], timeout: float = 5.0) -> None:
-    """Wait (yielding to the loop) until ``condition()`` is truthy; fail at the deadline."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached before the deadline"
-        await asyncio.sleep(0.001)
-
-
-def poll(condition: Callable[[], object], timeout: float = 5.0) -> None:
-    """Wait until ``condition()`` is truthy; fail at the deadline."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached before the deadline"
-        time.sleep(0.001)
 
 
 def assert_at_rest(cache: Any) -> None:

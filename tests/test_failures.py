@@ -5,20 +5,17 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
+from functools import partial
 
 import pytest
 import redis
 
+import helpers
 from crmcache import BreakerState, ClientPreferences, CRMCacheManager
 from crmcache.testing import RedisServer, free_loopback_port
 
-
-def poll(condition: object, timeout: float = 10.0) -> None:
-    """Wait until ``condition()`` is true, or fail at the deadline."""
-    deadline = time.monotonic() + timeout
-    while not condition():  # type: ignore[operator]
-        assert time.monotonic() < deadline, "condition not reached before the deadline"
-        time.sleep(0.02)
+#: Polls in this module wait up to 10 s, checking every 20 ms.
+poll = partial(helpers.poll, timeout=10.0, interval=0.02)
 
 
 @pytest.fixture
@@ -227,29 +224,3 @@ def test_wrong_password_is_logged_at_error(
     errors = [r for r in crm_logs.records if r.levelno == logging.ERROR]
     assert errors
     assert all("wrong-password" not in r.getMessage() for r in crm_logs.records)
-
-
-def test_breaker_unit_transitions() -> None:
-    """Closed -> open after the threshold -> half-open probe -> closed on success."""
-    from crmcache._guard import CircuitBreaker  # noqa: PLC0415
-
-    now = [0.0]
-    breaker = CircuitBreaker(failure_threshold=3, reset_timeout=1.0, clock=lambda: now[0])
-    for _ in range(2):
-        assert breaker.allow()
-        assert breaker.record_failure() is False
-    assert breaker.record_failure() is True
-    assert breaker.state is BreakerState.OPEN
-    assert breaker.allow() is False
-    now[0] = 1.0
-    assert breaker.allow() is True  # the probe
-    assert breaker.state is BreakerState.HALF_OPEN
-    assert breaker.allow() is False  # only one probe at a time
-    breaker.record_failure()  # probe failed: wait twice as long
-    now[0] = 2.5
-    assert breaker.allow() is False
-    now[0] = 3.0
-    assert breaker.allow() is True
-    assert breaker.record_success() is True
-    assert breaker.state is BreakerState.CLOSED
-    assert (breaker.trips, breaker.recoveries) == (1, 1)

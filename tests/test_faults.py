@@ -17,10 +17,12 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 
 import pytest
 import redis
 
+import helpers
 from crmcache import BreakerState, ClientPreferences, CRMCacheManager
 from crmcache._stats import Counter
 from crmcache.testing import RedisServer
@@ -58,15 +60,8 @@ READ_OPS = ("get_prefs", "get_template", "get_templates", "rate_limit")
 ALL_OPS = (*READ_OPS, "set_prefs", "set_template")
 
 
-def poll(condition: Callable[[], object], timeout: float = DEADLINE, what: str = "") -> float:
-    """Wait until ``condition()`` is truthy; return the seconds it took (fail at the
-    deadline)."""
-    started = time.monotonic()
-    deadline = started + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"not reached within {timeout} s: {what}"
-        time.sleep(0.02)
-    return time.monotonic() - started
+#: Polls in this module wait up to DEADLINE, checking every 20 ms.
+poll = partial(helpers.poll, timeout=DEADLINE, interval=0.02)
 
 
 def template_name(owner: int, k: int) -> str:
@@ -662,7 +657,9 @@ def test_fault_matrix(
             fault.end(ctx, fault_on)
             fault_off = ctx.off or time.monotonic()
             workload.phase = "ending"
-            recovery = poll(lambda: healthy(cache), RECOVERY_BOUND, "service to recover")
+            recovery = poll(
+                lambda: healthy(cache), timeout=RECOVERY_BOUND, what="service to recover"
+            )
             workload.phase = "recovered"
             workload.wait_progress("recovered")
         finally:
@@ -830,5 +827,5 @@ def test_breaker_recovers_after_a_refused_probe(
             ),
             what="the probe",
         )
-    recovery = poll(lambda: healthy(fragile), RECOVERY_BOUND, "service to recover")
+    recovery = poll(lambda: healthy(fragile), timeout=RECOVERY_BOUND, what="service to recover")
     assert recovery < RECOVERY_BOUND

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import random
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,21 +17,13 @@ import redis
 from crmcache import ClientPreferences, CRMCacheManager
 from crmcache._near import MISSING, NOT_AN_INVALIDATION, NearCache, invalidated_keys
 from crmcache.testing import RedisServer
+from helpers import poll
 
 PROTOCOLS = [2, 3]
 
 # The near cache's own machinery is exercised here on the sync facade; the async twin
 # runs the same source (generated), and the listener task is covered by test_async.py.
 pytestmark = pytest.mark.sync_only
-
-
-def poll(condition: Callable[[], object], timeout: float = 5.0) -> float:
-    """Wait until ``condition()`` is truthy; return how long it took (fail at the deadline)."""
-    started = time.monotonic()
-    while not condition():
-        assert time.monotonic() - started < timeout, "condition not reached before the deadline"
-        time.sleep(0.001)
-    return time.monotonic() - started
 
 
 def redis_62_binary() -> str | None:

@@ -16,6 +16,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from crmcache import BreakerState, CRMCacheManager
 from crmcache._pool import POOL_EXHAUSTED, FairSlots, LeanPool
+from helpers import poll
 
 
 def make_pool(url: str, *, size: int = 2, timeout: float = 0.2, read: float = 5.0) -> LeanPool:
@@ -43,10 +44,7 @@ def blocked_clients(raw: redis.Redis) -> int:
 
 def wait_blocked(raw: redis.Redis, n: int) -> None:
     """Poll until ``n`` clients are blocked, or fail at a deadline."""
-    deadline = time.monotonic() + 5
-    while blocked_clients(raw) < n:
-        assert time.monotonic() < deadline, "client never blocked"
-        time.sleep(0.01)
+    poll(lambda: blocked_clients(raw) >= n, what=f"{n} client(s) blocked", interval=0.01)
 
 
 def test_commands_round_trip(pool: LeanPool) -> None:

@@ -8,17 +8,7 @@ import pytest
 import redis
 
 from crmcache import ClientPreferences, CRMCacheManager, MessageChannel
-
-
-def prefs(version: int, client_id: str = "client-123", tz: str = "UTC") -> ClientPreferences:
-    """Preferences of ``client_id`` as the database row at ``version`` would hold them."""
-    return ClientPreferences(
-        client_id=client_id,
-        timezone=tz,
-        preferred_channels=[MessageChannel.SMS, MessageChannel.EMAIL],
-        language="de",
-        version=version,
-    )
+from helpers import prefs
 
 
 def test_miss_then_hit_round_trips_every_field(cache: CRMCacheManager) -> None:

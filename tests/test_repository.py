@@ -3,40 +3,27 @@
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable, Iterator
+from functools import partial
 
 import pytest
 import redis
 
-from crmcache import ClientPreferences, CRMCacheManager, MessageChannel, StaleVersionError
+import helpers
+from crmcache import ClientPreferences, CRMCacheManager, StaleVersionError
 from crmcache.cache_manager import LeaseState
 from crmcache.repository import CommunicationRepository
 from crmcache.store import SQLPreferenceStore
 from crmcache.testing import RedisServer
+from helpers import prefs
 
 THREADS = 16
 KEY = "crm:prefs:client-123"
 LEASE = "crm:lease:prefs:client-123"
 
 
-def prefs(version: int = 0, client_id: str = "client-123", tz: str = "UTC") -> ClientPreferences:
-    """Preferences of ``client_id`` based on the row at ``version`` (0: a new row)."""
-    return ClientPreferences(
-        client_id=client_id,
-        timezone=tz,
-        preferred_channels=[MessageChannel.SMS, MessageChannel.EMAIL],
-        language="de",
-        version=version,
-    )
-
-
-def poll(condition: Callable[[], object], timeout: float = 15.0) -> None:
-    """Wait until ``condition()`` is true, or fail at the deadline."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached before the deadline"
-        time.sleep(0.005)
+#: Polls in this module wait up to 15 s, checking every 5 ms.
+poll = partial(helpers.poll, timeout=15.0, interval=0.005)
 
 
 class SlowStore:

@@ -4,24 +4,20 @@ invalidations that could not reach Redis."""
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import pytest
 import redis
 
+import helpers
 from crmcache import ClientPreferences, ConfigurationError, CRMCacheManager
-from crmcache._pending import PendingInvalidations, PendingKind
+from crmcache._pending import PendingInvalidations
 from crmcache.testing import RedisServer, free_loopback_port
 
-
-def poll(condition: Callable[[], object], timeout: float = 15.0) -> None:
-    """Wait until ``condition()`` is truthy, or fail at the deadline."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached before the deadline"
-        time.sleep(0.02)
+#: Polls in this module wait up to 15 s, checking every 20 ms.
+poll = partial(helpers.poll, timeout=15.0, interval=0.02)
 
 
 @pytest.fixture
@@ -196,37 +192,6 @@ def test_close_reports_undeliverable_invalidations(
     cache.close()
     errors = [r.getMessage() for r in crm_logs.records if r.levelno == logging.ERROR]
     assert any("never received" in m for m in errors)
-
-
-def test_pending_record_merges_versions() -> None:
-    """One entry per key: the newer version wins, an unknown version beats a known one."""
-    pending = PendingInvalidations(max_entries=10)
-    pending.add(PendingKind.PREFERENCES, "k", 3)
-    pending.add(PendingKind.PREFERENCES, "k", 5)
-    assert [e.version for e in pending.snapshot()] == [5]
-    pending.add(PendingKind.PREFERENCES, "k", 4)
-    assert [e.version for e in pending.snapshot()] == [5]
-    pending.add(PendingKind.PREFERENCES, "k", None)
-    assert [e.version for e in pending.snapshot()] == [None]
-
-
-def test_pending_record_is_bounded() -> None:
-    """Past the bound, preference keys set the overflow flag; templates count as lost."""
-    pending = PendingInvalidations(max_entries=1)
-    assert pending.add(PendingKind.PREFERENCES, "a", 1)
-    assert not pending.add(PendingKind.PREFERENCES, "b", 1)
-    assert not pending.add(PendingKind.TEMPLATE, "t", None)
-    assert (len(pending), pending.prefs_overflowed, pending.templates_lost) == (1, True, 1)
-
-
-def test_replay_entry_survives_a_newer_failure() -> None:
-    """done() keeps an entry that a newer failure replaced while it was being replayed."""
-    pending = PendingInvalidations()
-    pending.add(PendingKind.PREFERENCES, "k", 1)
-    (entry,) = pending.snapshot()
-    pending.add(PendingKind.PREFERENCES, "k", 2)
-    pending.done(entry)
-    assert [e.version for e in pending.snapshot()] == [2]
 
 
 def test_replay_thread_stops_on_close(down_url: str) -> None:

@@ -113,10 +113,21 @@ def test_no_low_hit_rate_warning_on_few_lookups(
 
 
 def test_reset_stats(cache: CRMCacheManager) -> None:
-    """reset_stats zeroes the local counters."""
-    cache.get_template("t", "sms")
+    """reset_stats zeroes the hit, miss and event counters that had counted calls."""
+    assert cache.get_template("t", "sms") is None
+    assert cache.set_template("t", "sms", "hi") is True
+    assert cache.get_template("t", "sms") == "hi"
+    before = cache.get_stats().as_dict()
+    assert (before["hits"], before["misses"], before["counters"]["writes"]) == (1, 1, 1)
+    assert before["by_kind"]["templates"]["misses"] == 1
     cache.reset_stats()
-    assert cache.get_stats().misses == 0
+    after = cache.get_stats().as_dict()
+    assert (after["hits"], after["misses"]) == (0, 0)
+    assert {kind: (s["hits"], s["misses"]) for kind, s in after["by_kind"].items()} == {
+        "preferences": (0, 0),
+        "templates": (0, 0),
+    }
+    assert after["counters"] == dict.fromkeys(before["counters"], 0)
 
 
 def test_log_levels(redis_url: str, raw: redis.Redis, crm_logs: pytest.LogCaptureFixture) -> None:

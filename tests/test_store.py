@@ -14,6 +14,7 @@ from sqlalchemy.exc import IntegrityError
 from conftest import postgres_url
 from crmcache import ClientPreferences, ConfigurationError, MessageChannel, StaleVersionError
 from crmcache.store import PreferenceStore, SQLPreferenceStore
+from helpers import prefs
 
 THREADS = 8
 ZONES = (
@@ -26,17 +27,6 @@ ZONES = (
     "America/Sao_Paulo",
     "Asia/Kolkata",
 )
-
-
-def prefs(version: int = 0, client_id: str = "client-123", tz: str = "UTC") -> ClientPreferences:
-    """Preferences of ``client_id`` based on the row at ``version`` (0: a new row)."""
-    return ClientPreferences(
-        client_id=client_id,
-        timezone=tz,
-        preferred_channels=[MessageChannel.SMS, MessageChannel.EMAIL],
-        language="de",
-        version=version,
-    )
 
 
 def run_threads(count: int, target: Callable[[int], object]) -> list[object]:

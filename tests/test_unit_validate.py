@@ -48,11 +48,11 @@ def test_versions_are_optional_exact_integers() -> None:
 def test_positive_int_raises_the_error_class_asked_for() -> None:
     """positive_int refuses bools and non-positive values, with the given ValueError class."""
 
-    class Custom(ValueError):
+    class CustomError(ValueError):
         pass
 
     assert positive_int("n", 3) == 3
-    with pytest.raises(Custom, match="n must be > 0"):
-        positive_int("n", 0, error=Custom)
+    with pytest.raises(CustomError, match="n must be > 0"):
+        positive_int("n", 0, error=CustomError)
     with pytest.raises(TypeError, match="n must be an int, not bool"):
         positive_int("n", False)

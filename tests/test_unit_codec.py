@@ -1,0 +1,171 @@
+"""crmcache._codec without Redis: stored formats of preferences, tombstones and templates."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from pydantic import ValidationError
+
+from crmcache import ClientPreferences, MessageChannel
+from crmcache._codec import (
+    CorruptValue,
+    check_template_content,
+    clone_preferences,
+    decode_preferences,
+    decode_template,
+    encode_preferences,
+    encode_template,
+    is_tombstone,
+)
+
+FULL = ClientPreferences(
+    client_id="client-ü-42",
+    preferred_channels=[MessageChannel.WHATSAPP, MessageChannel.SMS],
+    timezone="America/Los_Angeles",
+    language="de-CH-1996",
+    opt_out=True,
+    quiet_hours_start=22,
+    quiet_hours_end=6,
+    version=2**53 - 1,
+)
+
+
+def test_encoded_preferences_are_version_colon_json() -> None:
+    """The stored form is b'<version>:' followed by the model's JSON, nothing else."""
+    raw = encode_preferences(ClientPreferences(client_id="c1", version=7))
+    head, sep, body = raw.partition(b":")
+    assert (head, sep) == (b"7", b":")
+    assert json.loads(body) == ClientPreferences(client_id="c1", version=7).model_dump(mode="json")
+
+
+@pytest.mark.parametrize(
+    "prefs",
+    [
+        ClientPreferences(client_id="c"),
+        FULL,
+        ClientPreferences(client_id="e", preferred_channels=[]),
+    ],
+    ids=["defaults", "every-field", "no-channels"],
+)
+def test_preferences_round_trip(prefs: ClientPreferences) -> None:
+    """decode(encode(p)) gives back p, field for field."""
+    decoded = decode_preferences(encode_preferences(prefs))
+    assert decoded == prefs
+    assert decoded.model_dump() == prefs.model_dump()
+
+
+@pytest.mark.parametrize("raw", [b"T", b"T0", b"T12"])
+def test_tombstones_are_detected(raw: bytes) -> None:
+    """Tombstones, with or without a version, start with T."""
+    assert is_tombstone(raw) is True
+
+
+@pytest.mark.parametrize(
+    "raw", [b"", b"3:{}", encode_preferences(FULL), b"t5"], ids=["empty", "value", "full", "lower"]
+)
+def test_values_are_not_tombstones(raw: bytes) -> None:
+    """Stored values (and an empty or lower-case 't' string) are not tombstones."""
+    assert is_tombstone(raw) is False
+
+
+def test_encoded_preferences_never_look_like_a_tombstone() -> None:
+    """An encoded value starts with its version digits, so it is never taken for a tombstone."""
+    assert is_tombstone(encode_preferences(ClientPreferences(client_id="T", version=0))) is False
+
+
+def _json(version: int) -> bytes:
+    """The JSON of client c1's preferences at ``version``."""
+    return ClientPreferences(client_id="c1", version=version).model_dump_json().encode()
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        (b"no prefix at all", "missing version prefix"),
+        (b"T5", "missing version prefix"),
+        (b":" + _json(0), "missing version prefix"),
+        (b"v3:" + _json(3), "missing version prefix"),
+        (b"-3:" + _json(3), "missing version prefix"),
+        (b"3:not json", "invalid preferences JSON"),
+        (b"3:{}", "invalid preferences JSON"),
+        (
+            b'3:{"client_id": "c1", "timezone": "Mars/Olympus", "version": 3}',
+            "invalid preferences JSON",
+        ),
+        (b"3:" + _json(3)[:-1], "invalid preferences JSON"),
+        (b"4:" + _json(3), "version prefix does not match"),
+    ],
+    ids=[
+        "no-colon",
+        "tombstone",
+        "empty-prefix",
+        "letter-prefix",
+        "negative-prefix",
+        "not-json",
+        "missing-client-id",
+        "invalid-field",
+        "truncated",
+        "version-mismatch",
+    ],
+)
+def test_corrupt_preferences_raise_corrupt_value(raw: bytes, reason: str) -> None:
+    """Anything but '<version>:<valid JSON of that version>' raises CorruptValue saying why."""
+    with pytest.raises(CorruptValue, match=reason):
+        decode_preferences(raw)
+
+
+def test_clone_is_equal_and_independent() -> None:
+    """A clone equals the original; changing it (its channel list too) leaves the original."""
+    clone = clone_preferences(FULL)
+    assert clone == FULL
+    assert clone is not FULL
+    clone.timezone = "UTC"
+    clone.preferred_channels.append(MessageChannel.EMAIL)
+    assert FULL.timezone == "America/Los_Angeles"
+    assert FULL.preferred_channels == [MessageChannel.WHATSAPP, MessageChannel.SMS]
+
+
+def test_clone_still_validates_assignments() -> None:
+    """Assigning an invalid value to a clone raises, as on any ClientPreferences."""
+    clone = clone_preferences(FULL)
+    with pytest.raises(ValidationError):
+        clone.timezone = "Mars/Olympus"
+
+
+@pytest.mark.parametrize(
+    "text", ["", "<p>Hello {name}</p>", "Grüße, 你好 👋"], ids=["empty", "ascii", "unicode"]
+)
+def test_template_round_trip_is_utf8(text: str) -> None:
+    """Templates are stored as their UTF-8 bytes and decode back to the same text."""
+    assert encode_template(text) == text.encode("utf-8")
+    assert decode_template(encode_template(text)) == text
+
+
+def test_lone_surrogate_cannot_be_encoded() -> None:
+    """Text UTF-8 cannot carry (a lone surrogate) raises ValueError, not UnicodeEncodeError."""
+    with pytest.raises(ValueError, match="not encodable as UTF-8") as info:
+        encode_template("bad \ud800 text")
+    assert not isinstance(info.value, UnicodeError)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"\xff\xfe", b"caf\xe9", b"\xed\xa0\x80", b"\xe2\x82"],
+    ids=["invalid-start", "latin-1", "encoded-surrogate", "truncated"],
+)
+def test_invalid_utf8_template_raises_corrupt_value(raw: bytes) -> None:
+    """Stored bytes that are not valid UTF-8 raise CorruptValue."""
+    with pytest.raises(CorruptValue, match="not valid UTF-8"):
+        decode_template(raw)
+
+
+def test_template_content_is_checked_and_encoded_within_the_byte_limit() -> None:
+    """Content is a str whose UTF-8 form fits max_bytes (counted in bytes, not characters)."""
+    assert check_template_content("héllo", 6) == "héllo".encode()
+    with pytest.raises(ValueError, match="content is 7 bytes; the limit is 6"):
+        check_template_content("hé llo", 6)
+    with pytest.raises(TypeError, match="content must be a str, not bytes"):
+        check_template_content(b"hello", 100)
+    with pytest.raises(ValueError, match="not encodable as UTF-8"):
+        check_template_content("\ud800", 100)
