@@ -209,6 +209,33 @@ class AsyncCacheCore:
         if self._listener is not None:
             self._listener.ensure()
 
+    async def _invalidate(
+        self,
+        op: str,
+        kind: PendingKind,
+        key: str,
+        version: int | None,
+        fn: Callable[..., Awaitable[Any]],
+        *args: Any,  # noqa: ANN401 - fn's arguments
+    ) -> bool:
+        """Send one invalidation and record how it ended: confirmed (True), failed (False,
+        queued for the replay) or cancelled (re-raised, queued for the replay: Redis may
+        or may not have it). The near cache forgets the key before and after."""
+        self._near_forget(key)
+        try:
+            reply = await self._call(op, fn, *args)
+        except BaseException:
+            self._replayer.deferred(kind, key, version)
+            raise
+        self._near_forget(key)
+        if reply is FAILED:
+            self._replayer.failed(kind, key, version)
+            return False
+        self._replayer.confirmed(key)
+        self._stats.count(Counter.INVALIDATIONS)
+        logger.debug("invalidated %s (reply %s)", key, reply)
+        return True
+
     def _defer_invalidation(self, kind: PendingKind, key: str, version: int | None) -> None:
         """Queue an invalidation whose caller was cancelled before Redis confirmed it."""
         self._replayer.deferred(kind, key, version)

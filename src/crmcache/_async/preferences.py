@@ -171,23 +171,13 @@ class AsyncPreferencesMixin(AsyncCacheCore):
         transport = self._active()
         if transport is None:
             return False
-        self._near_forget(key)
-        try:
-            reply = await self._call(
-                "invalidate_client_preferences",
-                transport.evalsha,
-                transport.scripts.prefs_invalidate,
-                [key],
-                ["" if version is None else version, self._tombstone_ms],
-            )
-        except BaseException:
-            self._replayer.deferred(PendingKind.PREFERENCES, key, version)
-            raise
-        self._near_forget(key)
-        if reply is FAILED:
-            self._replayer.failed(PendingKind.PREFERENCES, key, version)
-            return False
-        self._replayer.confirmed(key)
-        self._stats.count(Counter.INVALIDATIONS)
-        logger.debug("invalidated %s (tombstone version %s)", key, reply)
-        return True
+        return await self._invalidate(
+            "invalidate_client_preferences",
+            PendingKind.PREFERENCES,
+            key,
+            version,
+            transport.evalsha,
+            transport.scripts.prefs_invalidate,
+            [key],
+            ["" if version is None else version, self._tombstone_ms],
+        )

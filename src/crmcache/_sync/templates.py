@@ -209,17 +209,6 @@ class TemplatesMixin(CacheCore):
         transport = self._active()
         if transport is None:
             return False
-        self._near_forget(key)
-        try:
-            deleted = self._call("invalidate_template", transport.execute, "DEL", key)
-        except BaseException:
-            self._replayer.deferred(PendingKind.TEMPLATE, key, None)
-            raise
-        self._near_forget(key)
-        if deleted is FAILED:
-            self._replayer.failed(PendingKind.TEMPLATE, key, None)
-            return False
-        self._replayer.confirmed(key)
-        self._stats.count(Counter.INVALIDATIONS)
-        logger.debug("invalidated %s", key)
-        return True
+        return self._invalidate(
+            "invalidate_template", PendingKind.TEMPLATE, key, None, transport.execute, "DEL", key
+        )
