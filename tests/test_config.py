@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 import logging
 import math
+import socket
 import threading
 import time
 import traceback
+from collections.abc import Iterator
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
@@ -302,6 +304,7 @@ def test_settings_are_immutable(redis_url: str) -> None:
         ("redis://h:1/0?password=pw", "redis://h:1/0?password=***"),
         ("redis://h:1/0?db=1&password=pw&x=y", "redis://h:1/0?db=1&password=***&x=y"),
         ("redis://h:1/0?PASSWORD=pw", "redis://h:1/0?PASSWORD=***"),
+        ("rediss://h:1/0?ssl_password=pw&db=1", "rediss://h:1/0?ssl_password=***&db=1"),
         ("redis://h:1/0", "redis://h:1/0"),
         ("redis://user@h:1/0", "redis://user@h:1/0"),
         ("redis://localhost:6379/0", "redis://localhost:6379/0"),
@@ -408,6 +411,300 @@ def test_query_password_is_masked_in_repr() -> None:
         assert SECRET not in repr(manager)
         assert SECRET not in repr(manager.settings)
         assert "password=***" in repr(manager)
+
+
+# -- URL query parameters -------------------------------------------------------------
+
+
+def with_query(url: str, query: str, *, password: str | None = None, path: str = "/0") -> str:
+    """``url`` (the session's server) with ``query``, database ``path``, and a password."""
+    parts = urlsplit(url)
+    auth = "" if password is None else f":{password}@"
+    return f"{parts.scheme}://{auth}{parts.hostname}:{parts.port}{path}?{query}"
+
+
+def run_every_call(manager: CRMCacheManager) -> None:
+    """Every public call answers correctly, undegraded; nothing raised or was swallowed."""
+    prefs = ClientPreferences(client_id="q1", timezone="Europe/Berlin", version=2)
+    assert manager.get_client_preferences("q1") is None
+    assert manager.set_client_preferences(prefs) is True
+    assert manager.get_client_preferences("q1") == prefs
+    assert manager.invalidate_client_preferences("q1", version=3) is True
+    assert manager.get_client_preferences("q1") is None
+    assert manager.set_template("welcome", "email", "<h1>Hi</h1>") is True
+    assert manager.get_template("welcome", MessageChannel.EMAIL) == "<h1>Hi</h1>"
+    assert manager.set_templates({("otp", "sms"): "Code"}) is True
+    assert manager.get_templates([("otp", "sms"), ("none", "email")]) == {
+        ("otp", "sms"): "Code",
+        ("none", "email"): None,
+    }
+    assert manager.invalidate_template("welcome", "email") is True
+    assert manager.get_template("welcome", "email") is None
+    first, second = (manager.check_rate_limit("q-api", limit=1, window=60) for _ in range(2))
+    assert (first.allowed, first.degraded) == (True, False)
+    assert (second.allowed, second.degraded) == (False, False)
+    assert manager.health_check() is True
+    stats = manager.get_cache_stats()
+    assert stats["total_keys"] == 3  # the tombstone, the SMS template and the counter
+    assert stats["redis"] is not None
+    assert stats["counters"]["redis_errors"] == 0
+    assert stats["counters"]["unexpected_errors"] == 0
+
+
+#: Query parameters crmcache refuses at construction, whatever their value.
+REFUSED_URL_PARAMETERS = [
+    "foo=bar",
+    "decode_responses=true",
+    "decode_responses=false",
+    "protocol=3",
+    "protocol=2",
+    "legacy_responses=false",
+    "encoding=latin-1",
+    "encoding_errors=ignore",
+    "max_connections=1",
+    "timeout=0.5",
+    "retry_on_timeout=true",
+    "retry_on_error=TimeoutError",
+    "lib_name=other",
+    "host=elsewhere",
+    "port=6390",
+    "path=/tmp/x.sock",
+    "connection_class=UnixDomainSocketConnection",
+    "parser_class=x",
+    "credential_provider=x",
+    "single_connection_client=true",
+    "DB=1",  # redis-py's names are case-sensitive: DB would reach Connection() as is
+    "Password=x",
+]
+
+#: Known parameters with a value that does not parse (or does not mean what it says).
+BAD_URL_VALUES = [
+    ("db=x", "db"),
+    ("db=-1", "db"),
+    ("db=1.5", "db"),
+    ("db=", "db"),
+    ("socket_timeout=abc", "socket_timeout"),
+    ("socket_timeout=0", "socket_timeout"),
+    ("socket_timeout=-1", "socket_timeout"),
+    ("socket_timeout=nan", "socket_timeout"),
+    ("socket_timeout=inf", "socket_timeout"),
+    ("socket_timeout=", "socket_timeout"),
+    ("socket_connect_timeout=0", "socket_connect_timeout"),
+    ("health_check_interval=1.5", "health_check_interval"),
+    ("health_check_interval=-1", "health_check_interval"),
+    ("socket_read_size=0", "socket_read_size"),
+    ("socket_keepalive=maybe", "socket_keepalive"),
+    ("socket_keepalive=off", "socket_keepalive"),  # redis-py would read "off" as True
+    ("client_name=two%20words", "client_name"),
+    ("client_name=a%0Ab", "client_name"),
+    ("client_name=", "client_name"),
+    ("password=", "password"),
+    ("db=1&db=2", "db"),
+    ("socket_timeout=1&socket_timeout=1", "socket_timeout"),
+    ("ssl_ca_certs=/tmp/ca.crt", "ssl_ca_certs"),  # TLS options need rediss://
+    ("ssl_cert_reqs=none", "ssl_cert_reqs"),
+]
+
+
+@pytest.mark.parametrize("query", REFUSED_URL_PARAMETERS)
+@pytest.mark.parametrize("enabled", [True, False])
+def test_refused_url_parameter_raises_at_construction(
+    redis_url: str, query: str, enabled: bool
+) -> None:
+    """A parameter crmcache controls, or does not know, is refused by the constructor,
+    named in the error, with the password masked (before: accepted, then every call
+    failed or raised)."""
+    name = query.partition("=")[0]
+    url = with_query(redis_url, query, password=SECRET)
+    with pytest.raises(ConfigurationError) as info:
+        CRMCacheManager(url, enabled=enabled)
+    assert f"'{name}'" in str(info.value)
+    assert "redis_url" in str(info.value)
+    assert SECRET not in full_text(info.value)
+
+
+@pytest.mark.parametrize(("query", "name"), BAD_URL_VALUES)
+def test_bad_url_parameter_value_raises_naming_it(redis_url: str, query: str, name: str) -> None:
+    """A known parameter whose value does not parse is refused, named, password masked."""
+    url = with_query(redis_url, query, password=SECRET)
+    with pytest.raises(ConfigurationError) as info:
+        CRMCacheManager(url)
+    assert f"'{name}'" in str(info.value)
+    assert SECRET not in full_text(info.value)
+
+
+@pytest.mark.parametrize(
+    ("url", "name"),
+    [
+        ("rediss://127.0.0.1:6390/0?ssl_cert_reqs=never", "ssl_cert_reqs"),
+        ("rediss://127.0.0.1:6390/0?ssl_cert_reqs=NONE", "ssl_cert_reqs"),
+        ("rediss://127.0.0.1:6390/0?ssl_check_hostname=maybe", "ssl_check_hostname"),
+        ("rediss://127.0.0.1:6390/0?ssl_min_version=5", "ssl_min_version"),
+        ("rediss://127.0.0.1:6390/0?ssl_min_version=TLSv1_2", "ssl_min_version"),
+        ("rediss://127.0.0.1:6390/0?ssl_ciphers=NOT-A-CIPHER", "ssl_ciphers"),
+        ("rediss://127.0.0.1:6390/0?ssl_include_verify_flags=BOGUS", "ssl_include_verify_flags"),
+        ("rediss://127.0.0.1:6390/0?ssl_exclude_verify_flags=X", "ssl_exclude_verify_flags"),
+        ("rediss://127.0.0.1:6390/0?ssl_ca_data=x", "ssl_ca_data"),
+        ("rediss://127.0.0.1:6390/0?ssl_validate_ocsp=true", "ssl_validate_ocsp"),
+        ("rediss://127.0.0.1:6390/0?retry_on_timeout=false", "retry_on_timeout"),
+        ("redis://127.0.0.1:6390/0?db=1", "db"),  # two different databases
+        ("unix:///tmp/redis.sock?socket_keepalive=true", "socket_keepalive"),
+        ("unix:///tmp/redis.sock?ssl_ca_certs=/tmp/ca.crt", "ssl_ca_certs"),
+    ],
+)
+def test_url_parameter_refused_for_its_scheme_or_value(url: str, name: str) -> None:
+    """TLS options with their values, and options that do not fit the URL, are refused."""
+    with pytest.raises(ConfigurationError, match=f"'{name}'"):
+        CRMCacheManager(url)
+
+
+def test_refused_url_parameter_raises_from_env_and_get_cache_manager(
+    monkeypatch: pytest.MonkeyPatch, redis_url: str
+) -> None:
+    """REDIS_URL is checked the same way, by the constructor and by get_cache_manager."""
+    monkeypatch.setenv("REDIS_URL", with_query(redis_url, "decode_responses=true"))
+    with pytest.raises(ConfigurationError, match="'decode_responses'"):
+        CRMCacheManager()
+    with pytest.raises(ConfigurationError, match="'decode_responses'"):
+        get_cache_manager()
+
+
+def test_url_parameter_error_never_shows_a_password_in_the_query(redis_url: str) -> None:
+    """A ?password= (or ?ssl_password=) next to a refused parameter stays hidden."""
+    for query in (f"password={SECRET}&foo=bar", f"foo=bar&ssl_password={SECRET}"):
+        with pytest.raises(ConfigurationError, match="'foo'") as info:
+            CRMCacheManager(with_query(redis_url, query))
+        assert SECRET not in full_text(info.value)
+    # A password pasted where a parameter's name goes is not echoed either.
+    with pytest.raises(ConfigurationError) as info:
+        CRMCacheManager(with_query(redis_url, f"password={SECRET}&{SECRET}=1"))
+    assert SECRET not in full_text(info.value)
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "socket_timeout=2.5",
+        "socket_connect_timeout=1.5",
+        "socket_keepalive=false",
+        "socket_keepalive=yes",
+        "socket_read_size=4096",
+        "health_check_interval=0",
+        "health_check_interval=1",
+        "client_name=orders-service",
+        "db=0",
+        "socket_timeout=3&socket_connect_timeout=2&health_check_interval=10",
+    ],
+)
+def test_accepted_url_parameters_work_against_a_real_server(
+    redis_url: str, raw: redis.Redis, query: str
+) -> None:
+    """Every call works with each accepted parameter: none raises or degrades."""
+    with CRMCacheManager(with_query(redis_url, query)) as manager:
+        run_every_call(manager)
+
+
+def test_url_db_parameter_selects_the_database(redis_url: str, raw: redis.Redis) -> None:
+    """?db=1 (with no database in the path) writes to database 1."""
+    other = redis.Redis.from_url(with_db(redis_url, 1), protocol=2)
+    try:
+        other.flushdb()
+        with CRMCacheManager(with_query(redis_url, "db=1", path="")) as manager:
+            run_every_call(manager)
+        assert other.get("crm:template:sms:otp") == b"Code"
+        assert raw.get("crm:template:sms:otp") is None
+        other.flushdb()
+    finally:
+        other.close()
+
+
+def test_url_timeouts_win_over_the_arguments(redis_url: str) -> None:
+    """A timeout in the URL overrides the argument (redis-py's rule), and the settings
+    show the value in force."""
+    url = with_query(redis_url, "socket_timeout=2.5&socket_connect_timeout=1.5")
+    with CRMCacheManager(url, socket_timeout=7, socket_connect_timeout=6) as manager:
+        assert manager.settings.socket_timeout == 2.5
+        assert manager.settings.socket_connect_timeout == 1.5
+        assert manager._pool is not None
+        assert manager._pool.connection_kwargs["socket_timeout"] == 2.5
+        assert manager._pool.connection_kwargs["socket_connect_timeout"] == 1.5
+
+
+def test_url_client_name_names_the_data_connections(redis_url: str, raw: redis.Redis) -> None:
+    """?client_name= names the data-path connections; health checks keep their own name."""
+    with CRMCacheManager(with_query(redis_url, "client_name=orders-service")) as manager:
+        assert manager.set_template("welcome", "email", "hi") is True
+        assert manager.health_check() is True
+        names = {c["name"] for c in raw.client_list()}
+        assert {"orders-service", "crmcache-health"} <= names
+
+
+@pytest.mark.skipif(find_redis_server_binary() is None, reason="needs a redis-server binary")
+def test_url_username_and_password_parameters(redis_url: str) -> None:
+    """?username=&password= authenticate, as the authority's user:password@ would."""
+    with RedisServer(password="pw-query") as server:
+        url = f"redis://127.0.0.1:{server.port}/0?username=default&password=pw-query"
+        with CRMCacheManager(url) as manager:
+            run_every_call(manager)
+            assert "pw-query" not in repr(manager)
+
+
+@pytest.fixture
+def hang_up_port() -> Iterator[int]:
+    """A loopback port that accepts connections and closes them at once (a TLS handshake
+    then fails in milliseconds instead of waiting for the read timeout)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.05)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            conn.close()
+
+    thread = threading.Thread(target=serve, name="hang-up", daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        listener.close()
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "ssl_cert_reqs=none",
+        "ssl_cert_reqs=optional",
+        "ssl_cert_reqs=required&ssl_check_hostname=false",
+        "ssl_ca_certs=/nonexistent/ca.crt",
+        "ssl_ca_path=/nonexistent",
+        "ssl_certfile=/nonexistent/c.crt&ssl_keyfile=/nonexistent/c.key&ssl_password=k3y",
+        "ssl_min_version=772",
+        "ssl_ciphers=ECDHE%2BAESGCM",
+        "ssl_include_verify_flags=VERIFY_X509_STRICT",
+        "ssl_exclude_verify_flags=[VERIFY_X509_STRICT,VERIFY_X509_PARTIAL_CHAIN]",
+    ],
+)
+def test_accepted_tls_url_parameters_never_raise(hang_up_port: int, query: str) -> None:
+    """rediss:// with each accepted TLS option, to a port that hangs up (or with files
+    that do not exist): every call degrades, none raises. (tests/test_security.py shows
+    them working against a real TLS server.)"""
+    url = f"rediss://127.0.0.1:{hang_up_port}/0?{query}"
+    with CRMCacheManager(url, socket_timeout=1, socket_connect_timeout=1) as manager:
+        assert manager.get_client_preferences("q1") is None
+        assert manager.set_client_preferences(ClientPreferences(client_id="q1")) is False
+        assert manager.get_template("welcome", "email") is None
+        assert manager.get_templates([("welcome", "email")]) == {("welcome", "email"): None}
+        assert manager.set_template("welcome", "email", "x") is False
+        assert manager.check_rate_limit("q-api", limit=5).degraded is True
+        assert manager.health_check() is False
+        assert manager.get_cache_stats()["redis"] is None
+        assert "k3y" not in repr(manager)
 
 
 # -- a real password-protected server --------------------------------------------------

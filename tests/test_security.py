@@ -461,6 +461,39 @@ def test_rediss_url_on_the_plain_port_fails_within_the_connect_timeout(
     assert "timeout" in _messages(crm_logs, logging.WARNING).lower()
 
 
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"ssl_cert_reqs": "none"},
+        {"ssl_cert_reqs": "optional", "ssl_ca_certs": "CA"},
+        {"ssl_cert_reqs": "required", "ssl_ca_certs": "CA", "ssl_check_hostname": "yes"},
+        {"ssl_ca_certs": "CA", "ssl_min_version": int(ssl.TLSVersion.TLSv1_2)},
+        {"ssl_ca_certs": "CA", "ssl_ciphers": "ECDHE+AESGCM:ECDHE+CHACHA20"},
+        {"ssl_ca_certs": "CA", "ssl_include_verify_flags": "VERIFY_X509_STRICT"},
+        {"ssl_ca_certs": "CA", "ssl_exclude_verify_flags": "VERIFY_X509_PARTIAL_CHAIN"},
+        {"ssl_ca_certs": "CA", "socket_keepalive": "false", "client_name": "orders-tls"},
+    ],
+    ids=lambda options: "&".join(f"{k}={v}" for k, v in options.items()),
+)
+def test_tls_url_options_crmcache_accepts_work(
+    tls: TlsServer, tls_admin: redis.Redis, options: dict[str, object]
+) -> None:
+    """Each TLS option redis_url accepts (crmcache._config.URL_PARAMETERS) works over TLS."""
+    query = {name: tls.pki.ca if value == "CA" else value for name, value in options.items()}
+    with CRMCacheManager(redis_url=tls.url(**query)) as cache:
+        assert cache.health_check() is True
+        prefs = ClientPreferences(client_id="tls-options", version=1)
+        assert cache.set_client_preferences(prefs) is True
+        assert cache.get_client_preferences("tls-options") == prefs
+        assert cache.set_template("welcome", "email", "hi") is True
+        assert cache.get_templates([("welcome", "email")]) == {("welcome", "email"): "hi"}
+        assert cache.check_rate_limit("tls-options", limit=3, window=60).degraded is False
+        counters = cache.get_cache_stats()["counters"]
+        assert counters["redis_errors"] == 0
+        assert counters["unexpected_errors"] == 0
+    assert tls_admin.get("crm:template:email:welcome") == b"hi"
+
+
 def test_mutual_tls_with_client_certificate(
     mtls: TlsServer, crm_logs: pytest.LogCaptureFixture
 ) -> None:

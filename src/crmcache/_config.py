@@ -7,17 +7,26 @@ Environment variables (read here and nowhere else):
 ``ENABLE_CACHING``  ``true``/``false`` (also ``1``/``0``, ``yes``/``no``, ``on``/``off``)
 
 An explicit argument always wins over the environment, which wins over the defaults.
+
+The URL's query string is checked here too (see :data:`URL_PARAMETERS`): the options
+redis-py would pass to its connections are accepted only if crmcache can honour them,
+their values must parse, and anything else raises :class:`ConfigurationError` at
+construction, never at a call. A ``socket_timeout`` / ``socket_connect_timeout`` in the
+URL wins over the argument (redis-py's rule for URL options); the settings show the
+value in force.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
-from collections.abc import Mapping
+import ssl
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Literal, TypeVar
+from typing import Literal, TypeVar, cast
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from pydantic import TypeAdapter, ValidationError
@@ -41,6 +50,7 @@ __all__ = [
     "DEFAULT_SOCKET_TIMEOUT",
     "DEFAULT_TOMBSTONE_TTL",
     "MAX_TTL",
+    "URL_PARAMETERS",
     "CacheSettings",
     "RateLimitPolicy",
     "mask_url",
@@ -76,7 +86,7 @@ T = TypeVar("T")
 RateLimitPolicy = Literal["open", "closed", "local"]
 _POLICIES: dict[str, RateLimitPolicy] = {"open": "open", "closed": "closed", "local": "local"}
 _SCHEMES = frozenset({"redis", "rediss", "unix"})
-_QUERY_PASSWORD_RE = re.compile(r"(?P<key>[?&]password=)[^&#]*", re.IGNORECASE)
+_QUERY_PASSWORD_RE = re.compile(r"(?P<key>[?&](?:ssl_)?password=)[^&#]*", re.IGNORECASE)
 
 
 def mask_url(url: str) -> str:
@@ -86,8 +96,9 @@ def mask_url(url: str) -> str:
         url: a Redis URL, possibly ``redis://user:secret@host:port/db``.
 
     Returns:
-        The same URL with the password (in the authority or a ``password=`` query
-        parameter) masked; usernames, hosts and ports are kept for diagnosis.
+        The same URL with the password (in the authority, a ``password=`` query
+        parameter, or the TLS key's ``ssl_password=``) masked; usernames, hosts and
+        ports are kept for diagnosis.
     """
     head, sep, rest = url.partition("://")
     if sep and "@" in rest:
@@ -188,6 +199,227 @@ def _check_url(url: object) -> str:
     if scheme != "unix" and not parts.hostname:
         raise ConfigurationError(f"redis_url has no host: {mask_url(url)!r}")
     return url
+
+
+# -- the URL's query string -------------------------------------------------------------
+#
+# redis-py's from_url() passes every query parameter to its connection class: a known one
+# parsed (URL_QUERY_ARGUMENT_PARSERS), an unknown one as a string. Connection() then fails
+# on an unknown keyword, and options crmcache sets itself (RESP2, bytes replies, its own
+# pools and retries) would be overridden, since a URL option wins over from_url's keyword
+# arguments. Each check below accepts exactly what redis-py parses to the same meaning.
+
+_TRUE_WORDS = frozenset({"1", "true", "t", "yes", "y"})
+#: redis-py's to_bool() reads these as False and any other non-empty text as True.
+_FALSE_WORDS = frozenset({"0", "false", "f", "no", "n"})
+_CERT_REQS = frozenset({"none", "optional", "required"})
+_TLS_VERSIONS = {int(version): version for version in ssl.TLSVersion}
+#: The longest value or name quoted back in an error.
+_SHOWN = 40
+
+
+class _BadValueError(ValueError):
+    """A query parameter's value does not parse; the message says what was expected."""
+
+
+def _q_db(raw: str) -> int:
+    try:
+        db = int(raw)
+    except ValueError:
+        raise _BadValueError("must be a database number (an int >= 0)") from None
+    if db < 0:
+        raise _BadValueError("must be a database number (an int >= 0)")
+    return db
+
+
+def _q_seconds(raw: str) -> float:
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = math.nan
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise _BadValueError("must be a finite number of seconds > 0")
+    return seconds
+
+
+def _q_int(minimum: int) -> Callable[[str], int]:
+    def check(raw: str) -> int:
+        try:
+            number = int(raw)
+        except ValueError:
+            number = minimum - 1
+        if number < minimum:
+            raise _BadValueError(f"must be an int >= {minimum}")
+        return number
+
+    return check
+
+
+def _q_bool(raw: str) -> bool:
+    word = raw.lower()
+    if word in _TRUE_WORDS:
+        return True
+    if word in _FALSE_WORDS:
+        return False
+    raise _BadValueError("must be true or false (also yes/no, 1/0, t/f, y/n)")
+
+
+def _q_text(raw: str) -> str:
+    return raw
+
+
+def _q_client_name(raw: str) -> str:
+    # Redis refuses CLIENT SETNAME with spaces or non-printable characters, which would
+    # fail every connection.
+    if not all("!" <= char <= "~" for char in raw):
+        raise _BadValueError("must be printable ASCII without spaces")
+    return raw
+
+
+def _q_cert_reqs(raw: str) -> str:
+    if raw not in _CERT_REQS:
+        raise _BadValueError("must be none, optional or required")
+    return raw
+
+
+def _q_tls_version(raw: str) -> ssl.TLSVersion:
+    try:
+        return _TLS_VERSIONS[int(raw)]
+    except (ValueError, KeyError):
+        known = ", ".join(f"{int(v)} ({v.name})" for v in _TLS_VERSIONS.values() if int(v) > 0)
+        raise _BadValueError(f"must be the number of an ssl.TLSVersion: {known}") from None
+
+
+def _q_ciphers(raw: str) -> str:
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).set_ciphers(raw)
+    except ssl.SSLError:
+        raise _BadValueError("selects no cipher (OpenSSL cipher list syntax)") from None
+    return raw
+
+
+def _q_verify_flags(raw: str) -> list[ssl.VerifyFlags]:
+    # The syntax of redis-py's parse_ssl_verify_flags(): names, comma-separated,
+    # optionally in brackets.
+    names = [name.strip() for name in raw.replace("[", "").replace("]", "").split(",")]
+    flags = ssl.VerifyFlags.__members__
+    if not all(name in flags for name in names):
+        raise _BadValueError("must be ssl.VerifyFlags names separated by commas")
+    return [flags[name] for name in names]
+
+
+#: Query parameters accepted in ``redis_url``, with the check of each value. redis-py
+#: passes them to its connections; the ``ssl_`` ones need ``rediss://``.
+URL_PARAMETERS: Mapping[str, Callable[[str], object]] = MappingProxyType(
+    {
+        "db": _q_db,
+        "username": _q_text,
+        "password": _q_text,
+        "socket_timeout": _q_seconds,
+        "socket_connect_timeout": _q_seconds,
+        "socket_keepalive": _q_bool,
+        "socket_read_size": _q_int(1),
+        "health_check_interval": _q_int(0),
+        "client_name": _q_client_name,
+        "ssl_cert_reqs": _q_cert_reqs,
+        "ssl_check_hostname": _q_bool,
+        "ssl_ca_certs": _q_text,
+        "ssl_ca_path": _q_text,
+        "ssl_certfile": _q_text,
+        "ssl_keyfile": _q_text,
+        "ssl_password": _q_text,
+        "ssl_min_version": _q_tls_version,
+        "ssl_ciphers": _q_ciphers,
+        "ssl_include_verify_flags": _q_verify_flags,
+        "ssl_exclude_verify_flags": _q_verify_flags,
+    }
+)
+_NO_PARAMETERS: Mapping[str, object] = MappingProxyType({})
+#: Values never quoted back in an error.
+_SECRET_PARAMETERS = frozenset({"username", "password", "ssl_password"})
+
+#: redis-py options crmcache sets itself, and why a URL may not change them.
+_CONTROLLED_PARAMETERS: Mapping[str, str] = MappingProxyType(
+    {
+        "decode_responses": "crmcache decodes replies itself and needs them as bytes",
+        "encoding": "crmcache encodes every value as UTF-8 itself",
+        "encoding_errors": "crmcache encodes every value as UTF-8 itself",
+        "protocol": (
+            "the data path speaks RESP2, so Lua replies decode the same on every redis-py "
+            "version (the near cache's listener takes the near_cache_protocol argument)"
+        ),
+        "legacy_responses": "crmcache parses replies itself",
+        "max_connections": "the pool size is the max_connections argument",
+        "timeout": "the wait for a pooled connection is the pool_timeout argument",
+        "retry_on_timeout": "crmcache never retries a timeout (a retry would double the stall)",
+        "retry_on_error": "crmcache retries once on a dropped connection and nothing else",
+    }
+)
+
+
+def _shown(text: str, secret: str | None) -> str:
+    """``text`` fit for an error message: shortened, the URL's password taken out."""
+    if secret:
+        text = text.replace(secret, "***")
+    return repr(text if len(text) <= _SHOWN else text[:_SHOWN] + "...")
+
+
+def _path_db(path: str) -> int | None:
+    """The database number in a ``redis://`` path, as redis-py reads it (else None)."""
+    try:
+        return int(unquote(path).replace("/", ""))
+    except ValueError:
+        return None
+
+
+@functools.lru_cache(maxsize=32)
+def _check_url_parameters(url: str) -> Mapping[str, object]:
+    """Check the query string of a valid ``redis_url``; return the parsed parameters.
+
+    Cached: ``get_cache_manager()`` resolves its URL on every call.
+
+    Raises:
+        ConfigurationError: a parameter is unknown, set by crmcache itself, repeated,
+            blank, does not fit the scheme, or its value does not parse. The message
+            names the parameter and never shows the URL's password.
+    """
+    parts = urlsplit(url)
+    if not parts.query:
+        return _NO_PARAMETERS
+    scheme = url.partition("://")[0]
+    secret = url_password(url)
+    parsed: dict[str, object] = {}
+    for name, raw in parse_qsl(parts.query, keep_blank_values=True):
+        label = f"redis_url query parameter {_shown(name, secret)}"
+        check = URL_PARAMETERS.get(name)
+        if check is None:
+            reason = _CONTROLLED_PARAMETERS.get(name)
+            if reason is not None:
+                raise ConfigurationError(f"{label} is not allowed: {reason}")
+            raise ConfigurationError(
+                f"{label} is not supported; crmcache accepts {', '.join(URL_PARAMETERS)}"
+            )
+        if name in parsed:
+            raise ConfigurationError(f"{label} is given more than once")
+        if not raw:
+            raise ConfigurationError(f"{label} has no value")
+        if name.startswith("ssl_") and scheme != "rediss":
+            raise ConfigurationError(f"{label} needs a rediss:// URL (TLS)")
+        if name == "socket_keepalive" and scheme == "unix":
+            raise ConfigurationError(f"{label} does not apply to a unix:// socket")
+        try:
+            parsed[name] = check(raw)
+        except _BadValueError as exc:
+            shown = "" if name in _SECRET_PARAMETERS else f", got {_shown(raw, secret)}"
+            raise ConfigurationError(f"{label} {exc}{shown}") from None
+    if scheme != "unix" and "db" in parsed:
+        path_db = _path_db(parts.path)
+        if path_db is not None and path_db != parsed["db"]:
+            raise ConfigurationError(
+                f"redis_url names two databases: {path_db} in its path and "
+                f"{parsed['db']} in its query parameter 'db'"
+            )
+    return MappingProxyType(parsed)
 
 
 def _positive_int(name: str, value: object) -> int:
@@ -293,8 +525,9 @@ def resolve_settings(
     environment variable is used if set, else the default.
 
     Raises:
-        ConfigurationError: a value (argument or environment variable) is out of range
-            or malformed. The message names it and never shows a password.
+        ConfigurationError: a value (argument, environment variable or query parameter of
+            the URL) is out of range or malformed, or the URL has a query parameter
+            crmcache does not accept. The message names it and never shows a password.
         TypeError: an argument has the wrong type.
     """
     # Each variable is read only when its argument is missing: an explicit argument wins
@@ -309,15 +542,23 @@ def resolve_settings(
         if env_ttl is not None and not 0 < env_ttl <= MAX_TTL:
             raise ConfigurationError(f"CACHE_TTL must be between 1 and {MAX_TTL}, got {env_ttl}")
         cache_ttl = DEFAULT_CACHE_TTL if env_ttl is None else env_ttl
-    url = redis_url
+    url = _check_url(redis_url)
+    url_parameters = _check_url_parameters(url)
+    # A timeout in the URL wins over the argument, as it does in redis-py's from_url()
+    # (which builds the connections): the settings then show the value in force, and
+    # health checks and close() use it too.
+    read_timeout = _positive_seconds("socket_timeout", socket_timeout)
+    connect_timeout = _positive_seconds("socket_connect_timeout", socket_connect_timeout)
 
     return CacheSettings(
-        redis_url=_check_url(url),
+        redis_url=url,
         enabled=_check_bool("enabled", enabled),
         cache_ttl=_ttl("cache_ttl", cache_ttl),
         max_connections=_positive_int("max_connections", max_connections),
-        socket_timeout=_positive_seconds("socket_timeout", socket_timeout),
-        socket_connect_timeout=_positive_seconds("socket_connect_timeout", socket_connect_timeout),
+        socket_timeout=cast(float, url_parameters.get("socket_timeout", read_timeout)),
+        socket_connect_timeout=cast(
+            float, url_parameters.get("socket_connect_timeout", connect_timeout)
+        ),
         pool_timeout=_positive_seconds("pool_timeout", pool_timeout),
         tombstone_ttl=_ttl("tombstone_ttl", tombstone_ttl),
         rate_limit_policy=check_policy(rate_limit_policy, error=ConfigurationError),
