@@ -7,6 +7,8 @@ the invalidation listener on RESP2 and on RESP3.
 from __future__ import annotations
 
 import random
+import shutil
+import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -310,3 +312,22 @@ def test_randomized_no_stale_reads_after_acknowledgement(
             t.join(timeout=120)
         assert stale == []
         assert near.stats().hits > 0
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_near_cache_over_a_unix_socket(protocol: int) -> None:
+    """On a unix:// URL the listener goes live (a unix socket takes no keepalive option)
+    and another client's write still evicts the near-cached value."""
+    folder = Path(tempfile.mkdtemp(prefix="crm-", dir="/tmp"))
+    sock = folder / "redis.sock"
+    try:
+        with RedisServer(extra_args=["--unixsocket", str(sock), "--unixsocketperm", "700"]):
+            url = f"unix://{sock}?db=0"
+            with near_manager(url, protocol) as cache, CRMCacheManager(redis_url=url) as other:
+                cache.set_template("t", "sms", "old")
+                assert cache.get_template("t", "sms") == "old"
+                assert cache.get_stats().near_cache["size"] == 1
+                other.set_template("t", "sms", "new")
+                poll(lambda: cache.get_template("t", "sms") == "new")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

@@ -127,16 +127,16 @@ class NodeTransport(LeanPool, Transport):
 
     def tracking_connection(self, node: str, *, protocol: int) -> Any:  # noqa: ANN401
         """A connection to this node for the near cache's invalidation listener."""
-        return self.connection_class(
-            **{
-                **self.connection_kwargs,
-                "protocol": protocol,
-                # Blocks until a message comes; a dead server is seen as a closed socket.
-                "socket_timeout": None,
-                "socket_keepalive": True,
-                "client_name": "crmcache-near-cache",
-            }
-        )
+        kwargs = {
+            **self.connection_kwargs,
+            "protocol": protocol,
+            # Blocks until a message comes; a dead server is seen as a closed socket.
+            "socket_timeout": None,
+            "client_name": "crmcache-near-cache",
+        }
+        if "path" not in kwargs:  # TCP only: a unix socket has no keepalive to set
+            kwargs["socket_keepalive"] = True
+        return self.connection_class(**kwargs)
 
     def close(self, grace: float) -> None:
         """Close the data, admin and health pools (calls in flight get ``grace``)."""
