@@ -246,9 +246,15 @@ def test_each_source_refuses_the_other_facades_manager(redis_url: str, root: Pat
     sync_cache = SyncManager(redis_url=redis_url)
     async_cache = AsyncCRMCacheManager(redis_url=redis_url)
     try:
-        with pytest.raises(TypeError, match="cache must be a CRMCacheManager for a "):
+        with pytest.raises(
+            TypeError,
+            match=r"FileTemplateSource works with CRMCacheManager .*, not AsyncCRM",
+        ):
             SyncSource(root, async_cache)  # type: ignore[arg-type]
-        with pytest.raises(TypeError, match=r"must be a AsyncCRMCacheManager .*not CRMCache"):
+        with pytest.raises(
+            TypeError,
+            match=r"AsyncFileTemplateSource works with AsyncCRMCacheManager .*, not CRMCache",
+        ):
             AsyncFileTemplateSource(root, sync_cache)  # type: ignore[arg-type]
     finally:
         sync_cache.close()

@@ -48,8 +48,8 @@ class AsyncFileTemplateSource:
     ) -> None:
         if cache is not None and not isinstance(cache, AsyncCRMCacheManager):
             raise TypeError(
-                f"cache must be a {AsyncCRMCacheManager.__name__} for a "
-                f"{type(self).__name__}, not {type(cache).__name__}"
+                f"cache: {type(self).__name__} works with {AsyncCRMCacheManager.__name__} "
+                f"(the same facade), not {type(cache).__name__}"
             )
         self.root = Path(root).resolve()
         if not self.root.is_dir():

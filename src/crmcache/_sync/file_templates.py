@@ -50,8 +50,8 @@ class FileTemplateSource:
     ) -> None:
         if cache is not None and not isinstance(cache, CRMCacheManager):
             raise TypeError(
-                f"cache must be a {CRMCacheManager.__name__} for a "
-                f"{type(self).__name__}, not {type(cache).__name__}"
+                f"cache: {type(self).__name__} works with {CRMCacheManager.__name__} "
+                f"(the same facade), not {type(cache).__name__}"
             )
         self.root = Path(root).resolve()
         if not self.root.is_dir():
