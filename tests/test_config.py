@@ -625,9 +625,9 @@ def test_url_timeouts_win_over_the_arguments(redis_url: str) -> None:
     with CRMCacheManager(url, socket_timeout=7, socket_connect_timeout=6) as manager:
         assert manager.settings.socket_timeout == 2.5
         assert manager.settings.socket_connect_timeout == 1.5
-        assert manager._pool is not None
-        assert manager._pool.connection_kwargs["socket_timeout"] == 2.5
-        assert manager._pool.connection_kwargs["socket_connect_timeout"] == 1.5
+        assert manager._transport is not None
+        assert manager._transport.connection_kwargs["socket_timeout"] == 2.5
+        assert manager._transport.connection_kwargs["socket_connect_timeout"] == 1.5
 
 
 def test_url_client_name_names_the_data_connections(redis_url: str, raw: redis.Redis) -> None:
