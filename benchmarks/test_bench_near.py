@@ -173,7 +173,7 @@ def test_near_hit_raw_get_decode(
 ) -> None:
     def get_and_decode() -> ClientPreferences | None:
         value = raw.get(KEY)
-        return None if value is None else decode_preferences(value)  # type: ignore[arg-type]
+        return None if value is None else decode_preferences(value, CLIENT_ID)  # type: ignore[arg-type]
 
     assert get_and_decode() == cached_prefs
     result = benchmark(get_and_decode)

@@ -254,7 +254,7 @@ def test_throughput_raw_get_decode(
 
     def get_and_decode(client_id: str) -> ClientPreferences | None:
         value = raw.get(prefs_key(client_id))
-        return None if value is None else decode_preferences(value)  # type: ignore[arg-type]
+        return None if value is None else decode_preferences(value, client_id)  # type: ignore[arg-type]
 
     client_id = CLIENT_IDS[0]
     assert get_and_decode(client_id) == prefilled[client_id]

@@ -5,17 +5,42 @@
 -- (at least), so prefs_set.lua refuses anything older while it lives.
 --
 -- KEYS[1]  preference key, crm:prefs:<client_id>
--- ARGV[1]  the row's new version (non-negative integer), or "" when the caller does not
---          know it
+-- ARGV[1]  the row's new version (integer, 0 <= V <= 2^53 - 1), or "" when the caller
+--          does not know it
 -- ARGV[2]  time to live of the tombstone, in milliseconds (> 0)
 --
 -- Tombstone version chosen:
 --   known version V     max(V, version already cached or tombstoned)
 --   unknown version     (version cached or tombstoned) + 1, since the row moved on at
---                       least one step; a bare "T" (refuse all) when nothing is known
+--                       least one step, but at most 2^53 - 1; a bare "T" (refuse all)
+--                       when nothing is known
+-- A stored version is at most 16 decimal digits and at most 2^53 - 1 (exact in Lua's
+-- numbers); a value or tombstone with any other version is garbage: nothing is known.
 --
 -- Reply: the tombstone version written, or -2 for a bare tombstone
 local ttl_ms = tonumber(ARGV[2])
+local MAX_VERSION = 9007199254740991
+
+-- The version a string holds: nil unless it is at most 16 decimal digits, at most
+-- 2^53 - 1 (see above).
+local function parse_version(s)
+    if not s or #s > 16 or not string.match(s, '^%d+$') then
+        return nil
+    end
+    local v = tonumber(s)
+    if v > MAX_VERSION then
+        return nil
+    end
+    return v
+end
+
+local known = nil
+if ARGV[1] ~= '' then
+    known = parse_version(ARGV[1])
+    if not known then
+        return redis.error_reply('ERR version must be an integer in [0, 2^53 - 1] or empty')
+    end
+end
 
 local current = redis.pcall('GET', KEYS[1])
 -- A value of the wrong type is overwritten below; any other refusal (NOPERM ...) must not
@@ -31,20 +56,20 @@ if type(current) == 'string' then
     if tomb == '' then
         bare = true
     elseif tomb then
-        current_version = tonumber(tomb)
+        current_version = parse_version(tomb)
     else
-        current_version = tonumber(string.match(current, '^(%d+):') or '')
+        current_version = parse_version(string.match(current, '^(%d+):'))
     end
 end
 
 local new_version = nil
-if ARGV[1] ~= '' then
-    new_version = tonumber(ARGV[1])
+if known then
+    new_version = known
     if current_version and current_version > new_version then
         new_version = current_version
     end
 elseif current_version and not bare then
-    new_version = current_version + 1
+    new_version = math.min(current_version + 1, MAX_VERSION)
 end
 
 if new_version then

@@ -1,20 +1,40 @@
 -- prefs_set.lua: store a client's preferences only if they are not older than what is cached.
 --
 -- KEYS[1]  preference key, crm:prefs:<client_id>
--- ARGV[1]  version of the row being written (non-negative integer < 2^53)
+-- ARGV[1]  version of the row being written (integer, 0 <= version <= 2^53 - 1)
 -- ARGV[2]  the value to store: "<version>:<json>" (see crmcache._codec)
 -- ARGV[3]  time to live of the value, in milliseconds (> 0)
 --
 -- The key holds either a value "<version>:<json>", a tombstone "T<version>" left by an
 -- invalidation (the row is now at least at <version>), or a bare tombstone "T" (an
 -- invalidation whose version was unknown: refuse every write until it expires).
+-- A version is at most 16 decimal digits and at most 2^53 - 1 (exact in Lua's numbers);
+-- a value or tombstone with any other version is garbage, overwritten like anything else.
 --
 -- Reply: {stored, current_version}
 --   stored           1 if the value was written, 0 if it was refused as stale
 --   current_version  version found before the write; -1 when the key was empty,
---                    unreadable or held something else, -2 for a bare tombstone
-local version = tonumber(ARGV[1])
+--                    unreadable or held something else (garbage), -2 for a bare tombstone
 local ttl_ms = tonumber(ARGV[3])
+local MAX_VERSION = 9007199254740991
+
+-- The version a string holds: nil unless it is at most 16 decimal digits, at most
+-- 2^53 - 1 (see above).
+local function parse_version(s)
+    if not s or #s > 16 or not string.match(s, '^%d+$') then
+        return nil
+    end
+    local v = tonumber(s)
+    if v > MAX_VERSION then
+        return nil
+    end
+    return v
+end
+
+local version = parse_version(ARGV[1])
+if not version then
+    return redis.error_reply('ERR version must be an integer in [0, 2^53 - 1]')
+end
 
 local current = redis.pcall('GET', KEYS[1])
 local current_version = -1
@@ -30,9 +50,9 @@ if type(current) == 'string' then
     if tomb == '' then
         return {0, -2}
     elseif tomb then
-        current_version = tonumber(tomb)
+        current_version = parse_version(tomb) or -1
     else
-        current_version = tonumber(string.match(current, '^(%d+):') or '-1')
+        current_version = parse_version(string.match(current, '^(%d+):')) or -1
     end
 end
 

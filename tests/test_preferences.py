@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from enum import IntEnum
 
 import pytest
 import redis
@@ -190,3 +191,66 @@ def test_invalid_timezone_is_rejected() -> None:
     """A timezone must be an IANA zone name."""
     with pytest.raises(ValueError, match="timezone"):
         ClientPreferences(client_id="c", timezone="Mars/Olympus")
+
+
+# -- stored versions out of range, and int subclasses (issue 11) ------------------------
+
+
+@pytest.mark.parametrize(
+    "stored",
+    [
+        b"9223372036854775808:{}",
+        b"99999999999999999999:{}",
+        b"9007199254740992:{}",
+        b"T9223372036854775808",
+        b"T9007199254740992",
+        b"T-9223372036854775808",
+    ],
+)
+def test_out_of_range_stored_version_is_garbage(
+    cache: CRMCacheManager, raw: redis.Redis, stored: bytes
+) -> None:
+    """A stored version above 2**53 - 1 is no version: a write may replace it, and an
+    invalidation never turns it into a tombstone the scripts cannot read (version 2**63
+    became "T-9223372036854775808", which dropped the stale-write guard)."""
+    key = "crm:prefs:client-123"
+    raw.set(key, stored)
+    assert cache.set_client_preferences(prefs(3)) is True
+    raw.set(key, stored)
+    assert cache.invalidate_client_preferences("client-123") is True
+    assert raw.get(key) == b"T"  # nothing known: refuse every write while it lives
+    assert cache.set_client_preferences(prefs(3)) is False
+    raw.set(key, stored)
+    assert cache.invalidate_client_preferences("client-123", version=5) is True
+    assert raw.get(key) == b"T5"
+    assert cache.set_client_preferences(prefs(4)) is False
+    assert cache.set_client_preferences(prefs(5)) is True
+
+
+def test_unversioned_invalidation_of_the_last_version_stays_in_range(
+    cache: CRMCacheManager, raw: redis.Redis
+) -> None:
+    """One past the largest version would be a tombstone no script reads as one: it stays
+    at 2**53 - 1, which still refuses every older write."""
+    last = 2**53 - 1
+    assert cache.set_client_preferences(prefs(last)) is True
+    assert cache.invalidate_client_preferences("client-123") is True
+    assert raw.get("crm:prefs:client-123") == b"T%d" % last
+    assert cache.set_client_preferences(prefs(last - 1)) is False
+
+
+class _Numbers(IntEnum):
+    VERSION = 7
+    TTL = 120
+
+
+def test_int_enum_version_and_ttl_are_plain_ints(cache: CRMCacheManager, raw: redis.Redis) -> None:
+    """An IntEnum version reaches Redis as the int it is. redis-py refused it: the
+    invalidation failed and was queued for a replay that could never succeed."""
+    assert cache.invalidate_client_preferences("client-123", version=_Numbers.VERSION) is True
+    assert raw.get("crm:prefs:client-123") == b"T7"
+    stats = cache.get_cache_stats()
+    assert stats["pending_invalidations"] == 0
+    assert stats["counters"]["invalidations_failed"] == 0
+    assert cache.set_client_preferences(prefs(7), ttl=_Numbers.TTL) is True
+    assert 110_000 < raw.pttl("crm:prefs:client-123") <= 120_000

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import logging
 import os
 import subprocess
 import sys
@@ -9,11 +12,14 @@ import textwrap
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from enum import IntEnum
+from types import SimpleNamespace
 
 import pytest
 import redis
 
 from crmcache import CRMCacheManager, RateLimitResult
+from crmcache._scripts import load_script_source
 
 
 def test_spec_example_unpacks_as_pair(cache: CRMCacheManager) -> None:
@@ -158,3 +164,149 @@ def test_exact_across_processes(redis_url: str, raw: redis.Redis) -> None:
     assert all(p.returncode == 0 for p in procs), [err for _, err in outputs]
     assert sum(int(out) for out, _ in outputs) == 1000
     assert raw.get("crm:ratelimit:shared:3600") == b"1000"
+
+
+# -- counters no correct run can leave, and arguments Lua cannot hold (issue 11) ---------
+
+COUNTER = "crm:ratelimit:x:60"
+
+
+@pytest.mark.parametrize("value", [-1, -1_000_000, -(2**63)])
+def test_negative_counter_starts_a_fresh_window(
+    cache: CRMCacheManager, raw: redis.Redis, value: int
+) -> None:
+    """A counter below zero is garbage: replaced by a fresh window, never trusted (it
+    answered current_count=-999999, remaining=1000009)."""
+    raw.set(COUNTER, value)
+    result = cache.check_rate_limit("x", 10, 60)
+    assert result == RateLimitResult(True, 1, 10, 9, result.retry_after)
+    assert 59.0 < result.retry_after <= 60.0
+    assert raw.get(COUNTER) == b"1"
+    assert 0 < raw.pttl(COUNTER) <= 60_000
+
+
+@pytest.mark.parametrize("value", [2**63 - 1, 2**62, 2**53, 10**30])
+def test_out_of_range_counter_starts_a_fresh_window(
+    cache: CRMCacheManager, raw: redis.Redis, value: int
+) -> None:
+    """A counter no limit can reach (above 2**53 - 1; at 2**63 - 1 INCRBY overflows) is
+    garbage. Before, 2**63 - 1 degraded the API (fail-open) for good: never replaced, no TTL."""
+    raw.set(COUNTER, value)
+    results = [cache.check_rate_limit("x", 2, 60) for _ in range(3)]
+    assert [(r.allowed, r.current_count, r.degraded) for r in results] == [
+        (True, 1, False),
+        (True, 2, False),
+        (False, 2, False),
+    ]
+    assert raw.get(COUNTER) == b"2"
+    assert 0 < raw.pttl(COUNTER) <= 60_000
+    counters = cache.get_cache_stats()["counters"]
+    assert (counters["rate_limit_degraded"], counters["redis_errors"]) == (0, 0)
+
+
+@pytest.mark.parametrize("count", [1, 10], ids=["allowed", "refused"])
+def test_counter_expiring_after_its_window_is_cut_back(
+    cache: CRMCacheManager, raw: redis.Redis, count: int
+) -> None:
+    """A counter whose TTL is longer than its window (10 years for window=60 answered
+    retry_after=315360000) gets the window's TTL."""
+    raw.set(COUNTER, count, ex=10 * 365 * 86400)
+    result = cache.check_rate_limit("x", 10, 60)
+    assert result.allowed is (count < 10)
+    assert 0 < result.retry_after <= 60.0
+    assert 0 < raw.pttl(COUNTER) <= 60_000
+
+
+def test_huge_cost_never_deletes_the_live_counter(
+    cache: CRMCacheManager, raw: redis.Redis
+) -> None:
+    """cost=10**17 reached Lua as "1e+17", which the script took for a garbage counter:
+    it deleted the live one. Now such a limit is refused in Python, and the largest
+    accepted numbers count exactly."""
+    for _ in range(5):
+        cache.check_rate_limit("x", 2**53 - 1, 60)
+    with pytest.raises(ValueError, match="limit"):
+        cache.check_rate_limit("x", 10**18, 60, cost=10**17)
+    assert raw.get(COUNTER) == b"5"
+    result = cache.check_rate_limit("x", 2**53 - 1, 60, cost=10**15)
+    assert (result.allowed, result.current_count, result.degraded) == (True, 10**15 + 5, False)
+    assert raw.get(COUNTER) == b"%d" % (10**15 + 5)
+    refused = cache.check_rate_limit("x", 2**53 - 1, 60, cost=2**53 - 1)
+    assert (refused.allowed, refused.current_count) == (False, 10**15 + 5)
+    assert raw.get(COUNTER) == b"%d" % (10**15 + 5)
+
+
+@pytest.mark.parametrize("cost", ["1e+17", "1.5", "abc", ""])
+def test_script_replaces_a_counter_only_when_it_is_not_one(raw: redis.Redis, cost: str) -> None:
+    """rate_limit.lua given a cost INCRBY refuses fails the call and keeps the counter: only
+    a value that really is not a counter is replaced."""
+    raw.set(COUNTER, 5, ex=60)
+    sha = raw.script_load(load_script_source("rate_limit"))
+    with pytest.raises(redis.ResponseError):
+        raw.evalsha(sha, 1, COUNTER, 10, 60_000, cost)
+    assert raw.get(COUNTER) == b"5"
+
+
+class _Limits(IntEnum):
+    LIMIT = 3
+    WINDOW = 60
+    COST = 1
+
+
+def test_int_enum_arguments_count_like_ints(cache: CRMCacheManager, raw: redis.Redis) -> None:
+    """IntEnum limit, window and cost are plain ints to Redis. redis-py refused them, so
+    every call degraded and 10 of 10 were allowed with limit=3."""
+    results = [
+        cache.check_rate_limit("x", _Limits.LIMIT, _Limits.WINDOW, cost=_Limits.COST)
+        for _ in range(10)
+    ]
+    assert [r.allowed for r in results] == [True] * 3 + [False] * 7
+    assert not any(r.degraded for r in results)
+    assert type(results[0].limit) is int
+    assert raw.get(COUNTER) == b"3"
+
+
+def _reply_script(cache: CRMCacheManager, source: str) -> None:
+    """Make the manager run ``source`` instead of rate_limit.lua (a corrupt reply)."""
+    fake = SimpleNamespace(sha=hashlib.sha1(source.encode()).hexdigest(), script=source)  # noqa: S324
+    transport = cache._transport
+    assert transport is not None
+    transport.scripts = dataclasses.replace(transport.scripts, rate_limit=fake)
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        "{1, -1000, -5}",  # negative count and TTL
+        "{1, 11, 60000}",  # allowed, yet over the limit
+        "{2, 3, 60000}",  # allowed is neither 0 nor 1
+        "{1, 3, 61000}",  # the window's end further away than the window
+        "{1, 3}",  # too short
+        "{1, 3, 60000, 4}",  # too long
+        "{1, 'x', 60000}",  # not an integer
+        "7",  # not a list
+    ],
+)
+def test_corrupt_reply_degrades_by_policy(
+    cache: CRMCacheManager, crm_logs: pytest.LogCaptureFixture, reply: str
+) -> None:
+    """A reply no correct run of the script gives is never trusted (it answered
+    allowed=True, current_count=-1000, remaining=1010, degraded=False): the call follows
+    the failure policy, is counted and logged once."""
+    _reply_script(cache, f"return {reply}")
+    assert cache.check_rate_limit("x", 10, 60) == RateLimitResult(
+        True, 0, 10, 10, 0.0, degraded=True
+    )
+    closed = cache.check_rate_limit("x", 10, 60, policy="closed")
+    assert (closed.allowed, closed.degraded) == (False, True)
+    counters = cache.get_cache_stats()["counters"]
+    assert counters["corrupt_values"] == 2
+    assert counters["rate_limit_degraded"] == 2
+    assert counters["rate_limit_allowed"] == counters["rate_limit_rejected"] == 0
+    warnings = [
+        r
+        for r in crm_logs.records
+        if r.levelno == logging.WARNING and "rate_limit.lua" in r.getMessage()
+    ]
+    assert len(warnings) == 1
+    assert COUNTER in warnings[0].getMessage()

@@ -11,6 +11,7 @@ from crmcache import ClientPreferences, MessageChannel
 from crmcache._codec import (
     CorruptValue,
     check_template_content,
+    check_tombstone,
     clone_preferences,
     decode_preferences,
     decode_template,
@@ -18,6 +19,7 @@ from crmcache._codec import (
     encode_template,
     is_tombstone,
 )
+from crmcache.models import MAX_VERSION
 
 FULL = ClientPreferences(
     client_id="client-ü-42",
@@ -50,7 +52,7 @@ def test_encoded_preferences_are_version_colon_json() -> None:
 )
 def test_preferences_round_trip(prefs: ClientPreferences) -> None:
     """decode(encode(p)) gives back p, field for field."""
-    decoded = decode_preferences(encode_preferences(prefs))
+    decoded = decode_preferences(encode_preferences(prefs), prefs.client_id)
     assert decoded == prefs
     assert decoded.model_dump() == prefs.model_dump()
 
@@ -95,6 +97,9 @@ def _json(version: int) -> bytes:
         ),
         (b"3:" + _json(3)[:-1], "invalid preferences JSON"),
         (b"4:" + _json(3), "version prefix does not match"),
+        (b"3:" + _json(3).replace(b'"c1"', b'"c2"'), "another client"),
+        (b"00000000000000003:" + _json(3), "version prefix out of range"),
+        (b"9" * 5000 + b":" + _json(3), "version prefix out of range"),
     ],
     ids=[
         "no-colon",
@@ -107,12 +112,39 @@ def _json(version: int) -> bytes:
         "invalid-field",
         "truncated",
         "version-mismatch",
+        "another-client",
+        "17-digit-prefix",
+        "5000-digit-prefix",
     ],
 )
 def test_corrupt_preferences_raise_corrupt_value(raw: bytes, reason: str) -> None:
-    """Anything but '<version>:<valid JSON of that version>' raises CorruptValue saying why."""
+    """Anything but '<version>:<valid JSON of that version, of client c1>' at c1's key raises
+    CorruptValue saying why."""
     with pytest.raises(CorruptValue, match=reason):
-        decode_preferences(raw)
+        decode_preferences(raw, "c1")
+
+
+def test_a_version_prefix_may_have_leading_zeros() -> None:
+    """The scripts read "007:" as version 7; so does decoding (16 digits at most)."""
+    assert decode_preferences(b"007:" + _json(7), "c1").version == 7
+    assert decode_preferences(b"%016d:" % 7 + _json(7), "c1").version == 7
+
+
+@pytest.mark.parametrize("raw", [b"T", b"T0", b"T12", b"T%d" % MAX_VERSION, b"T007"])
+def test_tombstones_the_scripts_read_pass_the_check(raw: bytes) -> None:
+    """A bare tombstone, or one whose version is within [0, MAX_VERSION], is well-formed."""
+    check_tombstone(raw)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"T%d" % (MAX_VERSION + 1), b"T9223372036854775808", b"T-9223372036854775808", b"T5x", b"T "],
+)
+def test_tombstones_the_scripts_cannot_read_are_corrupt(raw: bytes) -> None:
+    """prefs_invalidate.lua once wrote "T-9223372036854775808": neither script reads a
+    version from it, so it guards nothing."""
+    with pytest.raises(CorruptValue, match="malformed tombstone"):
+        check_tombstone(raw)
 
 
 def test_clone_is_equal_and_independent() -> None:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from enum import IntEnum
+
 import pytest
 
 from crmcache._config import resolve_settings
 from crmcache._ratelimit import (
+    MAX_LIMIT,
+    CorruptReply,
     RateLimitResult,
     check_limit_args,
     choose_policy,
@@ -48,9 +52,45 @@ def test_a_bad_policy_is_named(policy: object, error: type[Exception]) -> None:
 
 
 def test_reply_decoding() -> None:
-    """The script's {allowed, count, ttl_ms} becomes a result; remaining never goes below 0."""
-    assert result_from_reply([1, 3, 1500], 10) == RateLimitResult(True, 3, 10, 7, 1.5)
-    assert result_from_reply([0, 12, -1], 10) == RateLimitResult(False, 12, 10, 0, 0.0)
+    """The script's {allowed, count, ttl_ms} becomes a result; remaining never goes below 0
+    (a refused call may find more than the limit counted, after the limit was lowered)."""
+    assert result_from_reply([1, 3, 1500], 10, 60_000) == RateLimitResult(True, 3, 10, 7, 1.5)
+    assert result_from_reply([0, 12, 0], 10, 60_000) == RateLimitResult(False, 12, 10, 0, 0.0)
+    assert result_from_reply([1, 10, 60_000], 10, 60_000) == RateLimitResult(True, 10, 10, 0, 60.0)
+    assert result_from_reply((0, 0, 1), 10, 60_000) == RateLimitResult(False, 0, 10, 10, 0.001)
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        [1, -1000, -5],
+        [1, -1, 1000],
+        [0, -1, 1000],
+        [1, 0, 1000],
+        [1, 11, 1000],
+        [2, 3, 1000],
+        [-1, 3, 1000],
+        [True, 3, 1000],
+        [1, 3, -1],
+        [1, 3, 60_001],
+        [1, 3.0, 1000],
+        [1, b"3", 1000],
+        [1, 3, None],
+        [1, 3],
+        [1, 3, 1000, 4],
+        [],
+        7,
+        None,
+        b"ok",
+    ],
+    ids=repr,
+)
+def test_corrupt_replies_are_refused(reply: object) -> None:
+    """A reply no correct run of rate_limit.lua gives raises CorruptReply: a count below
+    zero, above the limit on an allowed call (or 0 there: the call itself counts), an
+    allowed flag other than 0/1, a TTL outside [0, window], not three ints."""
+    with pytest.raises(CorruptReply):
+        result_from_reply(reply, 10, 60_000)
 
 
 @pytest.mark.parametrize(
@@ -60,6 +100,10 @@ def test_reply_decoding() -> None:
         (10, True, 1, TypeError, "window"),
         (10, 60, -1, ValueError, "cost"),
         (10, 10**10, 1, ValueError, "window"),
+        (MAX_LIMIT + 1, 60, 1, ValueError, "limit"),
+        (10**18, 60, 10**17, ValueError, "limit"),
+        (10, 60, 11, ValueError, "cost"),
+        (10, [60], 1, TypeError, "window"),
     ],
 )
 def test_limit_arguments_are_checked(
@@ -68,3 +112,18 @@ def test_limit_arguments_are_checked(
     """Each bad limit, window or cost raises, naming the argument."""
     with pytest.raises(error, match=name):
         check_limit_args(limit, window, cost)
+
+
+class _Numbers(IntEnum):
+    LIMIT = 10
+    WINDOW = 60
+    COST = 2
+
+
+def test_limit_arguments_come_back_plain_ints() -> None:
+    """IntEnum members are accepted and returned as plain ints (redis-py refuses to send
+    an int subclass); the largest limit and cost are accepted."""
+    checked = check_limit_args(_Numbers.LIMIT, _Numbers.WINDOW, _Numbers.COST)
+    assert checked == (10, 60, 2)
+    assert [type(n) for n in checked] == [int, int, int]
+    assert check_limit_args(MAX_LIMIT, 60, MAX_LIMIT) == (MAX_LIMIT, 60, MAX_LIMIT)

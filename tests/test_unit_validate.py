@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from enum import IntEnum
+
 import pytest
 
 from crmcache._validate import MAX_TTL, check_version, positive_int, seconds_to_ms, ttl_ms
@@ -56,3 +58,19 @@ def test_positive_int_raises_the_error_class_asked_for() -> None:
         positive_int("n", 0, error=CustomError)
     with pytest.raises(TypeError, match="n must be an int, not bool"):
         positive_int("n", False)
+
+
+class _Numbers(IntEnum):
+    SEVEN = 7
+
+
+def test_int_subclasses_come_back_plain_ints() -> None:
+    """An IntEnum member passes as the int it is, returned as a plain int: redis-py refuses
+    to send an int subclass."""
+    for value in (
+        positive_int("n", _Numbers.SEVEN),
+        check_version("version", _Numbers.SEVEN),
+        ttl_ms("ttl", _Numbers.SEVEN),
+    ):
+        assert value in (7, 7000)
+        assert type(value) is int

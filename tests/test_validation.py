@@ -354,6 +354,8 @@ BAD_NUMBERS: list[tuple[object, type[Exception]]] = [
     ("10", TypeError),
     (1.5, TypeError),
     (True, TypeError),
+    ([60], TypeError),
+    ({}, TypeError),
     (0, ValueError),
     (-1, ValueError),
 ]
@@ -371,6 +373,35 @@ def test_check_rate_limit_rejects_bad_numbers(
     assert type(info.value) is error
     assert argument in str(info.value)
     assert raw.dbsize() == 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "argument"),
+    [
+        ({"limit": 2**53}, "limit"),
+        ({"limit": 10**18, "cost": 10**17}, "limit"),
+        ({"limit": 5, "cost": 6}, "cost"),
+        ({"limit": 1, "cost": 2**53 - 1}, "cost"),
+    ],
+    ids=repr,
+)
+def test_check_rate_limit_rejects_numbers_lua_cannot_count(
+    cache: CRMCacheManager, raw: redis.Redis, kwargs: dict[str, int], argument: str
+) -> None:
+    """A limit above 2**53 - 1 (inexact in Lua), or a cost above the limit (a call that
+    can never be allowed), raises ValueError naming the argument and touches nothing."""
+    with pytest.raises(ValueError, match=argument):
+        cache.check_rate_limit("api", window=60, **kwargs)
+    assert raw.dbsize() == 0
+
+
+def test_check_rate_limit_accepts_the_largest_numbers(
+    cache: CRMCacheManager, raw: redis.Redis
+) -> None:
+    """limit = cost = 2**53 - 1 is one exact call."""
+    result = cache.check_rate_limit("api", 2**53 - 1, 60, cost=2**53 - 1)
+    assert (result.allowed, result.current_count, result.degraded) == (True, 2**53 - 1, False)
+    assert raw.get("crm:ratelimit:api:60") == b"%d" % (2**53 - 1)
 
 
 @pytest.mark.parametrize("window", [MAX_WINDOW + 1, 10**30])
@@ -438,6 +469,17 @@ def test_invalidate_rejects_bad_version(
         ({"ttl": "60"}, TypeError, "ttl"),
         ({"ttl": 1.5}, TypeError, "ttl"),
         ({"ttl": True}, TypeError, "ttl"),
+        # Built without validation: the scripts must never see such a version.
+        (
+            {"preferences": ClientPreferences.model_construct(client_id="c1", version=None)},
+            TypeError,
+            "preferences.version",
+        ),
+        (
+            {"preferences": ClientPreferences.model_construct(client_id="c1", version=2**63)},
+            ValueError,
+            "preferences.version",
+        ),
     ],
     ids=repr,
 )
@@ -572,6 +614,15 @@ GARBAGE_PREFS = [
     b'1:{"client_id": "c1", "timezone": "Not/AZone", "version": 1}',
     b"\xff\xfe",
     b"",
+    # Issue 11: a valid value of another client, served to c1 before.
+    encode_preferences(ClientPreferences(client_id="someone-else", version=8)),
+    # A version prefix no ClientPreferences can have (the 5000 digits raised ValueError).
+    b"9007199254740992:" + PREFS_V8.partition(b":")[2],
+    b"9" * 5000 + b":" + PREFS_V8.partition(b":")[2],
+    # Tombstones neither script recognises as one (read as a plain miss, kept before).
+    b"T-9223372036854775808",
+    b"T9223372036854775808",
+    b"T5x",
 ]
 
 

@@ -7,6 +7,9 @@ Stored formats::
     tombstone     b"T<version>" | b"T"   left by an invalidation (see prefs_invalidate.lua)
     template      UTF-8 text
 
+A version is at most 16 decimal digits and at most ``MAX_VERSION`` (2**53 - 1, exact in
+Lua); the Lua scripts take anything else for garbage that a write may replace.
+
 A value that fails to decode raises :class:`CorruptValue`; the manager treats it as a
 miss, deletes it and counts it.
 """
@@ -17,12 +20,13 @@ from typing import Final
 
 from pydantic import ValidationError
 
-from .models import ClientPreferences
+from .models import MAX_VERSION, ClientPreferences
 
 __all__ = [
     "WRONG_TYPE",
     "CorruptValue",
     "check_template_content",
+    "check_tombstone",
     "clone_preferences",
     "decode_preferences",
     "decode_template",
@@ -48,27 +52,55 @@ def encode_preferences(prefs: ClientPreferences) -> bytes:
     return b"%d:%s" % (prefs.version, prefs.model_dump_json().encode())
 
 
+#: Most digits a stored version has (MAX_VERSION has 16).
+_VERSION_DIGITS = len(str(MAX_VERSION))
+
+
 def is_tombstone(raw: bytes) -> bool:
-    """True if ``raw`` is an invalidation tombstone rather than a value."""
+    """True if ``raw`` is an invalidation tombstone rather than a value (it may still be
+    a malformed one: see :func:`check_tombstone`)."""
     return raw[:1] == b"T"
 
 
-def decode_preferences(raw: bytes) -> ClientPreferences:
-    """Decode a stored preferences value (not a tombstone).
+def _is_version(digits: bytes) -> bool:
+    """True if ``digits`` is a version the Lua scripts read as one."""
+    return 0 < len(digits) <= _VERSION_DIGITS and digits.isdigit() and int(digits) <= MAX_VERSION
+
+
+def check_tombstone(raw: bytes) -> None:
+    """Check a tombstone (``raw`` starts with ``T``) is one the scripts recognise.
+
+    Raises:
+        CorruptValue: ``raw`` is neither ``T`` nor ``T<version>`` (such a thing refuses no
+            write, so it only hides the client's preferences until it expires).
+    """
+    if raw != b"T" and not _is_version(raw[1:]):
+        raise CorruptValue("malformed tombstone")
+
+
+def decode_preferences(raw: bytes, client_id: str) -> ClientPreferences:
+    """Decode a stored preferences value (not a tombstone) found at ``client_id``'s key.
 
     Raises:
         CorruptValue: the bytes are not ``<version>:<json>`` of a valid
-            :class:`ClientPreferences` whose version matches the prefix.
+            :class:`ClientPreferences` of ``client_id`` whose version matches the prefix
+            (a version of at most 16 digits, at most ``MAX_VERSION``).
     """
     head, sep, body = raw.partition(b":")
     if not sep or not head.isdigit():
         raise CorruptValue("missing version prefix")
+    if len(head) > _VERSION_DIGITS:
+        # Also keeps int() from refusing (and raising) a prefix of thousands of digits.
+        raise CorruptValue("version prefix out of range")
     try:
         prefs = ClientPreferences.model_validate_json(body)
     except ValidationError as exc:
         raise CorruptValue(f"invalid preferences JSON ({exc.error_count()} errors)") from None
     if prefs.version != int(head):
+        # The JSON's version is within [0, MAX_VERSION] (validated): so is the prefix.
         raise CorruptValue("version prefix does not match the JSON")
+    if prefs.client_id != client_id:
+        raise CorruptValue("the value belongs to another client")
     return prefs
 
 

@@ -5,14 +5,17 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 
 from ._config import CacheSettings, RateLimitPolicy, check_policy
 from ._validate import MAX_TTL, positive_int
+from .models import MAX_VERSION
 
 __all__ = [
     "KEY_MEMO_SIZE",
+    "MAX_LIMIT",
     "MAX_WINDOW",
+    "CorruptReply",
     "LocalRateLimiter",
     "RateLimitResult",
     "check_limit_args",
@@ -23,6 +26,9 @@ __all__ = [
 
 #: Longest rate-limit window accepted, in seconds (ten years).
 MAX_WINDOW = MAX_TTL
+#: Largest ``limit`` (and so ``cost``) accepted: ``rate_limit.lua`` compares counts as
+#: Lua numbers, which are doubles, exact up to 2**53 (as versions are, ``MAX_VERSION``).
+MAX_LIMIT = MAX_VERSION
 #: Most (api, window) -> key entries a manager remembers (hot APIs are few; the bound keeps
 #: a caller with endless names from growing the memo).
 KEY_MEMO_SIZE = 4096
@@ -97,33 +103,68 @@ class RateLimitResult:
         return f"RateLimitResult({fields})"
 
 
+class CorruptReply(Exception):  # noqa: N818 - internal signal, never reaches callers
+    """``rate_limit.lua`` answered what no correct run of it can: the call degrades."""
+
+
 def check_limit_args(limit: object, window: object, cost: object) -> tuple[int, int, int]:
-    """Validate ``limit``, ``window`` (seconds) and ``cost``.
+    """Validate ``limit``, ``window`` (seconds) and ``cost``; return them as plain ints
+    (an ``IntEnum`` member is accepted, but redis-py would refuse to send it).
 
     Raises:
         TypeError: a value is not an int (bools are refused too).
-        ValueError: a value is <= 0, or ``window`` is longer than ten years.
+        ValueError: a value is <= 0, ``limit`` is above :data:`MAX_LIMIT`, ``window`` is
+            longer than ten years, or ``cost`` is above ``limit`` (such a call could never
+            be allowed).
     """
-    checked = (
-        positive_int("limit", limit),
-        positive_int("window", window),
-        positive_int("cost", cost),
-    )
-    if checked[1] > MAX_WINDOW:
+    limit = positive_int("limit", limit)
+    window = positive_int("window", window)
+    cost = positive_int("cost", cost)
+    if limit > MAX_LIMIT:
+        raise ValueError(f"limit must be at most {MAX_LIMIT}, got {limit}")
+    if window > MAX_WINDOW:
         raise ValueError(f"window must be at most {MAX_WINDOW} seconds, got {window}")
-    return checked
+    if cost > limit:
+        raise ValueError(
+            f"cost must be at most limit ({limit}): a call that costs more can never be "
+            f"allowed; got {cost}"
+        )
+    return limit, window, cost
 
 
-def result_from_reply(reply: Sequence[int], limit: int) -> RateLimitResult:
-    """Build a result from ``rate_limit.lua``'s ``{allowed, count, ttl_ms}`` reply."""
-    allowed, count, ttl_ms = reply
+def result_from_reply(reply: object, limit: int, window_ms: int) -> RateLimitResult:
+    """Build a result from ``rate_limit.lua``'s ``{allowed, count, ttl_ms}`` reply.
+
+    Raises:
+        CorruptReply: the reply is not three ints that a correct run can give: ``allowed``
+            0 or 1, ``0 <= count``, ``count <= limit`` when allowed (and at least 1, this
+            call), ``0 <= ttl_ms <= window_ms``.
+    """
+    allowed: object
+    count: object
+    ttl_ms: object
+    try:
+        allowed, count, ttl_ms = reply  # type: ignore[misc]
+    except (TypeError, ValueError):
+        raise CorruptReply(f"expected {{allowed, count, ttl_ms}}, got {reply!r:.80}") from None
+    if not (
+        type(count) is int
+        and type(ttl_ms) is int
+        and type(allowed) is int
+        and 0 <= ttl_ms <= window_ms
+        and (0 < count <= limit if allowed == 1 else allowed == 0 and count >= 0)
+    ):
+        raise CorruptReply(
+            f"impossible reply {{{allowed!r:.20}, {count!r:.30}, {ttl_ms!r:.30}}} for "
+            f"limit={limit}, window={window_ms} ms"
+        )
     remaining = limit - count
     return RateLimitResult(
         allowed == 1,
         count,
         limit,
         remaining if remaining > 0 else 0,
-        ttl_ms / 1000.0 if ttl_ms > 0 else 0.0,
+        ttl_ms / 1000.0,
     )
 
 

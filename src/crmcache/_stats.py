@@ -53,6 +53,8 @@ class Kind(StrEnum):
 class Counter(StrEnum):
     """Events counted besides hits and misses."""
 
+    #: Values in Redis that did not decode (evicted), and rate-limit replies no correct
+    #: run of the script gives (the call degraded by the failure policy).
     CORRUPT_VALUES = "corrupt_values"
     STALE_WRITES_REFUSED = "stale_writes_refused"
     WRITES = "writes"

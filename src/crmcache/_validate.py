@@ -1,4 +1,8 @@
-"""Argument checks shared by settings and calls: clear errors that name the argument."""
+"""Argument checks shared by settings and calls: clear errors that name the argument.
+
+Every int comes back a plain ``int``: a subclass (an ``IntEnum`` member) is accepted, but
+redis-py refuses to send one, so it is converted here, at the boundary.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ MAX_TTL = 10 * 365 * 86400
 
 
 def positive_int(name: str, value: object, *, error: type[ValueError] = ValueError) -> int:
-    """Return ``value`` if it is an int > 0.
+    """Return ``value`` as a plain int if it is an int > 0.
 
     Args:
         name: the argument's name, used in the message.
@@ -26,7 +30,7 @@ def positive_int(name: str, value: object, *, error: type[ValueError] = ValueErr
         raise TypeError(f"{name} must be an int, not {type(value).__name__}")
     if value <= 0:
         raise error(f"{name} must be > 0, got {value}")
-    return value
+    return value if type(value) is int else int(value)
 
 
 def ttl_ms(name: str, seconds: object) -> int:
@@ -54,17 +58,19 @@ def seconds_to_ms(name: str, seconds: object) -> int:
     return max(int(seconds * 1000), 1)
 
 
-def check_version(name: str, version: object) -> int | None:
-    """An optional row version: None, or an int in ``[0, MAX_VERSION]``.
+def check_version(name: str, version: object, *, optional: bool = True) -> int | None:
+    """A row version: an int in ``[0, MAX_VERSION]`` (as a plain int), or None if
+    ``optional``.
 
     Raises:
-        TypeError: neither None nor an int (``bool`` is refused).
+        TypeError: not an int (``bool`` is refused), nor None when that is allowed.
         ValueError: out of range.
     """
-    if version is None:
+    if version is None and optional:
         return None
     if isinstance(version, bool) or not isinstance(version, int):
-        raise TypeError(f"{name} must be an int or None, not {type(version).__name__}")
+        expected = "an int or None" if optional else "an int"
+        raise TypeError(f"{name} must be {expected}, not {type(version).__name__}")
     if not 0 <= version <= MAX_VERSION:
         raise ValueError(f"{name} must be between 0 and {MAX_VERSION}, got {version}")
-    return version
+    return version if type(version) is int else int(version)

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+
 from .._config import DEFAULT_RATE_LIMIT_WINDOW, RateLimitPolicy
-from .._guard import FAILED
+from .._guard import DEFAULT_LOG_INTERVAL, FAILED, LogThrottle
 from .._keys import check_id, rate_limit_key
 from .._ratelimit import (
     KEY_MEMO_SIZE,
+    MAX_LIMIT,
+    MAX_WINDOW,
+    CorruptReply,
     RateLimitResult,
     check_limit_args,
     choose_policy,
@@ -14,14 +19,18 @@ from .._ratelimit import (
     result_from_reply,
 )
 from .._stats import Counter
-from .._validate import MAX_TTL
 from .core import AsyncCacheCore
 
 __all__ = ["AsyncRateLimitsMixin"]
 
+logger = logging.getLogger("crmcache")
+
 
 class AsyncRateLimitsMixin(AsyncCacheCore):
     """``check_rate_limit``."""
+
+    #: Throttles the warning about corrupt replies; made on the first one.
+    _corrupt_reply_log: LogThrottle | None = None
 
     async def check_rate_limit(
         self,
@@ -39,30 +48,29 @@ class AsyncRateLimitsMixin(AsyncCacheCore):
 
         Args:
             api: the API's name (``"whatsapp"``); key ``crm:ratelimit:<api>:<window>``.
-            limit: calls allowed per window (> 0).
-            window: window length in seconds (> 0), default 60.
-            cost: how many calls this one counts for (> 0).
+            limit: calls allowed per window (> 0, at most 2**53 - 1).
+            window: window length in seconds (> 0, at most ten years), default 60.
+            cost: how many calls this one counts for (> 0, at most ``limit``).
             policy: what to answer when Redis cannot be asked: ``"open"`` allows the call,
                 ``"closed"`` refuses it, ``"local"`` asks an in-process limiter; default
                 the API's entry in ``rate_limit_policies``, else ``rate_limit_policy``.
 
         Raises:
             TypeError, ValueError: bad ``api``, ``limit``, ``window``, ``cost`` or
-                ``policy``.
+                ``policy`` (the error names it); ``cost`` above ``limit``.
         """
-        key = self._rate_limit_keys.get((api, window)) if type(api) is str else None
-        if key is None:
-            api = check_id("api", api, self._max_id)
         if not (
             type(limit) is int
             and type(window) is int
             and type(cost) is int
-            and limit > 0
-            and 0 < window <= MAX_TTL
-            and cost > 0
+            and 0 < cost <= limit <= MAX_LIMIT
+            and 0 < window <= MAX_WINDOW
         ):
             limit, window, cost = check_limit_args(limit, window, cost)
+        # window is a plain int now: a list or a dict cannot make the lookup raise.
+        key = self._rate_limit_keys.get((api, window)) if type(api) is str else None
         if key is None:
+            api = check_id("api", api, self._max_id)
             key = rate_limit_key(api, window)
             # Hot APIs are few; the bound keeps a caller with endless names from growing it.
             if len(self._rate_limit_keys) < KEY_MEMO_SIZE:
@@ -70,20 +78,44 @@ class AsyncRateLimitsMixin(AsyncCacheCore):
         chosen = choose_policy(self.settings, api, policy)
         transport = self._active()
         if transport is not None:
+            window_ms = window * 1000
             reply = await self._call(
                 "check_rate_limit",
                 transport.evalsha,
                 transport.scripts.rate_limit,
                 [key],
-                [limit, window * 1000, cost],
+                [limit, window_ms, cost],
             )
             if reply is not FAILED:
-                result = result_from_reply(reply, limit)
-                self._stats.count(
-                    Counter.RATE_LIMIT_ALLOWED if result.allowed else Counter.RATE_LIMIT_REJECTED
-                )
-                return result
+                try:
+                    result = result_from_reply(reply, limit, window_ms)
+                except CorruptReply as exc:
+                    self._corrupt_reply(key, exc)
+                else:
+                    self._stats.count(
+                        Counter.RATE_LIMIT_ALLOWED
+                        if result.allowed
+                        else Counter.RATE_LIMIT_REJECTED
+                    )
+                    return result
         self._stats.count(Counter.RATE_LIMIT_DEGRADED)
         if chosen == "local":
             return self._local_limiter.check(api, limit, window, cost)
         return degraded_result(chosen, limit)
+
+    def _corrupt_reply(self, key: str, exc: CorruptReply) -> None:
+        """Count a reply no correct run of the script gives (the call then degrades by the
+        policy) and log it, at most once per 30 s."""
+        self._stats.count(Counter.CORRUPT_VALUES)
+        throttle = self._corrupt_reply_log
+        if throttle is None:
+            throttle = self._corrupt_reply_log = LogThrottle(DEFAULT_LOG_INTERVAL)
+        suppressed = throttle.ready()
+        if suppressed is not None:
+            logger.warning(
+                "rate_limit.lua gave %s an impossible reply (%s); the call degraded by the "
+                "failure policy (%d more not logged)",
+                key,
+                exc,
+                suppressed,
+            )

@@ -9,6 +9,7 @@ import logging
 from .._codec import (
     WRONG_TYPE,
     CorruptValue,
+    check_tombstone,
     clone_preferences,
     decode_preferences,
     encode_preferences,
@@ -46,7 +47,8 @@ class PreferencesMixin(CacheCore):
     def _get_preferences(self, client_id: str, *, record: bool) -> ClientPreferences | None:
         """The read behind get_client_preferences; ``record=False`` leaves hits and misses
         uncounted (for polls that are not lookups of their own)."""
-        key = prefs_key(check_id("client_id", client_id, self._max_id))
+        client_id = check_id("client_id", client_id, self._max_id)
+        key = prefs_key(client_id)
         transport = self._active()
         near = self._near
         prefs: ClientPreferences | None = None
@@ -59,11 +61,11 @@ class PreferencesMixin(CacheCore):
                     self._stats.hit(Kind.PREFERENCES)
                 return clone_preferences(held)
             token = near.token()
-            prefs = self._read_preferences(transport, key)
+            prefs = self._read_preferences(transport, key, client_id)
             if prefs is not None and near.put(key, prefs, token):
                 prefs = clone_preferences(prefs)  # the caller may change its copy
         elif transport is not None:
-            prefs = self._read_preferences(transport, key)
+            prefs = self._read_preferences(transport, key, client_id)
         if record:
             if prefs is None:
                 self._stats.miss(Kind.PREFERENCES)
@@ -73,9 +75,12 @@ class PreferencesMixin(CacheCore):
                 logger.debug("cache hit: %s", key)
         return prefs
 
-    def _read_preferences(self, transport: Transport, key: str) -> ClientPreferences | None:
-        """GET and decode one preferences value; None for a miss of any kind (absent,
-        tombstone, Redis away, undecodable or wrong-type value: the last two evicted)."""
+    def _read_preferences(
+        self, transport: Transport, key: str, client_id: str
+    ) -> ClientPreferences | None:
+        """GET and decode ``client_id``'s preferences value at ``key``; None for a miss of
+        any kind (absent, tombstone, Redis away, or evicted: undecodable, another client's,
+        a version out of range, a malformed tombstone, the wrong type)."""
         raw = self._call("get_client_preferences", transport.get, key)
         if raw is FAILED:
             self._stats.count(Counter.READS_FAILED)
@@ -83,10 +88,13 @@ class PreferencesMixin(CacheCore):
         if raw is WRONG_TYPE:
             self._evict(key, None, "wrong type")
             return None
-        if raw is None or is_tombstone(raw):
+        if raw is None:
             return None
         try:
-            return decode_preferences(raw)
+            if is_tombstone(raw):
+                check_tombstone(raw)
+                return None
+            return decode_preferences(raw, client_id)
         except CorruptValue as exc:
             self._evict(key, raw, str(exc))
             return None
@@ -110,15 +118,18 @@ class PreferencesMixin(CacheCore):
 
         Raises:
             TypeError: ``preferences`` is not a ClientPreferences / ``ttl`` not an int.
-            ValueError: ``ttl`` <= 0.
+            ValueError: ``ttl`` <= 0 or longer than ten years; a client id or version the
+                model would refuse (an instance built with ``model_construct``).
         """
         if not isinstance(preferences, ClientPreferences):
             raise TypeError(
                 f"preferences must be ClientPreferences, not {type(preferences).__name__}"
             )
         expiry_ms = self._ttl_ms if ttl is None else ttl_ms("ttl", ttl)
-        check_id("preferences.client_id", preferences.client_id, self._max_id)
-        key = prefs_key(preferences.client_id)
+        key = prefs_key(check_id("preferences.client_id", preferences.client_id, self._max_id))
+        # Validated by the model, unless it was built with model_construct(): the scripts
+        # must never see a version they cannot compare exactly.
+        version = check_version("preferences.version", preferences.version, optional=False)
         transport = self._active()
         if transport is None:
             return False
@@ -129,7 +140,7 @@ class PreferencesMixin(CacheCore):
             transport.evalsha,
             transport.scripts.prefs_set,
             [key],
-            [preferences.version, payload, expiry_ms],
+            [version, payload, expiry_ms],
         )
         self._near_forget(key)
         if reply is FAILED:
