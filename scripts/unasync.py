@@ -31,6 +31,7 @@ HAND_WRITTEN = frozenset({"primitives.py"})
 
 SUBSTITUTIONS: tuple[tuple[str, str], ...] = (
     (r"\basync def\b", "def"),
+    (r"\basync with\b", "with"),
     (r"\bawait ", ""),
     (r"\b__aenter__\b", "__enter__"),
     (r"\b__aexit__\b", "__exit__"),

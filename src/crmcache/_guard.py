@@ -21,6 +21,9 @@ Failures fall in four classes, each logged on its own throttle:
   ``CLUSTERDOWN`` or ``MASTERDOWN`` (:data:`TOPOLOGY_ERRORS`): the key lives elsewhere now,
   or the node stopped (or has not yet started) being a writable primary. Neither an outage
   nor a refusal: the breaker is left as it is, and the call degrades.
+* **protocol error**: a reply broke its command's contract (``crmcache._replies``): a
+  buggy server or a stream out of step. The pool has closed that connection; the call
+  degrades, the breaker is left as it is, and one ERROR per interval says so.
 * **saturation**: no pooled connection came free in time (:class:`PoolExhaustedError`).
 """
 
@@ -48,6 +51,8 @@ from redis.exceptions import (
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from ._replies import ProtocolError
 
 __all__ = [
     "FAILED",
@@ -313,6 +318,7 @@ class Guard:
         self._saturation_throttle = LogThrottle(log_interval, clock)
         self._unexpected_throttle = LogThrottle(log_interval, clock)
         self._topology_throttle = LogThrottle(log_interval, clock)
+        self._protocol_throttle = LogThrottle(log_interval, clock)
         self._refusal_throttles: dict[str, LogThrottle] = {}
         self._lock = threading.Lock()
         self._failing = False
@@ -374,6 +380,21 @@ class Guard:
                     "pool timeout; the call degraded (%d more not logged). Consider a larger "
                     "max_connections.",
                     op,
+                    suppressed,
+                )
+            return
+        if isinstance(exc, ProtocolError):
+            # The server answered, but not as any command of ours can be answered: the
+            # pool closed that connection. Neither up nor down as far as the breaker knows.
+            self.breaker.release_probe()
+            suppressed = self._protocol_throttle.ready()
+            if suppressed is not None:
+                logger.error(
+                    "Redis broke the protocol during %s (%s): the call degraded and its "
+                    "connection was closed (%d more not logged). A buggy server, proxy or "
+                    "network device is between crmcache and Redis.",
+                    op,
+                    self.scrub(str(exc)),
                     suppressed,
                 )
             return

@@ -7,17 +7,27 @@ that copy, so the loader falls back to the source tree.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol
+
+from ._replies import script_contract
 
 if TYPE_CHECKING:
     import redis
     import redis.asyncio
 
-__all__ = ["SCRIPT_NAMES", "ScriptLike", "Scripts", "load_script_source", "register_scripts"]
+__all__ = [
+    "SCRIPT_NAMES",
+    "RegisteredScript",
+    "ScriptLike",
+    "Scripts",
+    "load_script_source",
+    "register_scripts",
+]
 
 #: Every script crmcache runs; each is ``lua/<name>.lua``.
 SCRIPT_NAMES = ("delete_if_equals", "prefs_invalidate", "prefs_set", "rate_limit")
@@ -47,7 +57,7 @@ def load_script_source(name: str) -> str:
 
 
 class ScriptLike(Protocol):
-    """What the pools need of a registered script (redis-py's Script or AsyncScript)."""
+    """What the pools need of a registered script."""
 
     @property
     def sha(self) -> str:
@@ -58,6 +68,21 @@ class ScriptLike(Protocol):
     def script(self) -> str | bytes:
         """The source, for SCRIPT LOAD after NOSCRIPT."""
         ...
+
+    @property
+    def check(self) -> Callable[[object, Sequence[Any]], bool]:
+        """The reply's contract (``crmcache._replies``), from the script's header."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class RegisteredScript:
+    """One script as redis-py registered it, with its name and reply contract."""
+
+    name: str
+    sha: str
+    script: str | bytes
+    check: Callable[[object, Sequence[Any]], bool]
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,8 +99,9 @@ class Scripts:
 def register_scripts(client: redis.Redis | redis.asyncio.Redis) -> Scripts:
     """Register every script on ``client`` (no round trip: SHA is computed locally)."""
     sources = {name: load_script_source(name) for name in SCRIPT_NAMES}
-    # redis-py's Script and AsyncScript both carry .sha and .script (typed loosely there).
-    registered = {
-        name: cast("ScriptLike", client.register_script(src)) for name, src in sources.items()
-    }
+    registered: dict[str, ScriptLike] = {}
+    for name, source in sources.items():
+        # redis-py's Script and AsyncScript both carry .sha and .script (typed loosely).
+        script: Any = client.register_script(source)
+        registered[name] = RegisteredScript(name, script.sha, script.script, script_contract(name))
     return Scripts(**registered)

@@ -74,6 +74,9 @@ class Counter(StrEnum):
     #: Calls a node answered with MOVED, ASK, READONLY, TRYAGAIN or CLUSTERDOWN: the
     #: topology changed under the call (not an outage, not a refusal).
     TOPOLOGY_ERRORS = "topology_errors"
+    #: Replies that broke their command's contract (wrong type, size or count): the call
+    #: degraded and its connection was closed.
+    PROTOCOL_ERRORS = "protocol_errors"
 
 
 def hit_rate(hits: int, misses: int) -> float:
@@ -140,10 +143,21 @@ class RedisServerStats:
     keyspace_misses: int
 
     @classmethod
-    def from_reply(cls, reply: bytes) -> RedisServerStats:
-        """Parse a raw ``INFO`` reply (redis-py's parser) and pick the fields."""
+    def from_reply(cls, reply: bytes) -> RedisServerStats | None:
+        """Parse a raw ``INFO`` reply (redis-py's parser) and pick the fields.
+
+        Returns:
+            None if the reply is not an INFO reply (no ``redis_version``) or a numeric
+            field is not a number: a buggy server's text is not reported as its state.
+        """
         text = reply.decode("utf-8", "replace")
-        return cls.from_info(parse_info(text))  # type: ignore[no-untyped-call]
+        try:
+            info = parse_info(text)  # type: ignore[no-untyped-call]
+            if not isinstance(info, Mapping) or "redis_version" not in info:
+                return None
+            return cls.from_info(info)
+        except (ValueError, TypeError, AttributeError):
+            return None
 
     @classmethod
     def from_info(cls, info: Mapping[str, Any]) -> RedisServerStats:

@@ -26,12 +26,19 @@ from .._scripts import register_scripts
 from .pool import AsyncLeanPool
 from .transport import AsyncAdminNode, AsyncTransport
 
-__all__ = ["ADMIN_CONNECTIONS", "HEALTH_CHECK_INTERVAL", "AsyncNodeTransport"]
+__all__ = [
+    "ADMIN_CONNECTIONS",
+    "HEALTH_CHECK_INTERVAL",
+    "MAX_PREFERENCES_BYTES",
+    "AsyncNodeTransport",
+]
 
 #: Connections for SCAN and INFO (get_cache_stats) and the replay's TTL shortening.
 ADMIN_CONNECTIONS = 2
 #: Seconds between connection health checks (PING before reuse of an idle connection).
 HEALTH_CHECK_INTERVAL = 30
+#: The largest preferences value a read accepts, in bytes (a model's JSON is far smaller).
+MAX_PREFERENCES_BYTES = 1024 * 1024
 
 
 def _retry(retries: int) -> Retry:
@@ -75,11 +82,17 @@ class AsyncNodeTransport(AsyncLeanPool, AsyncTransport):
         self.connection_kwargs = kwargs = parsed.connection_kwargs
         path = kwargs.get("path")
         address = str(path) if path else f"{kwargs.get('host')}:{kwargs.get('port')}"
+        # One deadline per call: the wait for a slot, then the handshake, every read and
+        # the retry within socket_timeout.
+        call_timeout = s.pool_timeout + s.socket_timeout
         super().__init__(
             lambda: cls(**kwargs),
             max_connections=s.max_connections,
             timeout=s.pool_timeout,
             address=address,
+            call_timeout=call_timeout,
+            connect_timeout=s.socket_connect_timeout,
+            max_value_bytes=max(s.max_template_bytes, MAX_PREFERENCES_BYTES),
         )
         # register_script computes each SHA locally: no round trip here.
         self.scripts = register_scripts(Redis(connection_pool=parsed))
@@ -88,6 +101,8 @@ class AsyncNodeTransport(AsyncLeanPool, AsyncTransport):
             max_connections=ADMIN_CONNECTIONS,
             timeout=s.pool_timeout,
             address=self.address,
+            call_timeout=call_timeout,
+            connect_timeout=s.socket_connect_timeout,
         )
         # A dropped health connection is not retried (that would double the bound).
         health_kwargs = {
@@ -96,11 +111,13 @@ class AsyncNodeTransport(AsyncLeanPool, AsyncTransport):
             "retry": _retry(0),
             "client_name": "crmcache-health",
         }
+        # The whole probe, waiting for the connection included, within the connect timeout.
         self.health = AsyncLeanPool(
             lambda: cls(**health_kwargs),
             max_connections=1,
             timeout=s.socket_connect_timeout,
             retry_dropped=False,
+            call_timeout=s.socket_connect_timeout,
         )
 
     async def mget(self, keys: Sequence[str]) -> list[bytes | None]:

@@ -6,27 +6,41 @@ itself costs on loopback. The calls crmcache makes on hot paths are simple, so t
 here instead: a LIFO list of idle connections bounded by fair slots, one send, one read.
 
 What is kept from redis-py: the connection class and its settings (TLS, auth, db,
-timeouts, client name, periodic health checks), its error types, and its reconnect on
-``connect()``. What is re-implemented, with the same meaning: the bounded wait for a free
-connection (``ConnectionError("No connection available.")`` after ``timeout``), one retry
-on a dropped connection (how a restarted Redis is reconnected), no retry on a timeout,
-re-loading a script on ``NOSCRIPT``, and dropping inherited connections after ``fork()``.
+client name), its socket set-up (``connect``), its command packer, its hiredis reader and
+its error types. What is done here instead:
+
+* **One deadline per call** (``call_timeout``): the wait for a slot, the handshake of a
+  new connection, every write, every read and the retry all share it. The handshake
+  (``AUTH``, ``SELECT``, ``CLIENT SETNAME``) goes out in one write; its error replies are
+  not passed on (a server may echo the password in them).
+* **Every reply is checked** against its command's contract (``crmcache._replies``)
+  before the connection goes back to the idle list; a reply that breaks it, one larger
+  than the call can use, or an aggregate header announcing a million elements raises
+  ``ProtocolError`` and closes the connection. An idle connection holding bytes nobody
+  asked for is closed rather than reused.
+* The bounded wait for a free connection (``PoolExhaustedError`` after ``timeout``), one
+  retry on a dropped connection (how a restarted Redis is reconnected), no retry on a
+  timeout, re-loading a script on ``NOSCRIPT``, and dropping inherited connections after
+  ``fork()``.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from redis._parsers.hiredis import NOT_ENOUGH_DATA
+from redis.exceptions import AuthenticationError, InvalidResponse, NoScriptError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
 
 from .._guard import PoolClosedError, PoolExhaustedError
+from .._replies import Check, ProtocolError, check_reply, huge_array_header, reply_budget
 from .._stats import PoolAccounting
-from .primitives import FairSlots, sleep
+from .primitives import FairSlots, connected, dirty, receive, send, sleep, within
 
 if TYPE_CHECKING:
     from redis.asyncio.connection import AbstractConnection
@@ -35,6 +49,8 @@ if TYPE_CHECKING:
 
 __all__ = ["AsyncLeanPool"]
 
+#: Replies up to this size skip the budget computation (every budget is larger).
+_SMALL = 64 * 1024
 #: Seconds between checks for calls still in flight while the pool closes.
 _DRAIN_POLL = 0.005
 
@@ -56,6 +72,11 @@ class AsyncLeanPool:
         retry_dropped: send once more on a fresh connection when the first attempt finds
             the connection dropped (how a restarted Redis is reconnected).
         address: the node's ``host:port`` (or socket path), for logs and stats.
+        call_timeout: seconds one call may take in all (slot wait, handshake, writes,
+            reads, retry); default ``timeout`` plus 5.
+        connect_timeout: seconds a new connection's socket set-up may take at most
+            (within the call's deadline); default ``call_timeout``.
+        max_value_bytes: the largest value a GET or MGET may return, per key.
     """
 
     def __init__(
@@ -66,8 +87,14 @@ class AsyncLeanPool:
         timeout: float,
         retry_dropped: bool = True,
         address: str = "",
+        call_timeout: float | None = None,
+        connect_timeout: float | None = None,
+        max_value_bytes: int = 1024 * 1024,
     ) -> None:
         self.address = address
+        self._call_timeout = timeout + 5.0 if call_timeout is None else call_timeout
+        self._connect_timeout = self._call_timeout if connect_timeout is None else connect_timeout
+        self._max_value = max_value_bytes
         self._factory = factory
         self._retry_dropped = retry_dropped
         self.max_connections = max_connections
@@ -82,21 +109,27 @@ class AsyncLeanPool:
         self._pid = os.getpid()
         self._closed = False
 
-    async def execute(self, *args: Any) -> Any:  # noqa: ANN401 - a raw Redis reply
-        """Send one command and return its reply.
+    async def execute(self, *args: Any, check: Check | None = None) -> Any:  # noqa: ANN401 - a raw Redis reply
+        """Send one command and return its reply, checked against its contract.
+
+        Args:
+            args: the command and its arguments.
+            check: the reply's contract, when it is not the command's own (a script's).
 
         Raises:
             PoolExhaustedError: no connection freed up within the timeout (a
                 ``redis.exceptions.ConnectionError``, message ``"No connection available."``).
             PoolClosedError: the pool is closed.
+            ProtocolError: the reply broke its contract (the connection is closed).
             redis.exceptions.ConnectionError: Redis could not be reached twice in a row.
-            redis.exceptions.TimeoutError: no reply within the socket timeout.
+            redis.exceptions.TimeoutError, TimeoutError: the call's deadline passed.
             redis.exceptions.ResponseError: Redis answered with an error.
         """
         if os.getpid() != self._pid:
             self._after_fork()
         if self._closed:
             raise PoolClosedError
+        deadline = time.monotonic() + self._call_timeout
         if not await self._slots.acquire(self._timeout):
             raise PoolExhaustedError
         try:
@@ -110,12 +143,14 @@ class AsyncLeanPool:
                 conn = self._new()
             refusal: ResponseError | None = None
             try:
-                reply = await self._call(conn, args)
+                async with within(deadline - time.monotonic()):
+                    reply = await self._call(conn, args, check, deadline)
             except ResponseError as exc:
                 refusal = exc  # an error reply was read in full: the stream is in step
             except BaseException:
-                # A timeout, a dropped connection, a cancellation or an interrupt: a reply
-                # may still be on its way, so this connection is never used again.
+                # A timeout, a dropped connection, a broken reply, a cancellation or an
+                # interrupt: a reply may still be on its way (or the stream is out of
+                # step), so this connection is never used again.
                 await self._discard(conn)
                 raise
             if self._closed:
@@ -128,27 +163,131 @@ class AsyncLeanPool:
         finally:
             self._slots.release()
 
-    async def _call(self, conn: AbstractConnection, args: Sequence[Any]) -> Any:  # noqa: ANN401
+    async def _call(
+        self, conn: AbstractConnection, args: Sequence[Any], check: Check | None, deadline: float
+    ) -> Any:  # noqa: ANN401
+        if connected(conn) and dirty(conn):
+            # Bytes nobody asked for (a late or unrequested reply, or the server closed
+            # the connection while it was idle): reading on would shift every reply.
+            await conn.disconnect(nowait=True)
         try:
-            await conn.send_command(*args)
-            return await conn.read_response()
+            return await self._exchange(conn, args, check, deadline)
         except RedisConnectionError:
             if self._closed or not self._retry_dropped:
                 raise
             # A connection dropped while idle (Redis restarted, or a proxy closed it):
-            # reconnect and try once more, as redis-py's Retry(retries=1) would.
+            # reconnect and try once more, as redis-py's Retry(retries=1) would, within
+            # the same deadline.
             await conn.disconnect(nowait=True)
-            await conn.send_command(*args)
-            return await conn.read_response()
+            return await self._exchange(conn, args, check, deadline)
+
+    async def _exchange(
+        self, conn: AbstractConnection, args: Sequence[Any], check: Check | None, deadline: float
+    ) -> Any:  # noqa: ANN401
+        if not connected(conn):
+            await self._connect(conn, deadline)
+        await send(conn, conn.pack_command(*args), deadline)
+        return await self._read(conn, args, check, deadline)
+
+    async def _connect(self, conn: AbstractConnection, deadline: float) -> None:
+        """Open ``conn`` (socket, TLS) and run the handshake, all before ``deadline``."""
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the call's deadline passed before connecting")
+        conn.socket_connect_timeout = min(self._connect_timeout, left)
+        conn.redis_connect_func = functools.partial(self._handshake, deadline=deadline)
+        await conn.connect_check_health(check_health=False, retry_socket_connect=False)
+
+    async def _handshake(self, conn: AbstractConnection, *, deadline: float) -> None:
+        """AUTH, SELECT and CLIENT SETNAME in one write, their replies read before
+        ``deadline``. A refused AUTH is reported without the server's text, which may
+        echo the password (a server that renamed AUTH quotes its arguments)."""
+        parser: Any = conn._parser
+        parser.on_connect(conn)
+        commands: list[tuple[Any, ...]] = []
+        username, password = getattr(conn, "username", None), getattr(conn, "password", None)
+        if password is not None or username is not None:
+            commands.append(("AUTH", username, password) if username else ("AUTH", password))
+        if getattr(conn, "db", 0):
+            commands.append(("SELECT", conn.db))
+        if getattr(conn, "client_name", None):
+            commands.append(("CLIENT", "SETNAME", conn.client_name))
+        if not commands:
+            return
+        await send(conn, conn.pack_commands(commands), deadline)
+        for index, command in enumerate(commands, 1):
+            try:
+                await self._read(conn, command, None, deadline, more=index < len(commands))
+            except ResponseError as exc:
+                if command[0] != "AUTH":
+                    raise  # SELECT / CLIENT SETNAME: their replies quote no secret
+                raise AuthenticationError(
+                    f"AUTH refused during the connection handshake ({type(exc).__name__}; "
+                    "the server's reply is withheld: it may echo the password)"
+                ) from None
+
+    async def _read(
+        self,
+        conn: AbstractConnection,
+        args: Sequence[Any],
+        check: Check | None,
+        deadline: float,
+        *,
+        more: bool = False,
+    ) -> Any:  # noqa: ANN401
+        """Read one reply before ``deadline``, within its size budget, and check it;
+        ``more``: replies to further commands may follow (a pipelined handshake)."""
+        parser: Any = conn._parser
+        reader = parser._reader
+        reply = reader.gets()
+        if reply is NOT_ENOUGH_DATA:
+            reply = await self._receive(conn, reader, args, deadline)
+        if not more and reader.has_data():
+            raise ProtocolError(f"more than one reply to {args[0]}")
+        if isinstance(reply, ResponseError | RedisConnectionError):
+            raise reply
+        check_reply(reply, args, check)
+        return reply
+
+    async def _receive(
+        self,
+        conn: AbstractConnection,
+        reader: Any,  # noqa: ANN401 - hiredis.Reader
+        args: Sequence[Any],
+        deadline: float,
+    ) -> Any:  # noqa: ANN401
+        """Feed ``reader`` from the socket until it holds a whole reply."""
+        total = 0
+        tail = b""
+        while True:
+            chunk = await receive(conn, deadline)
+            total += len(chunk)
+            if total > _SMALL and total > reply_budget(args, self._max_value):
+                raise ProtocolError(f"reply to {args[0]} larger than the call can use")
+            # Seen before hiredis parses it: hiredis allocates an aggregate at its header.
+            if huge_array_header(chunk, at_start=not total - len(chunk)) or (
+                tail and huge_array_header(tail + bytes(chunk[:24]), at_start=False)
+            ):
+                raise ProtocolError(f"reply to {args[0]} announces a huge aggregate")
+            reader.feed(chunk)
+            try:
+                reply = reader.gets()
+            except InvalidResponse as exc:  # bytes that are not RESP at all
+                raise ProtocolError(f"reply to {args[0]} is not RESP: {exc}") from None
+            if reply is not NOT_ENOUGH_DATA:
+                return reply
+            tail = bytes(chunk[-24:])
 
     async def evalsha(self, script: ScriptLike, keys: Sequence[Any], args: Sequence[Any]) -> Any:  # noqa: ANN401
-        """Run a registered script by SHA, loading it first if Redis answers ``NOSCRIPT``
-        (after a restart or ``SCRIPT FLUSH``)."""
+        """Run a registered script by SHA, its reply checked against the script's contract,
+        loading it first if Redis answers ``NOSCRIPT`` (after a restart or ``SCRIPT
+        FLUSH``)."""
+        check = script.check
         try:
-            return await self.execute("EVALSHA", script.sha, len(keys), *keys, *args)
+            return await self.execute("EVALSHA", script.sha, len(keys), *keys, *args, check=check)
         except NoScriptError:
             await self.execute("SCRIPT", "LOAD", script.script)
-            return await self.execute("EVALSHA", script.sha, len(keys), *keys, *args)
+            return await self.execute("EVALSHA", script.sha, len(keys), *keys, *args, check=check)
 
     def _new(self) -> AbstractConnection:
         conn = self._factory()

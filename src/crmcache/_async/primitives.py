@@ -10,11 +10,25 @@ import asyncio
 import contextlib
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
+
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 T = TypeVar("T")
 
-__all__ = ["Background", "Event", "FairSlots", "finish", "sleep", "spawn"]
+__all__ = [
+    "Background",
+    "Event",
+    "FairSlots",
+    "connected",
+    "dirty",
+    "finish",
+    "receive",
+    "send",
+    "sleep",
+    "spawn",
+    "within",
+]
 
 
 class Event:
@@ -158,3 +172,47 @@ async def finish(work: Callable[[], Awaitable[T]]) -> T:
     """Run ``work()`` to its end even if the caller is cancelled meanwhile (the caller
     still sees its cancellation): for clean-up that must not stop half way."""
     return await asyncio.shield(work())
+
+
+# -- the wire: one call's bytes on a redis-py connection, under one deadline ---------------
+# The lean pool sends and reads itself (see pool.py) so that a call has one deadline over
+# its handshake, every write, every read and its retry. asyncio: the whole call runs under
+# one ``asyncio.timeout`` (``within``), so the reads below need no timeout of their own.
+
+
+def within(seconds: float) -> contextlib.AbstractAsyncContextManager[object]:
+    """The scope of one call: it raises ``TimeoutError`` once ``seconds`` have passed."""
+    return asyncio.timeout(seconds)
+
+
+def connected(conn: Any) -> bool:  # noqa: ANN401 - a redis-py connection
+    """True if ``conn`` has a live socket."""
+    return bool(conn.is_connected)
+
+
+async def send(conn: Any, chunks: list[bytes], deadline: float) -> None:  # noqa: ANN401
+    """Write one packed command."""
+    writer = conn._writer
+    writer.writelines(chunks)
+    await writer.drain()
+
+
+async def receive(conn: Any, deadline: float) -> bytes:  # noqa: ANN401
+    """Read what has arrived on ``conn`` (at least one byte).
+
+    Raises:
+        redis.exceptions.ConnectionError: the server closed the connection.
+    """
+    parser = conn._parser
+    data: bytes = await parser._stream.read(parser._read_size)
+    if not data:
+        raise RedisConnectionError("Connection closed by server.")
+    return data
+
+
+def dirty(conn: Any) -> bool:  # noqa: ANN401
+    """True if an idle connection holds bytes nobody asked for (an unrequested reply, or
+    the end of the stream): it must not be reused, or every later read would be shifted."""
+    parser = conn._parser
+    stream = parser._stream
+    return bool(parser._reader.has_data() or stream._buffer or stream.at_eof())

@@ -26,6 +26,7 @@ from .._guard import FAILED, CircuitBreaker, Guard, PoolClosedError, is_topology
 from .._near import NearCache
 from .._pending import PendingKind
 from .._ratelimit import LocalRateLimiter
+from .._replies import ProtocolError
 from .._stats import Counter, StatsRecorder
 from .listener import NearCacheListener
 from .node import NodeTransport
@@ -187,6 +188,8 @@ class CacheCore:
     def _count_error(self, op: str, exc: BaseException) -> None:
         if is_topology_moved(exc):
             self._stats.count(Counter.TOPOLOGY_ERRORS)
+        elif isinstance(exc, ProtocolError):
+            self._stats.count(Counter.PROTOCOL_ERRORS)
         elif isinstance(exc, RedisError | OSError):
             self._stats.count(Counter.REDIS_ERRORS)
         else:

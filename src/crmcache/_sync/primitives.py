@@ -6,15 +6,34 @@ and never touches ``asyncio`` or ``threading`` for these purposes directly.
 
 from __future__ import annotations
 
+import contextlib
+import select
+import socket
+import ssl
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
+
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 T = TypeVar("T")
 
-__all__ = ["Background", "Event", "FairSlots", "finish", "sleep", "spawn"]
+__all__ = [
+    "Background",
+    "Event",
+    "FairSlots",
+    "connected",
+    "dirty",
+    "finish",
+    "receive",
+    "send",
+    "sleep",
+    "spawn",
+    "within",
+]
 
 
 class Event:
@@ -145,3 +164,85 @@ def finish(work: Callable[[], T]) -> T:
     """Run ``work()`` (the sync twin of the async ``finish``, which shields it from
     cancellation)."""
     return work()
+
+
+# -- the wire: one call's bytes on a redis-py connection, under one deadline ---------------
+# The lean pool sends and reads itself (see pool.py) so that a call has one deadline over
+# its handshake, every write, every read and its retry: before each send and each receive
+# the socket's timeout is set to the time left, so a reply dripped byte by byte cannot
+# stretch the call (a per-recv timeout would restart with every byte).
+
+
+def within(seconds: float) -> contextlib.AbstractContextManager[object]:
+    """The scope of one call (the deadline is enforced by each send and receive)."""
+    return contextlib.nullcontext()
+
+
+def connected(conn: Any) -> bool:  # noqa: ANN401 - a redis-py connection
+    """True if ``conn`` has a live socket."""
+    return conn._sock is not None
+
+
+def _arm(sock: socket.socket, deadline: float, usual: float | None) -> None:
+    """Bound the next socket operation by the time left. Setting a timeout costs a
+    system call, so the socket keeps the connection's usual timeout while more than that
+    is left, and gets the time left only near the deadline."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise RedisTimeoutError("Timeout: the call's deadline passed")
+    if usual is not None and left >= usual:
+        if sock.gettimeout() != usual:
+            sock.settimeout(usual)
+    else:
+        sock.settimeout(left)
+
+
+def send(conn: Any, chunks: list[bytes], deadline: float) -> None:  # noqa: ANN401
+    """Write one packed command before ``deadline``."""
+    sock = conn._sock
+    if sock is None:
+        raise RedisConnectionError("Connection closed.")
+    try:
+        _arm(sock, deadline, conn.socket_timeout)
+        for chunk in chunks:
+            sock.sendall(chunk)
+    except TimeoutError:
+        raise RedisTimeoutError("Timeout writing to socket") from None
+    except OSError as exc:
+        raise RedisConnectionError(f"Error while writing to socket: {exc}") from None
+
+
+def receive(conn: Any, deadline: float) -> memoryview:  # noqa: ANN401
+    """Read what has arrived on ``conn`` (at least one byte) before ``deadline``.
+
+    Raises:
+        redis.exceptions.TimeoutError: nothing arrived before the deadline.
+        redis.exceptions.ConnectionError: the server closed the connection.
+    """
+    parser = conn._parser
+    sock, buffer = parser._sock, parser._buffer
+    if sock is None:
+        raise RedisConnectionError("Connection closed.")
+    try:
+        _arm(sock, deadline, conn.socket_timeout)
+        count = sock.recv_into(buffer)
+    except TimeoutError:
+        raise RedisTimeoutError("Timeout reading from socket") from None
+    except OSError as exc:
+        raise RedisConnectionError(f"Error while reading from socket: {exc}") from None
+    if count == 0:
+        raise RedisConnectionError("Connection closed by server.")
+    return memoryview(buffer)[:count]  # valid until the next receive on this connection
+
+
+def dirty(conn: Any) -> bool:  # noqa: ANN401
+    """True if an idle connection holds bytes nobody asked for (an unrequested reply, or
+    the end of the stream): it must not be reused, or every later read would be shifted."""
+    parser = conn._parser
+    if parser._reader.has_data():
+        return True
+    sock = parser._sock
+    if isinstance(sock, ssl.SSLSocket) and sock.pending():
+        return True
+    readable, _, _ = select.select([sock], [], [], 0)
+    return bool(readable)
