@@ -328,8 +328,10 @@ def test_near_cache_over_a_unix_socket(protocol: int) -> None:
                 # Our own write's invalidation may land after the first read took its
                 # token (that fill is then refused): read until the value is held.
                 poll(
-                    lambda: cache.get_template("t", "sms") == "old"
-                    and cache.get_stats().near_cache["size"] == 1
+                    lambda: (
+                        cache.get_template("t", "sms") == "old"
+                        and cache.get_stats().near_cache["size"] == 1
+                    )
                 )
                 other.set_template("t", "sms", "new")
                 poll(lambda: cache.get_template("t", "sms") == "new")

@@ -13,13 +13,13 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from enum import IntEnum
-from types import SimpleNamespace
 
 import pytest
 import redis
 
 from crmcache import CRMCacheManager, RateLimitResult
-from crmcache._scripts import load_script_source
+from crmcache._replies import script_contract
+from crmcache._scripts import RegisteredScript, load_script_source
 
 
 def test_spec_example_unpacks_as_pair(cache: CRMCacheManager) -> None:
@@ -267,8 +267,14 @@ def test_int_enum_arguments_count_like_ints(cache: CRMCacheManager, raw: redis.R
 
 
 def _reply_script(cache: CRMCacheManager, source: str) -> None:
-    """Make the manager run ``source`` instead of rate_limit.lua (a corrupt reply)."""
-    fake = SimpleNamespace(sha=hashlib.sha1(source.encode()).hexdigest(), script=source)  # noqa: S324
+    """Make the manager run ``source`` instead of rate_limit.lua (a corrupt reply), under
+    rate_limit.lua's reply contract."""
+    fake = RegisteredScript(
+        "rate_limit",
+        hashlib.sha1(source.encode()).hexdigest(),  # noqa: S324 - Redis's script id
+        source,
+        script_contract("rate_limit"),
+    )
     transport = cache._transport
     assert transport is not None
     transport.scripts = dataclasses.replace(transport.scripts, rate_limit=fake)
@@ -281,18 +287,14 @@ def _reply_script(cache: CRMCacheManager, source: str) -> None:
         "{1, 11, 60000}",  # allowed, yet over the limit
         "{2, 3, 60000}",  # allowed is neither 0 nor 1
         "{1, 3, 61000}",  # the window's end further away than the window
-        "{1, 3}",  # too short
-        "{1, 3, 60000, 4}",  # too long
-        "{1, 'x', 60000}",  # not an integer
-        "7",  # not a list
     ],
 )
 def test_corrupt_reply_degrades_by_policy(
     cache: CRMCacheManager, crm_logs: pytest.LogCaptureFixture, reply: str
 ) -> None:
-    """A reply no correct run of the script gives is never trusted (it answered
-    allowed=True, current_count=-1000, remaining=1010, degraded=False): the call follows
-    the failure policy, is counted and logged once."""
+    """A reply of the right shape that no correct run of the script gives is never
+    trusted (it answered allowed=True, current_count=-1000, remaining=1010,
+    degraded=False): the call follows the failure policy, is counted and logged once."""
     _reply_script(cache, f"return {reply}")
     assert cache.check_rate_limit("x", 10, 60) == RateLimitResult(
         True, 0, 10, 10, 0.0, degraded=True
@@ -310,3 +312,28 @@ def test_corrupt_reply_degrades_by_policy(
     ]
     assert len(warnings) == 1
     assert COUNTER in warnings[0].getMessage()
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        "{1, 3}",  # too short
+        "{1, 3, 60000, 4}",  # too long
+        "{1, 'x', 60000}",  # not an integer
+        "7",  # not a list
+    ],
+)
+def test_misshapen_reply_is_a_protocol_error(
+    cache: CRMCacheManager, crm_logs: pytest.LogCaptureFixture, reply: str
+) -> None:
+    """A reply that breaks the script's declared shape is refused by the pool before it
+    is decoded: the call follows the policy, counted as a protocol error, logged once."""
+    _reply_script(cache, f"return {reply}")
+    assert cache.check_rate_limit("x", 10, 60).degraded
+    closed = cache.check_rate_limit("x", 10, 60, policy="closed")
+    assert (closed.allowed, closed.degraded) == (False, True)
+    counters = cache.get_cache_stats()["counters"]
+    assert counters["protocol_errors"] == 2
+    assert counters["rate_limit_degraded"] == 2
+    broke = [r for r in crm_logs.records if "broke the protocol" in r.getMessage()]
+    assert len(broke) == 1

@@ -82,9 +82,10 @@ class AsyncNodeTransport(AsyncLeanPool, AsyncTransport):
         self.connection_kwargs = kwargs = parsed.connection_kwargs
         path = kwargs.get("path")
         address = str(path) if path else f"{kwargs.get('host')}:{kwargs.get('port')}"
-        # One deadline per call: the wait for a slot, then the handshake, every read and
-        # the retry within socket_timeout.
-        call_timeout = s.pool_timeout + s.socket_timeout
+        # One deadline per call once it has a connection: the handshake, every write,
+        # every read and the retry within socket_timeout (the wait for a connection is
+        # bounded by pool_timeout).
+        call_timeout = s.socket_timeout
         super().__init__(
             lambda: cls(**kwargs),
             max_connections=s.max_connections,
@@ -118,6 +119,7 @@ class AsyncNodeTransport(AsyncLeanPool, AsyncTransport):
             timeout=s.socket_connect_timeout,
             retry_dropped=False,
             call_timeout=s.socket_connect_timeout,
+            whole_call=True,
         )
 
     async def mget(self, keys: Sequence[str]) -> list[bytes | None]:

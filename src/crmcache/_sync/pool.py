@@ -11,8 +11,9 @@ What is kept from redis-py: the connection class and its settings (TLS, auth, db
 client name), its socket set-up (``connect``), its command packer, its hiredis reader and
 its error types. What is done here instead:
 
-* **One deadline per call** (``call_timeout``): the wait for a slot, the handshake of a
-  new connection, every write, every read and the retry all share it. The handshake
+* **One deadline per call** (``call_timeout``, from the moment the call has its slot;
+  the wait for a slot is bounded by ``timeout``): the handshake of a new connection,
+  every write, every read and the retry all share it. The handshake
   (``AUTH``, ``SELECT``, ``CLIENT SETNAME``) goes out in one write; its error replies are
   not passed on (a server may echo the password in them).
 * **Every reply is checked** against its command's contract (``crmcache._replies``)
@@ -74,8 +75,10 @@ class LeanPool:
         retry_dropped: send once more on a fresh connection when the first attempt finds
             the connection dropped (how a restarted Redis is reconnected).
         address: the node's ``host:port`` (or socket path), for logs and stats.
-        call_timeout: seconds one call may take in all (slot wait, handshake, writes,
-            reads, retry); default ``timeout`` plus 5.
+        call_timeout: seconds one call may take once it has its slot (handshake,
+            writes, reads, retry); default 5.
+        whole_call: count ``call_timeout`` from the start of the call, the wait for a
+            slot included (a health probe's one bound), instead of from the slot.
         connect_timeout: seconds a new connection's socket set-up may take at most
             (within the call's deadline); default ``call_timeout``.
         max_value_bytes: the largest value a GET or MGET may return, per key.
@@ -89,12 +92,14 @@ class LeanPool:
         timeout: float,
         retry_dropped: bool = True,
         address: str = "",
-        call_timeout: float | None = None,
+        call_timeout: float = 5.0,
+        whole_call: bool = False,
         connect_timeout: float | None = None,
         max_value_bytes: int = 1024 * 1024,
     ) -> None:
         self.address = address
-        self._call_timeout = timeout + 5.0 if call_timeout is None else call_timeout
+        self._call_timeout = call_timeout
+        self._whole_call = whole_call
         self._connect_timeout = self._call_timeout if connect_timeout is None else connect_timeout
         self._max_value = max_value_bytes
         self._factory = factory
@@ -131,10 +136,12 @@ class LeanPool:
             self._after_fork()
         if self._closed:
             raise PoolClosedError
-        deadline = time.monotonic() + self._call_timeout
+        start = time.monotonic()
         if not self._slots.acquire(self._timeout):
             raise PoolExhaustedError
         try:
+            # One deadline for everything this call does on the wire.
+            deadline = (start if self._whole_call else time.monotonic()) + self._call_timeout
             if self._closed:
                 raise PoolClosedError  # closed while this call waited for its slot
             # list.pop/list.append are atomic: the slots bound how many connections
