@@ -9,6 +9,7 @@ import logging
 from .._codec import (
     WRONG_TYPE,
     CorruptValue,
+    check_preferences,
     clone_preferences,
     decode_preferences,
     encode_preferences,
@@ -110,7 +111,9 @@ class PreferencesMixin(CacheCore):
 
         Raises:
             TypeError: ``preferences`` is not a ClientPreferences / ``ttl`` not an int.
-            ValueError: ``ttl`` <= 0.
+            ValueError: ``ttl`` <= 0, or ``preferences`` holds a value validation refuses
+                (a model built with ``model_construct()``; what it stored could never be
+                read back).
         """
         if not isinstance(preferences, ClientPreferences):
             raise TypeError(
@@ -118,6 +121,8 @@ class PreferencesMixin(CacheCore):
             )
         expiry_ms = self._ttl_ms if ttl is None else ttl_ms("ttl", ttl)
         check_id("preferences.client_id", preferences.client_id, self._max_id)
+        # A model built without validation must hold what a reader can decode.
+        preferences = check_preferences(preferences)
         key = prefs_key(preferences.client_id)
         transport = self._active()
         if transport is None:
