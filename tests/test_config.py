@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import socket
+import sys
 import threading
 import time
 import traceback
@@ -26,7 +27,9 @@ from crmcache import (
     get_cache_manager,
     mask_url,
 )
+from crmcache._config import MAX_DURATION
 from crmcache.testing import RedisServer, find_redis_server_binary, free_loopback_port
+from helpers import poll
 
 SECRET = "s3cretpw"
 
@@ -262,6 +265,63 @@ def test_constructor_rejects_bad_settings(
     assert name in str(info.value)
 
 
+DURATIONS = ["socket_timeout", "socket_connect_timeout", "pool_timeout", "near_cache_ttl"]
+
+
+@pytest.mark.parametrize("name", DURATIONS)
+@pytest.mark.parametrize(
+    "value",
+    [sys.maxsize, 2**64, 10**5000, 1e10, MAX_DURATION + 0.001, 86401],
+    ids=["maxsize", "2**64", "10**5000", "1e10", "just-over", "86401"],
+)
+def test_durations_are_capped_at_one_day(redis_url: str, name: str, value: float) -> None:
+    """A duration past MAX_DURATION (one day) is refused at construction, naming the
+    argument (before: socket_timeout=sys.maxsize passed, then every call raised
+    OverflowError inside and degraded; an int too large for a float raised OverflowError
+    from the constructor)."""
+    with pytest.raises(ConfigurationError, match=f"{name} must be") as info:
+        CRMCacheManager(redis_url, near_cache=True, **{name: value})  # type: ignore[arg-type]
+    assert "86400" in str(info.value) or "finite" in str(info.value)
+
+
+def test_the_longest_durations_work(redis_url: str, raw: redis.Redis) -> None:
+    """Every duration at its maximum: every call answers, the near cache goes live, and
+    callers queued for the one pooled connection wait with the longest pool timeout."""
+    longest = dict.fromkeys(DURATIONS, MAX_DURATION)
+    with CRMCacheManager(redis_url, **longest) as manager:  # type: ignore[arg-type]
+        assert manager.settings.socket_timeout == MAX_DURATION
+        run_every_call(manager)
+    with CRMCacheManager(
+        redis_url,
+        max_connections=1,
+        near_cache=True,
+        **longest,  # type: ignore[arg-type]
+    ) as manager:
+        manager.set_template("t", "email", "x")
+        poll(lambda: manager.get_template("t", "email") == "x" and manager._near.live)
+        errors: list[BaseException] = []
+
+        def worker() -> None:
+            try:
+                for i in range(50):
+                    assert manager.set_template(f"w{i}", "sms", "y") is True
+                    assert manager.check_rate_limit("longest", 10**6).degraded is False
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=worker) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        assert errors == []
+        counters = manager.get_cache_stats()["counters"]
+        assert counters["unexpected_errors"] == 0
+        assert counters["redis_errors"] == 0
+        assert manager._transport is not None
+        assert manager._transport.accounting().waits > 0  # the pool timeout was waited on
+
+
 def test_valid_settings_are_normalised(redis_url: str) -> None:
     """Integer seconds become floats and every accepted value is kept as given."""
     with CRMCacheManager(
@@ -490,6 +550,17 @@ BAD_URL_VALUES = [
     ("socket_timeout=inf", "socket_timeout"),
     ("socket_timeout=", "socket_timeout"),
     ("socket_connect_timeout=0", "socket_connect_timeout"),
+    ("socket_connect_timeout=-1", "socket_connect_timeout"),
+    ("socket_connect_timeout=-0.5", "socket_connect_timeout"),
+    # Past one day (MAX_DURATION): before, accepted, then every call overflowed.
+    ("socket_timeout=86401", "socket_timeout"),
+    ("socket_timeout=1e12", "socket_timeout"),
+    ("socket_timeout=9223372036854775807", "socket_timeout"),
+    ("socket_connect_timeout=1e12", "socket_connect_timeout"),
+    ("health_check_interval=86401", "health_check_interval"),
+    ("health_check_interval=99999999999999999999999", "health_check_interval"),
+    # Each read allocates a buffer of this size (before: MemoryError on every call).
+    ("socket_read_size=99999999999999", "socket_read_size"),
     ("health_check_interval=1.5", "health_check_interval"),
     ("health_check_interval=-1", "health_check_interval"),
     ("socket_read_size=0", "socket_read_size"),
@@ -594,6 +665,8 @@ def test_url_parameter_error_never_shows_a_password_in_the_query(redis_url: str)
         "client_name=orders-service",
         "db=0",
         "socket_timeout=3&socket_connect_timeout=2&health_check_interval=10",
+        "socket_timeout=86400&socket_connect_timeout=86400&health_check_interval=86400",
+        "socket_read_size=16777216",
     ],
 )
 def test_accepted_url_parameters_work_against_a_real_server(

@@ -6,10 +6,13 @@ the invalidation listener on RESP2 and on RESP3.
 
 from __future__ import annotations
 
+import multiprocessing
 import random
 import shutil
 import tempfile
 import threading
+import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -337,3 +340,85 @@ def test_near_cache_over_a_unix_socket(protocol: int) -> None:
                 poll(lambda: cache.get_template("t", "sms") == "new")
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _child_after_fork(
+    cache: CRMCacheManager, url: str, results: multiprocessing.Queue[object]
+) -> None:
+    """Runs in the forked child: what the inherited near cache serves while another client
+    changes the template, before and after the child's own listener is subscribed."""
+    out: dict[str, object] = {}
+    try:
+        near = cache._near
+        assert near is not None
+        out["live_at_fork"] = near.live
+        out["held_at_fork"] = near.get("crm:template:email:t") is not MISSING
+        with CRMCacheManager(redis_url=url) as other:
+            # Changed after the fork: the parent's listener hears of it, the child's never
+            # would (it has none yet).
+            other.set_template("t", "email", "v2")
+            out["first_read"] = cache.get_template("t", "email")
+            started = time.monotonic()
+            while not near.live and time.monotonic() - started < 10:
+                time.sleep(0.01)
+            out["live_after"] = near.live
+            # A value the child fills itself, after the fork and after its listener is up.
+            started = time.monotonic()
+            while time.monotonic() - started < 10:
+                if (
+                    cache.get_template("t", "email") == "v2"
+                    and near.get("crm:template:email:t") == "v2"
+                ):
+                    break
+                time.sleep(0.01)
+            out["filled"] = near.get("crm:template:email:t")
+            other.set_template("t", "email", "v3")
+            started = time.monotonic()
+            while cache.get_template("t", "email") != "v3" and time.monotonic() - started < 3:
+                time.sleep(0.001)
+            out["after_change"] = cache.get_template("t", "email")
+            out["waited"] = time.monotonic() - started
+    except BaseException as exc:
+        out["error"] = repr(exc)
+    results.put(out)
+
+
+def test_forked_child_serves_nothing_it_is_not_told_about(server: RedisServer) -> None:
+    """After fork() the child's near cache is flushed and off until the child's own
+    listener is subscribed: a value another client changes is never served stale, neither
+    one near-cached by the parent before the fork nor one the child filled itself (before:
+    the child inherited ``live=True`` without a listener and served both for up to
+    ``near_cache_ttl``)."""
+    with near_manager(server.url) as cache:
+        near = cache._near
+        assert near is not None
+        cache.set_template("t", "email", "v1")
+        poll(
+            lambda: (
+                cache.get_template("t", "email") == "v1"
+                and near.get("crm:template:email:t") == "v1"
+            )
+        )
+        ctx = multiprocessing.get_context("fork")
+        results: multiprocessing.Queue[object] = ctx.Queue()
+        proc = ctx.Process(target=_child_after_fork, args=(cache, server.url, results))
+        with warnings.catch_warnings():
+            # Python 3.12+ warns about fork() in a process with threads (the listener's).
+            warnings.simplefilter("ignore", DeprecationWarning)
+            proc.start()
+        out = results.get(timeout=60)
+        proc.join(timeout=30)
+        assert proc.exitcode == 0
+        results.close()
+        results.join_thread()
+        assert "error" not in out, out
+        assert out["live_at_fork"] is False, out
+        assert out["held_at_fork"] is False, out
+        assert out["first_read"] == "v2", out
+        assert out["live_after"] is True, out
+        assert out["filled"] == "v2", out
+        assert out["after_change"] == "v3", out
+        assert out["waited"] < 1.0, out
+        # The parent's own near cache was neither flushed nor stopped by the child.
+        assert near.live
+        poll(lambda: cache.get_template("t", "email") == "v3")

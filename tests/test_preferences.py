@@ -254,3 +254,70 @@ def test_int_enum_version_and_ttl_are_plain_ints(cache: CRMCacheManager, raw: re
     assert stats["counters"]["invalidations_failed"] == 0
     assert cache.set_client_preferences(prefs(7), ttl=_Numbers.TTL) is True
     assert 110_000 < raw.pttl("crm:prefs:client-123") <= 120_000
+
+
+# -- models that skipped validation (issue 11, finding 10) -------------------------------
+
+UNVALIDATED = [
+    pytest.param({"client_id": "c1", "version": -5}, "version", id="negative-version"),
+    pytest.param({"client_id": "c1", "version": 2**60}, "version", id="version-past-2**53"),
+    pytest.param({"client_id": "c1", "timezone": "Nowhere/Atlantis"}, "timezone", id="zone"),
+    pytest.param({"client_id": "c1", "language": ""}, "language", id="empty-language"),
+    pytest.param({"client_id": "c1", "quiet_hours_start": 24}, "quiet_hours_start", id="hour"),
+    pytest.param(
+        {"client_id": "c1", "preferred_channels": ["fax"]},
+        "preferred_channels",
+        id="unknown-channel",
+    ),
+    pytest.param(
+        {"client_id": "c1", "preferred_channels": None}, "preferred_channels", id="channels-none"
+    ),
+    pytest.param({"client_id": "c1", "opt_out": "maybe"}, "opt_out", id="opt-out-text"),
+    pytest.param({"client_id": "c1", "version": "v2"}, "version", id="version-text"),
+]
+
+
+@pytest.mark.parametrize(("fields", "name"), UNVALIDATED)
+def test_unvalidated_model_is_refused_before_writing(
+    cache: CRMCacheManager, raw: redis.Redis, fields: dict[str, object], name: str
+) -> None:
+    """A ClientPreferences built with model_construct() holding a value validation refuses
+    raises ValueError naming it, and nothing is written (before: True was returned, and the
+    value read back as None, deleted as corrupt)."""
+    bad = ClientPreferences.model_construct(**fields)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=f"preferences.*{name}"):
+        cache.set_client_preferences(bad)
+    assert raw.exists("crm:prefs:c1") == 0
+    assert cache.get_client_preferences("c1") is None
+    assert cache.get_cache_stats()["counters"]["corrupt_values"] == 0
+
+
+def test_models_changed_behind_validation_are_refused(cache: CRMCacheManager) -> None:
+    """A model changed through __dict__ or model_copy(update=...) is checked too."""
+    changed = prefs(1)
+    changed.__dict__["version"] = -1
+    with pytest.raises(ValueError, match="version"):
+        cache.set_client_preferences(changed)
+    copied = prefs(1).model_copy(update={"timezone": "Mars/Olympus"})
+    with pytest.raises(ValueError, match="timezone"):
+        cache.set_client_preferences(copied)
+
+
+def test_unvalidated_but_valid_model_is_stored_as_validation_makes_it(
+    cache: CRMCacheManager,
+) -> None:
+    """model_construct() with valid values works; values validation would convert are
+    stored converted, so what is written always reads back."""
+    plain = ClientPreferences.model_construct(client_id="c1", timezone="Europe/Paris", version=2)
+    assert cache.set_client_preferences(plain) is True
+    assert cache.get_client_preferences("c1") == ClientPreferences(
+        client_id="c1", timezone="Europe/Paris", version=2
+    )
+    loose = ClientPreferences.model_construct(
+        client_id="c1", version="3", preferred_channels=("sms", "sms")
+    )
+    assert cache.set_client_preferences(loose) is True
+    back = cache.get_client_preferences("c1")
+    assert back is not None
+    assert (back.version, back.preferred_channels) == (3, [MessageChannel.SMS])
+    assert cache.get_cache_stats()["counters"]["corrupt_values"] == 0

@@ -5,11 +5,16 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from crmcache import ClientPreferences, MessageChannel
 from crmcache._codec import (
+    FAST_CHECK,
     CorruptValue,
+    _plainly_valid,
+    check_preferences,
     check_template_content,
     check_tombstone,
     clone_preferences,
@@ -201,3 +206,83 @@ def test_template_content_is_checked_and_encoded_within_the_byte_limit() -> None
         check_template_content(b"hello", 100)
     with pytest.raises(ValueError, match="not encodable as UTF-8"):
         check_template_content("\ud800", 100)
+
+
+# -- check_preferences: models that skipped validation ----------------------------------
+
+#: Values of every kind for every field: valid ones, their edges, and wrong types.
+_ANY = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**64), max_value=2**64),
+    st.sampled_from([0, 1, 23, 24, -1, 2**53 - 1, 2**53, 35, 36, 64, 65, 256, 257]),
+    st.floats(allow_nan=True),
+    st.text(max_size=300),
+    st.sampled_from(["UTC", "Europe/Berlin", "Nowhere/X", "", " ", "en", "x" * 257]),
+    st.lists(st.sampled_from([*MessageChannel, "sms", "fax", 1, None]), max_size=4),
+    st.tuples(st.sampled_from(list(MessageChannel))),
+)
+
+
+_VALID = ClientPreferences(client_id="c", timezone="Europe/Berlin", quiet_hours_start=3)
+_FAST_PATH_SEEN: list[bool] = []
+
+
+#: Per field: values of the right type, in and just out of the model's bounds.
+_NEAR = {
+    "client_id": st.text(max_size=260),
+    "preferred_channels": st.lists(st.sampled_from(list(MessageChannel)), max_size=4),
+    "timezone": st.sampled_from(["UTC", "Europe/Berlin", "Nowhere/X", "", "x" * 65]),
+    "language": st.text(max_size=40),
+    "opt_out": st.booleans(),
+    "quiet_hours_start": st.one_of(st.none(), st.integers(-2, 26)),
+    "quiet_hours_end": st.one_of(st.none(), st.integers(-2, 26)),
+    "version": st.one_of(st.integers(-2, 10), st.sampled_from([2**53 - 1, 2**53, 2**63])),
+}
+
+
+@settings(max_examples=400, deadline=None, derandomize=True, database=None)
+@given(
+    changes=st.one_of(
+        st.fixed_dictionaries({}, optional=_NEAR),
+        st.dictionaries(st.sampled_from(list(ClientPreferences.model_fields)), _ANY, max_size=2),
+    )
+)
+def test_fast_check_accepts_only_what_validation_accepts(changes: dict[str, object]) -> None:
+    """The fast path of check_preferences (exact types, the model's bounds) never passes
+    a model that validation would refuse; check_preferences always returns a valid model
+    or raises ValueError naming the field."""
+    check_preferences(_VALID)  # the fast check learns the time zones validation accepted
+    check_preferences(ClientPreferences(client_id="c"))
+    model = ClientPreferences.model_construct(**{**_VALID.__dict__, **changes})  # type: ignore[arg-type]
+    if _plainly_valid(model.__dict__):
+        _FAST_PATH_SEEN.append(True)
+        ClientPreferences.model_validate(dict(model.__dict__))  # raises if the check lied
+    try:
+        checked = check_preferences(model)
+    except ValueError as exc:
+        refused = str(exc)
+    else:
+        assert ClientPreferences.model_validate_json(checked.model_dump_json()) == checked
+        return
+    assert refused.startswith("preferences is not a valid ClientPreferences")
+
+
+def test_fast_check_was_exercised() -> None:
+    """The property above reached the fast path often (else it proved nothing)."""
+    if not _FAST_PATH_SEEN:
+        test_fast_check_accepts_only_what_validation_accepts()
+    assert len(_FAST_PATH_SEEN) >= 50
+
+
+def test_fast_check_knows_every_field() -> None:
+    """The fast check covers the model's fields (a new field turns it off: this fails so
+    that _plainly_valid is taught the field)."""
+    assert FAST_CHECK is True
+
+
+def test_validated_models_take_the_fast_path() -> None:
+    """A validated model is returned as is (no copy, no second validation)."""
+    check_preferences(FULL)  # teaches the fast check FULL's time zone
+    assert check_preferences(FULL) is FULL
+    assert _plainly_valid(FULL.__dict__)

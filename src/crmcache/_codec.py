@@ -16,15 +16,17 @@ miss, deletes it and counts it.
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Any, Final
 
+from annotated_types import Ge, Le, MaxLen, MinLen
 from pydantic import ValidationError
 
-from .models import MAX_VERSION, ClientPreferences
+from .models import MAX_VERSION, ClientPreferences, MessageChannel
 
 __all__ = [
     "WRONG_TYPE",
     "CorruptValue",
+    "check_preferences",
     "check_template_content",
     "check_tombstone",
     "clone_preferences",
@@ -45,6 +47,114 @@ _SET = object.__setattr__
 
 class CorruptValue(Exception):  # noqa: N818 - internal signal, never reaches callers
     """A cached value could not be decoded."""
+
+
+def _limits(name: str) -> tuple[int, int]:
+    """A field's length or value bounds, as the model declares them."""
+    low, high = -(2**63), 2**63
+    for item in ClientPreferences.model_fields[name].metadata:
+        if isinstance(item, MinLen):
+            low = item.min_length
+        elif isinstance(item, MaxLen):
+            high = item.max_length
+        elif isinstance(item, Ge):
+            low = int(item.ge)  # type: ignore[call-overload]
+        elif isinstance(item, Le):
+            high = int(item.le)  # type: ignore[call-overload]
+    return low, high
+
+
+#: The fields :func:`_plainly_valid` knows. Should the model gain or lose one, the fast
+#: check turns itself off and every write is validated in full (safe, slower).
+_KNOWN_FIELDS: Final = frozenset(
+    {
+        "client_id",
+        "preferred_channels",
+        "timezone",
+        "language",
+        "opt_out",
+        "quiet_hours_start",
+        "quiet_hours_end",
+        "version",
+    }
+)
+FAST_CHECK: Final = set(ClientPreferences.model_fields) == _KNOWN_FIELDS
+_ID_MIN, _ID_MAX = _limits("client_id")
+_TZ_MIN, _TZ_MAX = _limits("timezone")
+_LANG_MIN, _LANG_MAX = _limits("language")
+_QS_MIN, _QS_MAX = _limits("quiet_hours_start")
+_QE_MIN, _QE_MAX = _limits("quiet_hours_end")
+_VERSION_MIN, _VERSION_MAX = _limits("version")
+#: Time zone names a full validation accepted (the model checks them against tzdata).
+_ZONES_SEEN: set[str] = set()
+_MAX_ZONES_SEEN = 1024
+
+
+def _plainly_valid(fields: dict[str, Any]) -> bool:
+    """True only if every value is of exactly the type validation gives it and within the
+    model's bounds: then the model is valid. False means "not sure", never "invalid"."""
+    try:
+        client_id = fields["client_id"]
+        channels = fields["preferred_channels"]
+        zone = fields["timezone"]
+        language = fields["language"]
+        start = fields["quiet_hours_start"]
+        end = fields["quiet_hours_end"]
+        version = fields["version"]
+        opt_out = fields["opt_out"]
+    except KeyError:
+        return False
+    if not (
+        len(fields) == 8
+        and type(client_id) is str
+        and _ID_MIN <= len(client_id) <= _ID_MAX
+        and type(zone) is str
+        and zone in _ZONES_SEEN
+        and _TZ_MIN <= len(zone) <= _TZ_MAX
+        and type(language) is str
+        and _LANG_MIN <= len(language) <= _LANG_MAX
+        and type(opt_out) is bool
+        and type(version) is int
+        and _VERSION_MIN <= version <= _VERSION_MAX
+        and (start is None or (type(start) is int and _QS_MIN <= start <= _QS_MAX))
+        and (end is None or (type(end) is int and _QE_MIN <= end <= _QE_MAX))
+        and type(channels) is list
+    ):
+        return False
+    for channel in channels:
+        if type(channel) is not MessageChannel:
+            return False
+    # Validation drops repeated channels: a list with repeats is not what a reader gets.
+    return len(channels) < 2 or len(set(channels)) == len(channels)
+
+
+def check_preferences(prefs: ClientPreferences) -> ClientPreferences:
+    """``prefs`` if it is valid, else the validated copy validation makes of it.
+
+    A ClientPreferences built with ``model_construct()`` (or changed through its
+    ``__dict__``, or copied with ``model_copy(update=...)``) skipped validation: written
+    as it is, it would be refused by every reader (and deleted as corrupt). The common
+    case, a validated model, costs a few type checks; anything else is validated in full.
+
+    Raises:
+        ValueError: ``prefs`` holds a value validation refuses (the message names the
+            field).
+    """
+    if FAST_CHECK and _plainly_valid(prefs.__dict__):
+        return prefs
+    try:
+        checked = ClientPreferences.model_validate(dict(prefs.__dict__))
+    except ValidationError as exc:
+        error = exc.errors(include_url=False, include_input=False)[0]
+        where = ".".join(str(part) for part in error["loc"]) or "(model)"
+        raise ValueError(
+            f"preferences is not a valid ClientPreferences (built without validation?): "
+            f"{where}: {error['msg']}"
+        ) from None
+    if len(_ZONES_SEEN) >= _MAX_ZONES_SEEN:
+        _ZONES_SEEN.clear()
+    _ZONES_SEEN.add(checked.timezone)
+    return checked
 
 
 def encode_preferences(prefs: ClientPreferences) -> bytes:

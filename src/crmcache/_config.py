@@ -14,6 +14,12 @@ their values must parse, and anything else raises :class:`ConfigurationError` at
 construction, never at a call. A ``socket_timeout`` / ``socket_connect_timeout`` in the
 URL wins over the argument (redis-py's rule for URL options); the settings show the
 value in force.
+
+Every duration given in seconds (``socket_timeout``, ``socket_connect_timeout``,
+``pool_timeout``, ``near_cache_ttl``, and the URL's ``socket_timeout``,
+``socket_connect_timeout`` and ``health_check_interval``) is at most
+:data:`MAX_DURATION`, one day: far longer waits overflow the operating system's timers
+(``OverflowError`` on every call), and none means anything a day would not.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 from pydantic import TypeAdapter, ValidationError
 
 from ._errors import ConfigurationError
+from ._guard import SecretMask
 from ._validate import MAX_TTL, positive_int
 
 __all__ = [
@@ -49,6 +56,8 @@ __all__ = [
     "DEFAULT_SOCKET_CONNECT_TIMEOUT",
     "DEFAULT_SOCKET_TIMEOUT",
     "DEFAULT_TOMBSTONE_TTL",
+    "MAX_DURATION",
+    "MAX_SOCKET_READ_SIZE",
     "MAX_TTL",
     "URL_PARAMETERS",
     "CacheSettings",
@@ -80,6 +89,13 @@ DEFAULT_NEAR_CACHE_SIZE = 10_000
 DEFAULT_NEAR_CACHE_TTL = 30.0
 #: Largest template accepted by set_template, in UTF-8 bytes.
 DEFAULT_MAX_TEMPLATE_BYTES = 1024 * 1024
+#: Longest timeout or near-cache TTL accepted, in seconds (one day). A socket timeout
+#: past about 292 years overflows the C time types (every call then raised OverflowError),
+#: and a lock wait past ``threading.TIMEOUT_MAX`` does too.
+MAX_DURATION = 86400.0
+#: Largest ``socket_read_size`` accepted in the URL, in bytes (16 MiB; redis-py reads
+#: 64 KiB at a time by default). Each read allocates a buffer of this size.
+MAX_SOCKET_READ_SIZE = 16 * 1024 * 1024
 
 T = TypeVar("T")
 
@@ -237,19 +253,19 @@ def _q_seconds(raw: str) -> float:
         seconds = float(raw)
     except ValueError:
         seconds = math.nan
-    if not math.isfinite(seconds) or seconds <= 0:
-        raise _BadValueError("must be a finite number of seconds > 0")
+    if not math.isfinite(seconds) or not 0 < seconds <= MAX_DURATION:
+        raise _BadValueError(f"must be a number of seconds > 0 and <= {MAX_DURATION:g}")
     return seconds
 
 
-def _q_int(minimum: int) -> Callable[[str], int]:
+def _q_int(minimum: int, maximum: int) -> Callable[[str], int]:
     def check(raw: str) -> int:
         try:
             number = int(raw)
         except ValueError:
             number = minimum - 1
-        if number < minimum:
-            raise _BadValueError(f"must be an int >= {minimum}")
+        if not minimum <= number <= maximum:
+            raise _BadValueError(f"must be an int >= {minimum} and <= {maximum}")
         return number
 
     return check
@@ -318,8 +334,8 @@ URL_PARAMETERS: Mapping[str, Callable[[str], object]] = MappingProxyType(
         "socket_timeout": _q_seconds,
         "socket_connect_timeout": _q_seconds,
         "socket_keepalive": _q_bool,
-        "socket_read_size": _q_int(1),
-        "health_check_interval": _q_int(0),
+        "socket_read_size": _q_int(1, MAX_SOCKET_READ_SIZE),
+        "health_check_interval": _q_int(0, int(MAX_DURATION)),
         "client_name": _q_client_name,
         "ssl_cert_reqs": _q_cert_reqs,
         "ssl_check_hostname": _q_bool,
@@ -360,7 +376,7 @@ _CONTROLLED_PARAMETERS: Mapping[str, str] = MappingProxyType(
 def _shown(text: str, secret: str | None) -> str:
     """``text`` fit for an error message: shortened, the URL's password taken out."""
     if secret:
-        text = text.replace(secret, "***")
+        text = SecretMask(secret)(text)
     return repr(text if len(text) <= _SHOWN else text[:_SHOWN] + "...")
 
 
@@ -422,23 +438,45 @@ def _check_url_parameters(url: str) -> Mapping[str, object]:
     return MappingProxyType(parsed)
 
 
+def _shown_value(value: object) -> str:
+    """``value`` for an error message: an int too long to print is described instead
+    (``str()`` of an int past 4300 digits raises ValueError)."""
+    if isinstance(value, int) and value.bit_length() > 64:
+        return f"an int of {value.bit_length()} bits"
+    return str(value)
+
+
 def _positive_int(name: str, value: object) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and value <= 0:
+        # Checked here first: the message must not print an int too long to print.
+        raise ConfigurationError(f"{name} must be > 0, got {_shown_value(value)}")
     return positive_int(name, value, error=ConfigurationError)
 
 
 def _ttl(name: str, value: object) -> int:
-    seconds = positive_int(name, value, error=ConfigurationError)
+    seconds = _positive_int(name, value)
     if seconds > MAX_TTL:
-        raise ConfigurationError(f"{name} must be at most {MAX_TTL} seconds, got {seconds}")
+        raise ConfigurationError(
+            f"{name} must be at most {MAX_TTL} seconds, got {_shown_value(seconds)}"
+        )
     return seconds
 
 
 def _positive_seconds(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
-    seconds = float(value)
+    try:
+        seconds = float(value)
+    except OverflowError:  # an int too large for a float
+        seconds = math.inf
     if not math.isfinite(seconds) or seconds <= 0:
-        raise ConfigurationError(f"{name} must be a finite number of seconds > 0, got {value}")
+        raise ConfigurationError(
+            f"{name} must be a finite number of seconds > 0, got {_shown_value(value)}"
+        )
+    if seconds > MAX_DURATION:
+        raise ConfigurationError(
+            f"{name} must be at most {MAX_DURATION:g} seconds (one day), got {_shown_value(value)}"
+        )
     return seconds
 
 
@@ -487,7 +525,9 @@ def _check_share(value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise TypeError(f"rate_limit_local_share must be a number, not {type(value).__name__}")
     if not 0 < value <= 1:
-        raise ConfigurationError(f"rate_limit_local_share must be in (0, 1], got {value}")
+        raise ConfigurationError(
+            f"rate_limit_local_share must be in (0, 1], got {_shown_value(value)}"
+        )
     return float(value)
 
 
@@ -495,7 +535,9 @@ def _check_protocol(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"near_cache_protocol must be an int, not {type(value).__name__}")
     if value not in (2, 3):
-        raise ConfigurationError(f"near_cache_protocol must be 2 or 3 (RESP2/RESP3), got {value}")
+        raise ConfigurationError(
+            f"near_cache_protocol must be 2 or 3 (RESP2/RESP3), got {_shown_value(value)}"
+        )
     return value
 
 

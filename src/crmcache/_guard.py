@@ -25,17 +25,26 @@ Failures fall in four classes, each logged on its own throttle:
   buggy server or a stream out of step. The pool has closed that connection; the call
   degrades, the breaker is left as it is, and one ERROR per interval says so.
 * **saturation**: no pooled connection came free in time (:class:`PoolExhaustedError`).
+
+What is logged never holds the password (:class:`SecretMask`): not the whole of it, and no
+run of :data:`MIN_SECRET_RUN` of its characters either, since servers echo it truncated and
+with newlines turned into spaces. An error raised by the connection handshake (``AUTH``,
+``HELLO``, ``CLIENT SETNAME``, ``SELECT``) is never logged with its text at all
+(:func:`describe_failure`): a server with ``AUTH`` renamed answers "unknown command 'AUTH',
+with args beginning with: '<the password>'".
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 import traceback
 from collections.abc import Callable
 from enum import StrEnum
 from typing import Final
+from urllib.parse import quote, quote_plus
 
 from redis.exceptions import (
     AskError,
@@ -56,6 +65,7 @@ from ._replies import ProtocolError
 
 __all__ = [
     "FAILED",
+    "MIN_SECRET_RUN",
     "POOL_EXHAUSTED",
     "TOPOLOGY_ERRORS",
     "BreakerState",
@@ -64,7 +74,10 @@ __all__ = [
     "LogThrottle",
     "PoolClosedError",
     "PoolExhaustedError",
+    "SecretMask",
+    "describe_failure",
     "is_critical",
+    "is_handshake_error",
     "is_topology_moved",
 ]
 
@@ -278,11 +291,169 @@ class LogThrottle:
             return suppressed
 
 
+#: The shortest run of a password's characters that :class:`SecretMask` masks wherever it
+#: appears (a whole password shorter than this is masked too).
+MIN_SECRET_RUN: Final = 8
+#: Redis turns CR and LF into spaces in an error reply (it must stay one line).
+_REPLY_NEWLINES: Final = str.maketrans("\r\n", "  ")
+
+
+def _unicode_escaped(text: str) -> str:
+    return text.encode("unicode_escape").decode("ascii")
+
+
+def _secret_forms(secret: str) -> set[str]:
+    """``secret`` as it may appear in a message: as is, as Redis echoes it (newlines as
+    spaces), as ``repr`` and ``traceback`` show it (escaped, also as UTF-8 bytes), and
+    percent-encoded as in a URL."""
+    spaced = secret.translate(_REPLY_NEWLINES)
+    forms = {secret, spaced, quote(secret, safe=""), quote(secret), quote_plus(secret)}
+    for text in (secret, spaced):
+        forms.add(_unicode_escaped(text))
+        forms.add(repr(text)[1:-1])
+        forms.add(repr(text.encode())[2:-1])
+    return forms
+
+
+class SecretMask:
+    """Replaces a secret in text with ``***``: the whole of it, and every run of at least
+    :data:`MIN_SECRET_RUN` of its characters (a server echoes a password truncated), also
+    in the forms a server or Python gives it (see :func:`_secret_forms`).
+
+    For error paths only: the first call builds the set of the secret's runs, and each
+    call then costs one set lookup per character of ``text``.
+    """
+
+    __slots__ = ("_runs", "_secret", "_short")
+
+    def __init__(self, secret: str | None) -> None:
+        self._secret = secret or None
+        self._runs: frozenset[str] | None = None
+        self._short: tuple[str, ...] = ()
+
+    def _build(self, secret: str) -> frozenset[str]:
+        runs: set[str] = set()
+        short: list[str] = []
+        for form in _secret_forms(secret):
+            if len(form) < MIN_SECRET_RUN:
+                short.append(form)
+            else:
+                runs.update(
+                    form[i : i + MIN_SECRET_RUN] for i in range(len(form) - MIN_SECRET_RUN + 1)
+                )
+        # Longest first, so a short form inside another is not matched on its own first.
+        self._short = tuple(sorted(short, key=len, reverse=True))
+        self._runs = frozen = frozenset(runs)
+        return frozen
+
+    def __call__(self, text: str) -> str:
+        """``text`` with every run of the secret (see the class docstring) masked."""
+        secret = self._secret
+        if secret is None or not text:
+            return text
+        runs = self._runs
+        if runs is None:
+            runs = self._build(secret)
+        spans: list[tuple[int, int]] = []
+        size = MIN_SECRET_RUN
+        if runs:
+            for i in range(len(text) - size + 1):
+                if text[i : i + size] in runs:
+                    spans.append((i, i + size))
+        for form in self._short:
+            start = text.find(form)
+            while start != -1:
+                spans.append((start, start + len(form)))
+                start = text.find(form, start + 1)
+        if not spans:
+            return text
+        spans.sort()
+        parts: list[str] = []
+        done = 0
+        end = -1
+        for start, stop in spans:
+            if start > end:
+                if end >= 0:
+                    parts.append("***")
+                parts.append(text[done:start])
+            end = max(end, stop)
+            done = end
+        parts.append("***")
+        parts.append(text[done:])
+        return "".join(parts)
+
+
+#: The functions that run the handshake after the socket is open (AUTH or HELLO, CLIENT
+#: SETNAME/SETINFO, SELECT): redis-py's (the near-cache listener's connections) and the
+#: lean pool's own ``_handshake`` (sync and asyncio alike).
+_HANDSHAKE_FUNCTIONS: Final = frozenset({"on_connect", "on_connect_check_health", "_handshake"})
+#: Parts of a handshake reply that name a command (never an argument), safe to show.
+#: (Redis 7 quotes with '...', Redis 6 with `...`.)
+_UNKNOWN_COMMAND_RE: Final = re.compile(r"(?:ERR )?unknown command ['`]([A-Za-z][\w|-]{0,31})['`]")
+_NO_PERMISSION_RE: Final = re.compile(r"no permissions to run the ['`]([A-Za-z][\w|-]{0,31})['`]")
+_AUTH_COMMANDS: Final = frozenset({"auth", "hello"})
+
+
+def is_handshake_error(exc: BaseException) -> bool:
+    """True if ``exc`` (or an exception it was raised from) came out of a connection
+    handshake (redis-py's ``on_connect`` or the lean pool's ``_handshake``: AUTH or HELLO,
+    CLIENT SETNAME, SELECT), whose error replies may echo the password."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        tb = current.__traceback__
+        while tb is not None:
+            code = tb.tb_frame.f_code
+            if code.co_name in _HANDSHAKE_FUNCTIONS and (
+                "redis" in code.co_filename or "crmcache" in code.co_filename
+            ):
+                return True
+            tb = tb.tb_next
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def _handshake_description(exc: BaseException) -> str:
+    """A fixed description of a handshake failure: its class, and at most the name of the
+    command refused (parsed, never the reply's text)."""
+    message = str(exc)
+    unknown = _UNKNOWN_COMMAND_RE.match(message)
+    denied = _NO_PERMISSION_RE.search(message)
+    if unknown is not None:
+        command = unknown[1]
+        what = f"the server does not know the command {command!r} (renamed or disabled?)"
+        if command.lower() in _AUTH_COMMANDS:
+            what = f"authentication failed: {what}"
+    elif denied is not None:
+        what = f"the user has no permissions to run the handshake command {denied[1]!r}"
+    elif isinstance(exc, AuthenticationError) or "WRONGPASS" in message:
+        what = "authentication failed"
+    else:
+        what = "the connection handshake failed"
+    return (
+        f"{type(exc).__name__} during the connection handshake: {what}; "
+        "server reply withheld (it may echo the password)"
+    )
+
+
+def describe_failure(exc: BaseException, scrub: Callable[[str], str]) -> str:
+    """``exc`` as a log line may show it: ``"<class>: <message>"`` with the password
+    scrubbed, or a fixed description for a handshake error (whose reply may echo the
+    password: :func:`is_handshake_error`)."""
+    if is_handshake_error(exc):
+        return scrub(_handshake_description(exc))
+    return scrub(f"{type(exc).__name__}: {exc}")
+
+
 def is_critical(exc: BaseException) -> bool:
     """True for failures that need a person, not a retry: bad credentials, missing ACL
-    permissions, an untrusted TLS certificate, or a Lua script that raised for a reason
-    other than memory (a bug or an incompatible server)."""
+    permissions, a handshake the server refuses (a renamed ``AUTH``, a wrong ``SELECT``), an
+    untrusted TLS certificate, or a Lua script that raised for a reason other than memory
+    (a bug or an incompatible server)."""
     if isinstance(exc, AuthenticationError | NoPermissionError):
+        return True
+    if isinstance(exc, ResponseError) and is_handshake_error(exc):
         return True
     message = str(exc)
     if "NOPERM" in message or "certificate verify failed" in message.lower():
@@ -310,7 +481,8 @@ class Guard:
     ) -> None:
         self.breaker = breaker
         self._on_error = on_error
-        self._secret = secret or None
+        #: Removes the password from a text (``scrub(text) -> text``, see SecretMask).
+        self.scrub = SecretMask(secret)
         self._on_recovered = on_recovered
         self._log_interval = log_interval
         self._clock = clock
@@ -360,11 +532,17 @@ class Guard:
         self.breaker.release_probe()
         suppressed = self._unexpected_throttle.ready()
         if suppressed is not None:
+            # A handshake error's traceback would quote its reply: described instead.
+            detail = (
+                self.describe(exc)
+                if is_handshake_error(exc)
+                else self.scrub("".join(traceback.format_exception(exc)).rstrip())
+            )
             logger.error(
                 "unexpected error during %s, the call degraded (%d more not logged): %s",
                 op,
                 suppressed,
-                self.scrub("".join(traceback.format_exception(exc)).rstrip()),
+                detail,
             )
 
     def failed(self, op: str, exc: BaseException) -> None:
@@ -409,7 +587,7 @@ class Guard:
                     "logged). A cluster node answers MOVED/ASK and a replica READONLY: "
                     "point redis_url at what serves the keys.",
                     op,
-                    self.scrub(f"{type(exc).__name__}: {exc}"),
+                    self.describe(exc),
                     suppressed,
                 )
             return
@@ -427,7 +605,7 @@ class Guard:
         suppressed = self._throttle.ready(force=first or opened)
         if suppressed is None:
             return
-        message = self.scrub(f"{type(exc).__name__}: {exc}")
+        message = self.describe(exc)
         if is_critical(exc):
             logger.error("Redis refused %s, needs attention: %s", op, message)
         elif opened:
@@ -468,7 +646,7 @@ class Guard:
             "Redis refused %s%s: %s (%d similar refusals not logged)",
             op,
             ", needs attention" if level == logging.ERROR else "",
-            self.scrub(f"{type(exc).__name__}: {exc}"),
+            self.describe(exc),
             suppressed,
         )
 
@@ -484,8 +662,6 @@ class Guard:
         if self._on_recovered is not None:
             self._on_recovered()
 
-    def scrub(self, text: str) -> str:
-        """Remove the password from ``text`` should an error message ever include it."""
-        if self._secret and self._secret in text:
-            return text.replace(self._secret, "***")
-        return text
+    def describe(self, exc: BaseException) -> str:
+        """``exc`` fit for a log line (see :func:`describe_failure`)."""
+        return describe_failure(exc, self.scrub)

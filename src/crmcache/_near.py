@@ -16,6 +16,10 @@ Coherence rules, each tested:
 * This process's own writes invalidate locally before and after the write, so it reads
   its own writes at once, without waiting for the message from Redis.
 * Rate-limit counters are never cached here.
+* A child process made by ``fork()`` inherits the cache but not the listener (a thread
+  or a task of the parent): in the child every near cache is flushed and stops serving at
+  once, and its listener starts afresh on the first read; the cache serves again when the
+  child's own listener is subscribed (:func:`reset_after_fork`).
 
 The bound: a value changed by another client stops being served as soon as Redis's
 invalidation message arrives (measured in the tests), and in any case after ``ttl``.
@@ -23,12 +27,14 @@ invalidation message arrives (measured in the tests), and in any case after ``tt
 
 from __future__ import annotations
 
+import os
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from ._stats import Tally
 
@@ -40,6 +46,7 @@ __all__ = [
     "NearCache",
     "NearCacheStats",
     "invalidated_keys",
+    "reset_after_fork",
 ]
 
 #: Returned by :meth:`NearCache.get` for a key it does not hold.
@@ -70,6 +77,30 @@ def invalidated_keys(message: Any) -> Any:  # noqa: ANN401 - a raw RESP2/RESP3 m
     if keys is None:
         return None
     return [k.decode() if isinstance(k, bytes) else str(k) for k in keys]
+
+
+class _ForkAware(Protocol):
+    def _after_fork_in_child(self) -> None: ...
+
+
+#: Near caches and their listeners, reset in a child process after ``fork()``. Held
+#: weakly: registering costs nothing later, and a closed manager's objects go away.
+_fork_aware: weakref.WeakSet[_ForkAware] = weakref.WeakSet()
+
+
+def reset_after_fork(obj: _ForkAware) -> None:
+    """Have ``obj._after_fork_in_child()`` run in every child process forked from now on
+    (right after ``fork()``, before the child runs anything else). ``obj`` is held weakly."""
+    _fork_aware.add(obj)
+
+
+def _after_fork_in_child() -> None:
+    for obj in list(_fork_aware):
+        obj._after_fork_in_child()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX: where there is no fork, nothing to reset
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +142,20 @@ class NearCache:
         self._hit_count = Tally()
         self._miss_count = Tally()
         self._invalidations = self._flushes = self._discarded = 0
+        reset_after_fork(self)
+
+    def _after_fork_in_child(self) -> None:
+        """In a forked child: no listener tells this process about changes any more, so
+        serve nothing until the child's own listener is subscribed, and forget every value
+        (and refuse fills begun before the fork)."""
+        # Another thread of the parent may have held the lock as it forked: a new one.
+        self._lock = threading.Lock()
+        self.live = False
+        self._data = OrderedDict()
+        self._key_seq = {}
+        self._seq += 1
+        self._flush_seq = self._seq
+        self._flushes += 1
 
     def get(self, key: str) -> Any:  # noqa: ANN401 - whatever was stored
         """The value for ``key``, or :data:`MISSING`.

@@ -8,7 +8,7 @@ import time
 from collections.abc import Iterator
 
 from ._config import CacheSettings, RateLimitPolicy, check_policy
-from ._validate import MAX_TTL, positive_int
+from ._validate import MAX_TTL, brief, positive_int
 from .models import MAX_VERSION
 
 __all__ = [
@@ -121,13 +121,13 @@ def check_limit_args(limit: object, window: object, cost: object) -> tuple[int, 
     window = positive_int("window", window)
     cost = positive_int("cost", cost)
     if limit > MAX_LIMIT:
-        raise ValueError(f"limit must be at most {MAX_LIMIT}, got {limit}")
+        raise ValueError(f"limit must be at most {MAX_LIMIT}, got {brief(limit)}")
     if window > MAX_WINDOW:
-        raise ValueError(f"window must be at most {MAX_WINDOW} seconds, got {window}")
+        raise ValueError(f"window must be at most {MAX_WINDOW} seconds, got {brief(window)}")
     if cost > limit:
         raise ValueError(
             f"cost must be at most limit ({limit}): a call that costs more can never be "
-            f"allowed; got {cost}"
+            f"allowed; got {brief(cost)}"
         )
     return limit, window, cost
 

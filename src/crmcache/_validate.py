@@ -6,12 +6,26 @@ redis-py refuses to send one, so it is converted here, at the boundary.
 
 from __future__ import annotations
 
+import math
+
 from .models import MAX_VERSION
 
-__all__ = ["MAX_TTL", "check_version", "positive_int", "seconds_to_ms", "ttl_ms"]
+__all__ = ["MAX_TTL", "brief", "check_version", "positive_int", "seconds_to_ms", "ttl_ms"]
 
 #: Longest TTL or rate-limit window accepted, in seconds (ten years).
 MAX_TTL = 10 * 365 * 86400
+#: Ints longer than this many digits are described, not printed (Python refuses to print
+#: one of more than 4,300 digits, and a message should stay short anyway).
+_PRINTABLE_DIGITS = 40
+
+
+def brief(value: object) -> str:
+    """``value`` for an error message: as it is, or an int too long to print described by
+    its size."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 128:
+        digits = math.floor(value.bit_length() * math.log10(2)) + 1
+        return f"{'-' if value < 0 else ''}an int of about {digits} digits"
+    return str(value)
 
 
 def positive_int(name: str, value: object, *, error: type[ValueError] = ValueError) -> int:
@@ -29,7 +43,7 @@ def positive_int(name: str, value: object, *, error: type[ValueError] = ValueErr
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, not {type(value).__name__}")
     if value <= 0:
-        raise error(f"{name} must be > 0, got {value}")
+        raise error(f"{name} must be > 0, got {brief(value)}")
     return value if type(value) is int else int(value)
 
 
@@ -41,7 +55,7 @@ def ttl_ms(name: str, seconds: object) -> int:
     """
     value = positive_int(name, seconds)
     if value > MAX_TTL:
-        raise ValueError(f"{name} must be at most {MAX_TTL} seconds, got {value}")
+        raise ValueError(f"{name} must be at most {MAX_TTL} seconds, got {brief(value)}")
     return value * 1000
 
 
@@ -54,7 +68,7 @@ def seconds_to_ms(name: str, seconds: object) -> int:
     if isinstance(seconds, bool) or not isinstance(seconds, int | float):
         raise TypeError(f"{name} must be a number of seconds, not {type(seconds).__name__}")
     if not 0 < seconds < 86400:
-        raise ValueError(f"{name} must be between 0 and 86400 seconds, got {seconds}")
+        raise ValueError(f"{name} must be between 0 and 86400 seconds, got {brief(seconds)}")
     return max(int(seconds * 1000), 1)
 
 
@@ -72,5 +86,5 @@ def check_version(name: str, version: object, *, optional: bool = True) -> int |
         expected = "an int or None" if optional else "an int"
         raise TypeError(f"{name} must be {expected}, not {type(version).__name__}")
     if not 0 <= version <= MAX_VERSION:
-        raise ValueError(f"{name} must be between 0 and {MAX_VERSION}, got {version}")
+        raise ValueError(f"{name} must be between 0 and {MAX_VERSION}, got {brief(version)}")
     return version if type(version) is int else int(version)

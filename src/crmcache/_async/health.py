@@ -44,7 +44,7 @@ class AsyncStatsMixin(AsyncCacheCore):
         except PoolClosedError:
             return False
         except Exception as exc:  # noqa: BLE001 - a health probe reports, it never raises
-            reason = self._guard.scrub(f"{type(exc).__name__}: {exc}")
+            reason = self._guard.describe(exc)
             logger.warning("health check failed: %s", reason)
             return False
 

@@ -3,7 +3,8 @@ local invalidations (off the hot path; see ``crmcache._near`` for the coherence 
 
 One background task (a thread in the sync facade) per node keeps a dedicated connection
 subscribed. The near cache serves only while every listener is subscribed; each disconnect
-flushes it, and the loop reconnects with backoff until the manager closes.
+flushes it, and the loop reconnects with backoff until the manager closes. In a child
+process made by ``fork()`` the listener starts afresh on the first read.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
+from .._guard import describe_failure
 from .._keys import TRACKED_PREFIXES
 from .._near import (
     NEAR_RECONNECT_FIRST,
@@ -22,6 +24,7 @@ from .._near import (
     NOT_AN_INVALIDATION,
     NearCache,
     invalidated_keys,
+    reset_after_fork,
 )
 from .primitives import Background, Event, spawn
 from .transport import AsyncTransport
@@ -65,6 +68,15 @@ class AsyncNearCacheListener:
         self._lock = threading.Lock()
         self._task: Background | None = None
         self._conn: Any = None
+        reset_after_fork(self)
+
+    def _after_fork_in_child(self) -> None:
+        """In a forked child the parent's listener does not run (nor may its connection be
+        used): forget both, so that :meth:`ensure` starts the child's own listener on the
+        first read (the near cache, flushed, serves nothing until it is subscribed)."""
+        self._lock = threading.Lock()
+        self._task = None
+        self._conn = None
 
     def ensure(self) -> None:
         """Start the listener on first use (it needs a running loop), and restart one
@@ -110,12 +122,12 @@ class AsyncNearCacheListener:
                 if not self._stopping.is_set():
                     logger.warning(
                         "near cache off until Redis tracking is back: %s",
-                        self._scrub(f"{type(exc).__name__}: {exc}"),
+                        describe_failure(exc, self._scrub),
                     )
             except Exception as exc:  # noqa: BLE001 - the listener must outlive any message
                 logger.error(  # noqa: TRY400 - one scrubbed line; a traceback could show a secret
                     "near cache off after an unexpected error in its listener; reconnecting: %s",
-                    self._scrub(f"{type(exc).__name__}: {exc}"),
+                    describe_failure(exc, self._scrub),
                 )
             finally:
                 # Cancelled included: nothing is served once no invalidation can arrive.

@@ -12,8 +12,8 @@ its error types. What is done here instead:
 * **One deadline per call** (``call_timeout``, from the moment the call has its slot;
   the wait for a slot is bounded by ``timeout``): the handshake of a new connection,
   every write, every read and the retry all share it. The handshake
-  (``AUTH``, ``SELECT``, ``CLIENT SETNAME``) goes out in one write; its error replies are
-  not passed on (a server may echo the password in them).
+  (``AUTH``, ``SELECT``, ``CLIENT SETNAME``) goes out in one write; the guard never
+  logs its error replies' text (a server may echo the password in them).
 * **Every reply is checked** against its command's contract (``crmcache._replies``)
   before the connection goes back to the idle list; a reply that breaks it, one larger
   than the call can use, or an aggregate header announcing a million elements raises
@@ -35,8 +35,8 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from redis._parsers.hiredis import NOT_ENOUGH_DATA
-from redis.exceptions import AuthenticationError, InvalidResponse, NoScriptError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import InvalidResponse, NoScriptError, ResponseError
 
 from .._guard import PoolClosedError, PoolExhaustedError
 from .._replies import Check, ProtocolError, check_reply, huge_array_header, reply_budget
@@ -207,8 +207,8 @@ class AsyncLeanPool:
 
     async def _handshake(self, conn: AbstractConnection, *, deadline: float) -> None:
         """AUTH, SELECT and CLIENT SETNAME in one write, their replies read before
-        ``deadline``. A refused AUTH is reported without the server's text, which may
-        echo the password (a server that renamed AUTH quotes its arguments)."""
+        ``deadline``. A refusal's text may echo the password (a server that renamed AUTH
+        quotes its arguments): the guard logs a fixed description instead."""
         parser: Any = conn._parser
         parser.on_connect(conn)
         commands: list[tuple[Any, ...]] = []
@@ -223,15 +223,9 @@ class AsyncLeanPool:
             return
         await send(conn, conn.pack_commands(commands), deadline)
         for index, command in enumerate(commands, 1):
-            try:
-                await self._read(conn, command, None, deadline, more=index < len(commands))
-            except ResponseError as exc:
-                if command[0] != "AUTH":
-                    raise  # SELECT / CLIENT SETNAME: their replies quote no secret
-                raise AuthenticationError(
-                    f"AUTH refused during the connection handshake ({type(exc).__name__}; "
-                    "the server's reply is withheld: it may echo the password)"
-                ) from None
+            # A refusal propagates as it is: the guard knows errors raised from here
+            # (``_guard.is_handshake_error``) and never logs their text.
+            await self._read(conn, command, None, deadline, more=index < len(commands))
 
     async def _read(
         self,

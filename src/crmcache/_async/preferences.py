@@ -7,6 +7,7 @@ import logging
 from .._codec import (
     WRONG_TYPE,
     CorruptValue,
+    check_preferences,
     check_tombstone,
     clone_preferences,
     decode_preferences,
@@ -116,8 +117,10 @@ class AsyncPreferencesMixin(AsyncCacheCore):
 
         Raises:
             TypeError: ``preferences`` is not a ClientPreferences / ``ttl`` not an int.
-            ValueError: ``ttl`` <= 0 or longer than ten years; a client id or version the
-                model would refuse (an instance built with ``model_construct``).
+            ValueError: ``ttl`` <= 0 or longer than ten years, or ``preferences`` holds a
+                value validation refuses (a model built with ``model_construct()``; what
+                it stored could never be read back, or a version the scripts cannot
+                compare exactly).
         """
         if not isinstance(preferences, ClientPreferences):
             raise TypeError(
@@ -126,7 +129,9 @@ class AsyncPreferencesMixin(AsyncCacheCore):
         expiry_ms = self._ttl_ms if ttl is None else ttl_ms("ttl", ttl)
         key = prefs_key(check_id("preferences.client_id", preferences.client_id, self._max_id))
         # Validated by the model, unless it was built with model_construct(): the scripts
-        # must never see a version they cannot compare exactly.
+        # must never see a version they cannot compare exactly, and a reader must be able
+        # to decode what is stored.
+        preferences = check_preferences(preferences)
         version = check_version("preferences.version", preferences.version, optional=False)
         transport = self._active()
         if transport is None:

@@ -46,7 +46,7 @@ class StatsMixin(CacheCore):
         except PoolClosedError:
             return False
         except Exception as exc:  # noqa: BLE001 - a health probe reports, it never raises
-            reason = self._guard.scrub(f"{type(exc).__name__}: {exc}")
+            reason = self._guard.describe(exc)
             logger.warning("health check failed: %s", reason)
             return False
 
