@@ -14,15 +14,19 @@ __all__ = ["MAX_TTL", "brief", "check_version", "positive_int", "seconds_to_ms",
 
 #: Longest TTL or rate-limit window accepted, in seconds (ten years).
 MAX_TTL = 10 * 365 * 86400
-#: Ints longer than this many digits are described, not printed (Python refuses to print
-#: one of more than 4,300 digits, and a message should stay short anyway).
-_PRINTABLE_DIGITS = 40
+#: Ints longer than this many bits (about 39 digits) are described, not printed: Python
+#: refuses to print one of more than 4,300 digits, and a message should stay short.
+_PRINTABLE_BITS = 128
 
 
 def brief(value: object) -> str:
     """``value`` for an error message: as it is, or an int too long to print described by
     its size."""
-    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 128:
+    if (
+        isinstance(value, int)
+        and not isinstance(value, bool)
+        and value.bit_length() > _PRINTABLE_BITS
+    ):
         digits = math.floor(value.bit_length() * math.log10(2)) + 1
         return f"{'-' if value < 0 else ''}an int of about {digits} digits"
     return str(value)

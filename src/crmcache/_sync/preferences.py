@@ -133,8 +133,11 @@ class PreferencesMixin(CacheCore):
         # Validated by the model, unless it was built with model_construct(): the scripts
         # must never see a version they cannot compare exactly, and a reader must be able
         # to decode what is stored.
+        if preferences.version is None or isinstance(preferences.version, int):
+            # A missing or out-of-range version is named as the scripts see it.
+            check_version("preferences.version", preferences.version, optional=False)
         preferences = check_preferences(preferences)
-        version = check_version("preferences.version", preferences.version, optional=False)
+        version = preferences.version
         transport = self._active()
         if transport is None:
             return False
