@@ -46,6 +46,7 @@ _SMALL_REPLY: Final = 4 * 1024 * 1024
 #: (about 1 µs per KB scanned).
 _HUGE_AFTER_CRLF: Final = re.compile(rb"\r\n[*%~>|](?:\d{7}|-(?!1\r))")
 _HUGE_AT_START: Final = re.compile(rb"[*%~>|](?:\d{7}|-(?!1\r))")
+_AGGREGATE_BYTES: Final = frozenset(b"*%~>|")
 
 
 class ProtocolError(RedisError):
@@ -63,7 +64,7 @@ def huge_array_header(chunk: bytes | memoryview, *, at_start: bool = True) -> bo
     chunk's tail. A value that happens to hold such a line after a CRLF is refused as
     well: a template containing ``"\\r\\n*1234567"`` is served as a miss.
     """
-    if at_start and _HUGE_AT_START.match(chunk) is not None:
+    if at_start and chunk and chunk[0] in _AGGREGATE_BYTES and _HUGE_AT_START.match(chunk):
         return True
     return _HUGE_AFTER_CRLF.search(chunk) is not None
 

@@ -173,7 +173,7 @@ class AsyncLeanPool:
     async def _call(
         self, conn: AbstractConnection, args: Sequence[Any], check: Check | None, deadline: float
     ) -> Any:  # noqa: ANN401
-        if connected(conn) and dirty(conn):
+        if dirty(conn):
             # Bytes nobody asked for (a late or unrequested reply, or the server closed
             # the connection while it was idle): reading on would shift every reply.
             await conn.disconnect(nowait=True)

@@ -211,8 +211,11 @@ async def receive(conn: Any, deadline: float) -> bytes:  # noqa: ANN401
 
 
 def dirty(conn: Any) -> bool:  # noqa: ANN401
-    """True if an idle connection holds bytes nobody asked for (an unrequested reply, or
-    the end of the stream): it must not be reused, or every later read would be shifted."""
+    """True if an open idle connection holds bytes nobody asked for (an unrequested reply,
+    or the end of the stream): it must not be reused, or every later read would be
+    shifted. False for a connection that is not open."""
+    if not conn.is_connected:
+        return False
     parser = conn._parser
     stream = parser._stream
     return bool(parser._reader.has_data() or stream._buffer or stream.at_eof())

@@ -175,7 +175,7 @@ class LeanPool:
     def _call(
         self, conn: AbstractConnection, args: Sequence[Any], check: Check | None, deadline: float
     ) -> Any:  # noqa: ANN401
-        if connected(conn) and dirty(conn):
+        if dirty(conn):
             # Bytes nobody asked for (a late or unrequested reply, or the server closed
             # the connection while it was idle): reading on would shift every reply.
             conn.disconnect(nowait=True)

@@ -183,6 +183,11 @@ def connected(conn: Any) -> bool:  # noqa: ANN401 - a redis-py connection
     return conn._sock is not None
 
 
+#: Seconds a socket operation may overrun the call's deadline rather than pay a system
+#: call to set the socket's timeout to the exact time left.
+_TIMEOUT_TOLERANCE = 0.01
+
+
 def _arm(sock: socket.socket, deadline: float, usual: float | None) -> None:
     """Bound the next socket operation by the time left. Setting a timeout costs a
     system call, so the socket keeps the connection's usual timeout while more than that
@@ -190,7 +195,9 @@ def _arm(sock: socket.socket, deadline: float, usual: float | None) -> None:
     left = deadline - time.monotonic()
     if left <= 0:
         raise RedisTimeoutError("Timeout: the call's deadline passed")
-    if usual is not None and left >= usual:
+    # A call's deadline is its start plus the usual timeout, so at the first send and
+    # read the time left is a hair under it: within the tolerance, keep the usual one.
+    if usual is not None and left >= usual - _TIMEOUT_TOLERANCE:
         if sock.gettimeout() != usual:
             sock.settimeout(usual)
     else:
@@ -236,12 +243,15 @@ def receive(conn: Any, deadline: float) -> memoryview:  # noqa: ANN401
 
 
 def dirty(conn: Any) -> bool:  # noqa: ANN401
-    """True if an idle connection holds bytes nobody asked for (an unrequested reply, or
-    the end of the stream): it must not be reused, or every later read would be shifted."""
+    """True if an open idle connection holds bytes nobody asked for (an unrequested reply,
+    or the end of the stream): it must not be reused, or every later read would be
+    shifted. False for a connection that is not open."""
+    sock = conn._sock
+    if sock is None:
+        return False
     parser = conn._parser
     if parser._reader.has_data():
         return True
-    sock = parser._sock
     if isinstance(sock, ssl.SSLSocket) and sock.pending():
         return True
     readable, _, _ = select.select([sock], [], [], 0)
