@@ -22,7 +22,15 @@ from typing import Any, Self
 from redis.exceptions import RedisError
 
 from .._config import CacheSettings, url_password
-from .._guard import FAILED, CircuitBreaker, Guard, PoolClosedError, is_topology_moved
+from .._guard import (
+    DEFAULT_LOG_INTERVAL,
+    FAILED,
+    CircuitBreaker,
+    Guard,
+    LogThrottle,
+    PoolClosedError,
+    is_topology_moved,
+)
 from .._near import NearCache
 from .._pending import PendingKind
 from .._ratelimit import LocalRateLimiter
@@ -69,6 +77,8 @@ class CacheCore:
             on_recovered=self._recovered,
         )
         self._local_limiter = LocalRateLimiter(s.rate_limit_local_share)
+        #: Throttles the warning about impossible rate-limit replies.
+        self._corrupt_reply_log = LogThrottle(DEFAULT_LOG_INTERVAL)
         self._rate_limit_keys: dict[tuple[str, int], str] = {}
         self._transport: Transport | None = (
             open_transport(s, self._guard.scrub) if s.enabled else None

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 
 from .._config import DEFAULT_RATE_LIMIT_WINDOW, RateLimitPolicy
-from .._guard import DEFAULT_LOG_INTERVAL, FAILED, LogThrottle
+from .._guard import FAILED
 from .._keys import check_id, rate_limit_key
 from .._ratelimit import (
     KEY_MEMO_SIZE,
@@ -30,9 +30,6 @@ logger = logging.getLogger("crmcache")
 
 class RateLimitsMixin(CacheCore):
     """``check_rate_limit``."""
-
-    #: Throttles the warning about corrupt replies; made on the first one.
-    _corrupt_reply_log: LogThrottle | None = None
 
     def check_rate_limit(
         self,
@@ -109,10 +106,7 @@ class RateLimitsMixin(CacheCore):
         """Count a reply no correct run of the script gives (the call then degrades by the
         policy) and log it, at most once per 30 s."""
         self._stats.count(Counter.CORRUPT_VALUES)
-        throttle = self._corrupt_reply_log
-        if throttle is None:
-            throttle = self._corrupt_reply_log = LogThrottle(DEFAULT_LOG_INTERVAL)
-        suppressed = throttle.ready()
+        suppressed = self._corrupt_reply_log.ready()
         if suppressed is not None:
             logger.warning(
                 "rate_limit.lua gave %s an impossible reply (%s); the call degraded by the "
