@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import logging
 import socket
+import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import redis
 
 from crmcache import BreakerState, ClientPreferences, CRMCacheManager
 from crmcache.testing import RedisServer, find_redis_server_binary, free_loopback_port
+from helpers import poll
 
 #: More calls than the breaker's failure threshold (5): an outage would have opened it.
 CALLS = 12
@@ -69,10 +72,16 @@ def test_writes_to_a_replica_are_topology_errors(
         assert stats.counters["redis_errors"] == 0
         assert stats.counters["writes_failed"] == CALLS + 1
         assert cache._breaker.state is BreakerState.CLOSED
-        assert cache.health_check() is True
+        # Not silent: the handshake found out what the URL points at.
+        assert stats.topology == "replica"
+        assert cache.health_check() is False
     moved = [r for r in caplog.records if "topology changed" in r.getMessage()]
     assert len(moved) == 1, [r.getMessage() for r in caplog.records]
     assert "ReadOnlyError" in moved[0].getMessage()
+    told = [r for r in caplog.records if "points at a replica" in r.getMessage()]
+    assert len(told) == 1, [r.getMessage() for r in caplog.records]
+    assert told[0].levelno == logging.ERROR
+    assert "Point redis_url at the primary" in told[0].getMessage()
 
 
 def test_a_cluster_node_without_slots_is_a_topology_error() -> None:
@@ -88,9 +97,94 @@ def test_a_cluster_node_without_slots_is_a_topology_error() -> None:
                 assert cache.get_client_preferences(f"c{i}") is None
             result = cache.check_rate_limit("sms", limit=5)
             assert (result.allowed, result.degraded) == (False, True)
-            counters = cache.get_stats().counters
+            stats = cache.get_stats()
+            counters = stats.counters
             assert counters["topology_errors"] == CALLS + 1
             assert counters["redis_errors"] == 0
             assert cache._breaker.state is BreakerState.CLOSED
+            assert stats.topology == "cluster-node"
+            assert cache.health_check() is False
     finally:
         node.stop()
+
+
+def test_a_cluster_node_is_named_once_at_error(caplog: pytest.LogCaptureFixture) -> None:
+    """A plain redis:// URL on a cluster node is not silent: one ERROR names it and says
+    what crmcache serves, however many connections open."""
+    if find_redis_server_binary() is None:
+        pytest.skip("needs a redis-server binary")
+    caplog.set_level(logging.ERROR, logger="crmcache")
+    node = RedisServer(port=_port_with_bus(), extra_args=["--cluster-enabled", "yes"])
+    node.start()
+    try:
+        with CRMCacheManager(redis_url=node.url) as cache:
+            for i in range(5):
+                cache.get_template(f"t{i}", "email")
+            assert cache.health_check() is False
+    finally:
+        node.stop()
+    told = [r for r in caplog.records if "Redis Cluster node" in r.getMessage()]
+    assert len(told) == 1, [r.getMessage() for r in caplog.records]
+
+
+@pytest.fixture
+def sentinel(tmp_path: Path) -> Iterator[str]:
+    """A Redis Sentinel monitoring a primary; yields its redis:// URL."""
+    binary = find_redis_server_binary()
+    if binary is None:
+        pytest.skip("needs a redis-server binary")
+    with RedisServer() as primary:
+        port = free_loopback_port()
+        conf = tmp_path / "sentinel.conf"
+        conf.write_text(
+            f"port {port}\nbind 127.0.0.1\ndir {tmp_path}\n"
+            f"sentinel monitor crm 127.0.0.1 {primary.port} 1\n"
+        )
+        process = subprocess.Popen(
+            [binary, str(conf), "--sentinel"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=0.5)
+            poll(lambda: _answers(client), timeout=10.0)
+            client.close()
+            yield f"redis://127.0.0.1:{port}/0"
+        finally:
+            process.terminate()
+            process.wait(timeout=10)
+
+
+def _answers(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.RedisError:
+        return False
+
+
+def test_a_sentinel_is_named_and_unhealthy(
+    sentinel: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A plain redis:// URL on a Sentinel: calls degrade, one ERROR says it is a Sentinel
+    and to point at the primary, health_check is False although the Sentinel answers
+    PING, and the stats say what it is."""
+    caplog.set_level(logging.WARNING, logger="crmcache")
+    with CRMCacheManager(redis_url=sentinel) as cache:
+        assert cache.get_template("welcome", "email") is None
+        assert cache.set_template("welcome", "email", "hi") is False
+        assert cache.check_rate_limit("sms", 5).degraded
+        assert cache.health_check() is False
+        assert cache.get_stats().topology == "sentinel"
+    told = [r for r in caplog.records if "Redis Sentinel" in r.getMessage()]
+    assert len(told) == 1, [r.getMessage() for r in caplog.records]
+    assert told[0].levelno == logging.ERROR
+
+
+def test_a_standalone_redis_is_named_in_the_stats(redis_url: str) -> None:
+    """On the suite's own Redis the stats say "standalone" once a connection was made,
+    "unknown" before, and health_check is True."""
+    with CRMCacheManager(redis_url=redis_url) as cache:
+        assert cache.get_stats().topology in {"unknown", "standalone"}
+        assert cache.health_check() is True
+        cache.get_template("t", "email")
+        assert cache.get_stats().topology == "standalone"

@@ -191,6 +191,10 @@ class CacheStats:
     circuit_breaker: Mapping[str, Any] = field(default_factory=dict)
     pending_invalidations: int = 0
     near_cache: Mapping[str, Any] = field(default_factory=dict)
+    #: What ``redis_url`` points at (``crmcache._topology.Topology``): ``"standalone"``,
+    #: ``"replica"``, ``"cluster-node"``, ``"sentinel"``, or ``"unknown"`` before the first
+    #: connection; None when the cache is disabled or closed.
+    topology: str | None = None
 
     @property
     def hits(self) -> int:
@@ -224,6 +228,7 @@ class CacheStats:
             "circuit_breaker": dict(self.circuit_breaker),
             "pending_invalidations": self.pending_invalidations,
             "near_cache": dict(self.near_cache),
+            "topology": self.topology,
         }
 
 

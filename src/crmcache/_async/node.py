@@ -12,6 +12,8 @@ timeouts); crmcache never sends a command through redis-py's own pool.
 
 from __future__ import annotations
 
+import logging
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -23,6 +25,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from .._config import CacheSettings
 from .._errors import ConfigurationError
 from .._scripts import register_scripts
+from .._topology import Topology, classify, explain
 from .pool import AsyncLeanPool
 from .transport import AsyncAdminNode, AsyncTransport
 
@@ -32,6 +35,8 @@ __all__ = [
     "MAX_PREFERENCES_BYTES",
     "AsyncNodeTransport",
 ]
+
+logger = logging.getLogger("crmcache")
 
 #: Connections for SCAN and INFO (get_cache_stats) and the replay's TTL shortening.
 ADMIN_CONNECTIONS = 2
@@ -86,11 +91,16 @@ class AsyncNodeTransport(AsyncLeanPool, AsyncTransport):
         # every read and the retry within socket_timeout (the wait for a connection is
         # bounded by pool_timeout).
         call_timeout = s.socket_timeout
+        self.topology = Topology.UNKNOWN
+        self._masked_url = s.masked_url
+        self._told = threading.Lock()
+        self._told_about: Topology | None = None
         super().__init__(
             lambda: cls(**kwargs),
             max_connections=s.max_connections,
             timeout=s.pool_timeout,
             address=address,
+            on_info=self._learn,
             call_timeout=call_timeout,
             connect_timeout=s.socket_connect_timeout,
             max_value_bytes=max(s.max_template_bytes, MAX_PREFERENCES_BYTES),
@@ -120,7 +130,23 @@ class AsyncNodeTransport(AsyncLeanPool, AsyncTransport):
             retry_dropped=False,
             call_timeout=s.socket_connect_timeout,
             whole_call=True,
+            on_info=self._learn,
         )
+
+    def _learn(self, server: bytes, replication: bytes) -> None:
+        """A new connection's INFO: what the node is; one ERROR line the first time it is
+        something crmcache cannot serve (and again if it changes, e.g. a failover)."""
+        topology = classify(server, replication)
+        self.topology = topology
+        with self._told:
+            if topology is self._told_about:
+                return
+            self._told_about = topology
+        message = explain(topology, self._masked_url)
+        if message is not None:
+            logger.error(message)
+        elif topology is Topology.STANDALONE:
+            logger.debug("redis_url %s is a standalone Redis or primary", self._masked_url)
 
     async def mget(self, keys: Sequence[str]) -> list[bytes | None]:
         """One ``MGET`` for every key."""

@@ -80,6 +80,8 @@ class AsyncLeanPool:
         connect_timeout: seconds a new connection's socket set-up may take at most
             (within the call's deadline); default ``call_timeout``.
         max_value_bytes: the largest value a GET or MGET may return, per key.
+        on_info: called with the ``INFO server`` and ``INFO replication`` replies of
+            every new connection (asked in its handshake's one write): what the node is.
     """
 
     def __init__(
@@ -94,12 +96,14 @@ class AsyncLeanPool:
         whole_call: bool = False,
         connect_timeout: float | None = None,
         max_value_bytes: int = 1024 * 1024,
+        on_info: Callable[[bytes, bytes], None] | None = None,
     ) -> None:
         self.address = address
         self._call_timeout = call_timeout
         self._whole_call = whole_call
         self._connect_timeout = self._call_timeout if connect_timeout is None else connect_timeout
         self._max_value = max_value_bytes
+        self._on_info = on_info
         self._factory = factory
         self._retry_dropped = retry_dropped
         self.max_connections = max_connections
@@ -215,6 +219,12 @@ class AsyncLeanPool:
         username, password = getattr(conn, "username", None), getattr(conn, "password", None)
         if password is not None or username is not None:
             commands.append(("AUTH", username, password) if username else ("AUTH", password))
+        learn = self._on_info
+        if learn is not None:
+            # What the node is (standalone, replica, cluster node, Sentinel), asked before
+            # SELECT and CLIENT SETNAME, which a Sentinel may refuse.
+            commands.append(("INFO", "server"))
+            commands.append(("INFO", "replication"))
         if getattr(conn, "db", 0):
             commands.append(("SELECT", conn.db))
         if getattr(conn, "client_name", None):
@@ -222,10 +232,15 @@ class AsyncLeanPool:
         if not commands:
             return
         await send(conn, conn.pack_commands(commands), deadline)
+        info: list[bytes] = []
         for index, command in enumerate(commands, 1):
             # A refusal propagates as it is: the guard knows errors raised from here
             # (``_guard.is_handshake_error``) and never logs their text.
-            await self._read(conn, command, None, deadline, more=index < len(commands))
+            reply = await self._read(conn, command, None, deadline, more=index < len(commands))
+            if command[0] == "INFO":
+                info.append(reply)
+                if learn is not None and len(info) == 2:
+                    learn(info[0], info[1])
 
     async def _read(
         self,

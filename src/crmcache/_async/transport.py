@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from redis.exceptions import ResponseError
 
 from .._codec import WRONG_TYPE
+from .._topology import Topology
 
 if TYPE_CHECKING:
     from .._scripts import ScriptLike, Scripts
@@ -64,6 +65,8 @@ class AsyncTransport(ABC):
     Attributes:
         scripts: the Lua scripts, registered once (``register_script``) for this
             transport; pass them to :meth:`evalsha`.
+        topology: what the URL turned out to point at; a topology the transport cannot
+            serve makes :meth:`health_check` report False.
         connection_class, connection_kwargs: how a connection to a node is made (TLS,
             auth, db, timeouts), as redis-py parsed them from the URL.
     """
@@ -71,6 +74,8 @@ class AsyncTransport(ABC):
     scripts: Scripts
     connection_class: type[Any]
     connection_kwargs: dict[str, Any]
+    #: What the node(s) turned out to be (``crmcache._topology``), learnt on connecting.
+    topology: Topology = Topology.UNKNOWN
 
     @abstractmethod
     async def execute(self, *args: Any) -> Any:  # noqa: ANN401 - a raw Redis reply

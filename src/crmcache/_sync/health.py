@@ -42,13 +42,21 @@ class StatsMixin(CacheCore):
         if transport is None:
             return False
         try:
-            return transport.ping()
+            answered = transport.ping()
         except PoolClosedError:
             return False
         except Exception as exc:  # noqa: BLE001 - a health probe reports, it never raises
             reason = self._guard.describe(exc)
             logger.warning("health check failed: %s", reason)
             return False
+        if answered and not transport.topology.servable:
+            # The node answers, but it is not what crmcache can serve (said at ERROR once
+            # when it was found out): not healthy.
+            logger.warning(
+                "health check failed: the node behind redis_url is a %s", transport.topology.value
+            )
+            return False
+        return answered
 
     def get_stats(self) -> CacheStats:
         """A typed snapshot of the statistics (see :class:`CacheStats`).
@@ -88,6 +96,7 @@ class StatsMixin(CacheCore):
                 asdict(self._near.stats()) if self._near is not None else {"enabled": False}
             ),
             circuit_breaker=self._breaker.snapshot(),
+            topology=transport.topology.value if transport is not None else None,
         )
         hits, misses = stats.hits, stats.misses
         logger.info(
