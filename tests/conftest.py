@@ -71,7 +71,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
-ENV_VARS = ("REDIS_URL", "CACHE_TTL", "ENABLE_CACHING")
+ENV_VARS = ("REDIS_URL", "CACHE_TTL", "ENABLE_CACHING", "CACHE_KEY_PREFIX")
 
 
 @dataclass

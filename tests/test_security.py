@@ -565,19 +565,22 @@ def admin(own_server: RedisServer) -> Iterator[redis.Redis]:
         yield client
 
 
-def _acl_user(server: RedisServer, admin: redis.Redis, commands: tuple[str, ...]) -> str:
-    """Create the crm user: only ``crm:*`` keys, no channels, only ``commands``."""
+def _acl_user(
+    server: RedisServer, admin: redis.Redis, commands: tuple[str, ...], prefix: str = "crm"
+) -> str:
+    """Create the crm user: only ``<prefix>:*`` keys, no channels, only ``commands``."""
     admin.execute_command(
         *shlex.split(
-            f"ACL SETUSER {ACL_USER} reset on >{ACL_PASSWORD} ~crm:* resetchannels -@all"
+            f"ACL SETUSER {ACL_USER} reset on >{ACL_PASSWORD} ~{prefix}:* resetchannels -@all"
         ),
         *(f"+{c}" for c in commands),
     )
     return f"redis://{ACL_USER}:{ACL_PASSWORD}@127.0.0.1:{server.port}/0"
 
 
-def _every_operation(cache: CRMCacheManager, admin: redis.Redis) -> list[str]:
-    """Run every public operation (and every Lua path) once; return what went wrong."""
+def _every_operation(cache: CRMCacheManager, admin: redis.Redis, prefix: str = "crm") -> list[str]:
+    """Run every public operation (and every Lua path) once, the manager's keys under
+    ``prefix``; return what went wrong."""
     problems: list[str] = []
 
     def expect(label: str, ok: bool) -> None:
@@ -591,15 +594,15 @@ def _every_operation(cache: CRMCacheManager, admin: redis.Redis) -> list[str]:
     v0 = v1.model_copy(update={"version": 0})
     expect("stale v0 refused", cache.set_client_preferences(v0) is False)
     expect("invalidate version=2", cache.invalidate_client_preferences("acl-1", version=2))
-    expect("tombstone T2", admin.get("crm:prefs:acl-1") == b"T2")
+    expect("tombstone T2", admin.get(f"{prefix}:prefs:acl-1") == b"T2")
     expect("tombstone reads as miss", cache.get_client_preferences("acl-1") is None)
     expect("tombstone refuses v1", cache.set_client_preferences(v1) is False)
     v2 = ClientPreferences(client_id="acl-1", version=2, timezone="Asia/Tokyo")
     expect("set prefs v2", cache.set_client_preferences(v2) is True)
     expect("invalidate without version", cache.invalidate_client_preferences("acl-1"))
-    expect("tombstone T3", admin.get("crm:prefs:acl-1") == b"T3")
+    expect("tombstone T3", admin.get(f"{prefix}:prefs:acl-1") == b"T3")
     expect("bare tombstone", cache.invalidate_client_preferences("acl-none"))
-    expect("bare tombstone T", admin.get("crm:prefs:acl-none") == b"T")
+    expect("bare tombstone T", admin.get(f"{prefix}:prefs:acl-none") == b"T")
 
     # Templates: single, batched, invalidation.
     expect("set template", cache.set_template("welcome", "email", "<h1>Hi</h1>"))
@@ -618,28 +621,32 @@ def _every_operation(cache: CRMCacheManager, admin: redis.Redis) -> list[str]:
     results = [cache.check_rate_limit("acl-api", limit=2, window=60) for _ in range(3)]
     expect("rate limit", [r.allowed for r in results] == [True, True, False])
     expect("rate limit not degraded", not any(r.degraded for r in results))
-    admin.set("crm:ratelimit:garbage:60", b"not a number")
+    admin.set(f"{prefix}:ratelimit:garbage:60", b"not a number")
     garbage = cache.check_rate_limit("garbage", limit=5, window=60)
     expect("garbage counter restarted", (garbage.allowed, garbage.current_count) == (True, 1))
-    admin.set("crm:ratelimit:no-expiry:60", 1)
+    admin.set(f"{prefix}:ratelimit:no-expiry:60", 1)
     cache.check_rate_limit("no-expiry", limit=5, window=60)
-    expect("counter given an expiry", admin.pttl("crm:ratelimit:no-expiry:60") > 0)
+    expect("counter given an expiry", admin.pttl(f"{prefix}:ratelimit:no-expiry:60") > 0)
 
     # Load leases: acquire (SET NX PX), busy, release (delete_if_equals: TYPE, GET, DEL).
     lease = cache.acquire_load_lease("acl-1", ttl=30)
     expect("lease acquired", lease.state is LeaseState.ACQUIRED)
     expect("lease busy", cache.acquire_load_lease("acl-1", ttl=30).state is LeaseState.BUSY)
     lease.release()
-    expect("lease released", admin.exists("crm:lease:prefs:acl-1") == 0)
+    expect("lease released", admin.exists(f"{prefix}:lease:prefs:acl-1") == 0)
 
     # Corrupt values: evicted (only if unchanged) and counted.
-    admin.set("crm:prefs:corrupt", b"garbage")
-    admin.rpush("crm:prefs:wrongtype", b"x")
-    admin.set("crm:template:email:corrupt", b"\xff\xfe")
+    admin.set(f"{prefix}:prefs:corrupt", b"garbage")
+    admin.rpush(f"{prefix}:prefs:wrongtype", b"x")
+    admin.set(f"{prefix}:template:email:corrupt", b"\xff\xfe")
     expect("corrupt prefs miss", cache.get_client_preferences("corrupt") is None)
     expect("wrong-type prefs miss", cache.get_client_preferences("wrongtype") is None)
     expect("corrupt template miss", cache.get_template("corrupt", "email") is None)
-    for key in ("crm:prefs:corrupt", "crm:prefs:wrongtype", "crm:template:email:corrupt"):
+    for key in (
+        f"{prefix}:prefs:corrupt",
+        f"{prefix}:prefs:wrongtype",
+        f"{prefix}:template:email:corrupt",
+    ):
         expect(f"{key} evicted", admin.exists(key) == 0)
 
     # Scripts flushed (as after a restart): NOSCRIPT, SCRIPT LOAD, EVALSHA again.
@@ -685,6 +692,21 @@ def test_least_privilege_acl_runs_every_operation(
         if not r.getMessage().startswith("undecodable value")
     ]
     assert unexpected == []
+
+
+def test_least_privilege_acl_follows_the_key_prefix(
+    own_server: RedisServer, admin: redis.Redis, crm_logs: pytest.LogCaptureFixture
+) -> None:
+    """With key_prefix="tenant-7", a user with only ~tenant-7:* runs every operation, and
+    a manager with the default prefix is refused by that user (its keys are crm:*)."""
+    url = _acl_user(own_server, admin, LEAST_PRIVILEGE_COMMANDS, prefix="tenant-7")
+    with CRMCacheManager(redis_url=url, key_prefix="tenant-7") as cache:
+        assert _every_operation(cache, admin, prefix="tenant-7") == []
+    assert _records(crm_logs, logging.ERROR) == []
+    assert admin.keys("crm:*") == []
+    with CRMCacheManager(redis_url=url, **FAST_FAIL) as default:
+        assert default.set_template("welcome", "email", "x") is False
+    assert "no permissions" in _messages(crm_logs, logging.WARNING)
 
 
 @pytest.mark.parametrize("missing", LEAST_PRIVILEGE_COMMANDS)

@@ -9,13 +9,19 @@ import pytest
 
 from crmcache import MessageChannel
 from crmcache._keys import (
+    DEFAULT_KEY_PREFIX,
+    DEFAULT_KEYS,
     KEY_PREFIX,
     MAX_BATCH,
+    MAX_KEY_PREFIX_LENGTH,
     PREFS_SCAN_PATTERN,
     SCAN_PATTERN,
+    TEMPLATE_PREFIX,
     TRACKED_PREFIXES,
+    KeySpace,
     check_channel,
     check_id,
+    check_key_prefix,
     lease_key,
     prefs_key,
     rate_limit_key,
@@ -242,3 +248,62 @@ def test_template_keys_are_bounded() -> None:
     pairs = [(f"t{i}", "email") for i in range(MAX_BATCH + 1)]
     with pytest.raises(ValueError, match=f"at most {MAX_BATCH}"):
         template_keys(pairs, MAX)
+
+
+def test_the_default_key_space_is_the_spec_formats() -> None:
+    """KeySpace("crm") gives exactly the module-level keys and patterns."""
+    keys = KeySpace(DEFAULT_KEY_PREFIX)
+    assert keys == DEFAULT_KEYS
+    assert (keys.prefix, keys.root) == ("crm", KEY_PREFIX)
+    assert keys.prefs_key("c") == prefs_key("c")
+    assert keys.template_key(MessageChannel.SMS, "t") == template_key(MessageChannel.SMS, "t")
+    assert keys.rate_limit_key("api", 60) == rate_limit_key("api", 60)
+    assert keys.lease_key("c") == lease_key("c")
+    assert keys.scan_pattern == SCAN_PATTERN
+    assert keys.prefs_scan_pattern == PREFS_SCAN_PATTERN
+    assert keys.tracked_prefixes == TRACKED_PREFIXES
+    assert dict(keys.template_prefix) == dict(TEMPLATE_PREFIX)
+
+
+def test_a_key_space_puts_every_key_and_pattern_under_its_prefix() -> None:
+    keys = KeySpace("tenant-7")
+    assert keys.prefs_key("c") == "tenant-7:prefs:c"
+    assert keys.template_key(MessageChannel.EMAIL, "w") == "tenant-7:template:email:w"
+    assert keys.template_key_for("w", "whatsapp", MAX) == "tenant-7:template:whatsapp:w"
+    assert keys.template_key_for("w", MessageChannel.SMS, MAX) == "tenant-7:template:sms:w"
+    assert keys.template_keys([("a", "email"), ("a", "email")], MAX) == (
+        [("a", "email")],
+        ["tenant-7:template:email:a"],
+    )
+    assert keys.rate_limit_key("api", 60) == "tenant-7:ratelimit:api:60"
+    assert keys.lease_key("c") == "tenant-7:lease:prefs:c"
+    assert keys.scan_pattern == "tenant-7:*"
+    assert keys.prefs_scan_pattern == "tenant-7:prefs:*"
+    assert keys.tracked_prefixes == ("tenant-7:prefs:", "tenant-7:template:")
+    assert fnmatchcase(keys.prefs_key("c"), keys.scan_pattern)
+    assert not fnmatchcase(prefs_key("c"), keys.scan_pattern)
+    with pytest.raises(ValueError, match=r"^name "):
+        keys.template_key_for("", "email", MAX)
+
+
+def test_a_key_space_is_immutable() -> None:
+    keys = KeySpace("tenant")
+    with pytest.raises(AttributeError):
+        keys.prefix = "other"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    "prefix", ["", " ", "a b", "a\x7f", "a\u2028", "*", "a?", "[a]", "a\\", "{a}", "x" * 65]
+)
+def test_check_key_prefix_refuses(prefix: str) -> None:
+    with pytest.raises(ValueError, match=r"^key_prefix "):
+        check_key_prefix(prefix)
+    with pytest.raises(ValueError, match=r"^key_prefix "):
+        KeySpace(prefix)
+
+
+def test_check_key_prefix_accepts_and_types() -> None:
+    assert check_key_prefix("x" * MAX_KEY_PREFIX_LENGTH) == "x" * 64
+    assert check_key_prefix("tenant:42") == "tenant:42"
+    with pytest.raises(TypeError, match=r"^key_prefix must be a str, not NoneType"):
+        check_key_prefix(None)

@@ -2,9 +2,10 @@
 
 Environment variables (read here and nowhere else):
 
-``REDIS_URL``       where Redis is (``redis://``, ``rediss://`` or ``unix://``)
-``CACHE_TTL``       seconds a cached preference lives (positive integer)
-``ENABLE_CACHING``  ``true``/``false`` (also ``1``/``0``, ``yes``/``no``, ``on``/``off``)
+``REDIS_URL``         where Redis is (``redis://``, ``rediss://`` or ``unix://``)
+``CACHE_TTL``         seconds a cached preference lives (positive integer)
+``ENABLE_CACHING``    ``true``/``false`` (also ``1``/``0``, ``yes``/``no``, ``on``/``off``)
+``CACHE_KEY_PREFIX``  the prefix of every key (default ``crm``: ``crm:prefs:<id>`` ...)
 
 An explicit argument always wins over the environment, which wins over the defaults.
 
@@ -39,11 +40,13 @@ from pydantic import TypeAdapter, ValidationError
 
 from ._errors import ConfigurationError
 from ._guard import SecretMask
+from ._keys import DEFAULT_KEY_PREFIX, check_key_prefix
 from ._validate import MAX_TTL, positive_int
 
 __all__ = [
     "DEFAULT_CACHE_TTL",
     "DEFAULT_ENABLED",
+    "DEFAULT_KEY_PREFIX",
     "DEFAULT_LEASE_TTL",
     "DEFAULT_MAX_CONNECTIONS",
     "DEFAULT_MAX_ID_LENGTH",
@@ -166,6 +169,7 @@ class CacheSettings:
     near_cache_size: int = 10_000
     near_cache_ttl: float = 30.0
     near_cache_protocol: int = 2
+    key_prefix: str = DEFAULT_KEY_PREFIX
 
     @property
     def masked_url(self) -> str:
@@ -182,7 +186,7 @@ class CacheSettings:
             f"rate_limit_policy={self.rate_limit_policy!r}, "
             f"rate_limit_policies={dict(self.rate_limit_policies)!r}, "
             f"rate_limit_local_share={self.rate_limit_local_share}, "
-            f"near_cache={self.near_cache})"
+            f"near_cache={self.near_cache}, key_prefix={self.key_prefix!r})"
         )
 
 
@@ -560,11 +564,12 @@ def resolve_settings(
     near_cache_size: int = DEFAULT_NEAR_CACHE_SIZE,
     near_cache_ttl: float = DEFAULT_NEAR_CACHE_TTL,
     near_cache_protocol: int = 2,
+    key_prefix: str | None = None,
 ) -> CacheSettings:
     """Combine arguments, environment and defaults into validated settings.
 
-    ``None`` for ``redis_url``, ``enabled`` or ``cache_ttl`` means "not given": the
-    environment variable is used if set, else the default.
+    ``None`` for ``redis_url``, ``enabled``, ``cache_ttl`` or ``key_prefix`` means "not
+    given": the environment variable is used if set, else the default.
 
     Raises:
         ConfigurationError: a value (argument, environment variable or query parameter of
@@ -584,6 +589,17 @@ def resolve_settings(
         if env_ttl is not None and not 0 < env_ttl <= MAX_TTL:
             raise ConfigurationError(f"CACHE_TTL must be between 1 and {MAX_TTL}, got {env_ttl}")
         cache_ttl = DEFAULT_CACHE_TTL if env_ttl is None else env_ttl
+    if key_prefix is None:
+        env_prefix = os.environ.get("CACHE_KEY_PREFIX")
+        if env_prefix is not None and env_prefix.strip():
+            try:
+                key_prefix = check_key_prefix(env_prefix.strip(), error=ConfigurationError)
+            except ConfigurationError as exc:
+                raise ConfigurationError(
+                    f"environment variable CACHE_KEY_PREFIX is invalid: {exc}"
+                ) from None
+        else:
+            key_prefix = DEFAULT_KEY_PREFIX
     url = _check_url(redis_url)
     url_parameters = _check_url_parameters(url)
     # A timeout in the URL wins over the argument, as it does in redis-py's from_url()
@@ -612,4 +628,5 @@ def resolve_settings(
         near_cache_size=_positive_int("near_cache_size", near_cache_size),
         near_cache_ttl=_positive_seconds("near_cache_ttl", near_cache_ttl),
         near_cache_protocol=_check_protocol(near_cache_protocol),
+        key_prefix=check_key_prefix(key_prefix, error=ConfigurationError),
     )

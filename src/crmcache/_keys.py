@@ -1,36 +1,49 @@
 """Every Redis key crmcache uses is built here, from validated parts.
 
-Key formats (fixed by the spec), all under :data:`KEY_PREFIX`::
+Key formats (fixed by the spec), all under one prefix, ``crm`` by default (the
+``key_prefix`` setting, ``$CACHE_KEY_PREFIX``)::
 
-    crm:prefs:<client_id>                 client preferences, TTL = cache_ttl
-    crm:template:<channel>:<name>         message templates, no TTL
-    crm:ratelimit:<api>:<window>          rate-limit counters, TTL = window
-    crm:lease:prefs:<client_id>           database-load leases, TTL = a few seconds
+    <prefix>:prefs:<client_id>            client preferences, TTL = cache_ttl
+    <prefix>:template:<channel>:<name>    message templates, no TTL
+    <prefix>:ratelimit:<api>:<window>     rate-limit counters, TTL = window
+    <prefix>:lease:prefs:<client_id>      database-load leases, TTL = a few seconds
+
+A manager builds one :class:`KeySpace` from its prefix and takes every key and pattern
+from it. The module-level constants and functions are the default key space's
+(``crm:...``, the spec's formats).
 
 User-supplied parts are validated before they reach a key: they must be ``str``,
 non-blank, at most ``max_length`` characters, and free of control characters. Glob
 characters and ``{}`` braces are allowed: crmcache never matches user input against a
-pattern (no ``KEYS``, and ``SCAN`` only ever uses the fixed patterns below).
+pattern (no ``KEYS``, and ``SCAN`` only ever uses the fixed patterns below). The prefix
+itself goes into those patterns and into a cluster's hash slots, so it may hold neither
+(see :func:`check_key_prefix`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 
 from .models import MessageChannel
 
 __all__ = [
+    "DEFAULT_KEYS",
+    "DEFAULT_KEY_PREFIX",
     "KEY_PREFIX",
     "MAX_BATCH",
+    "MAX_KEY_PREFIX_LENGTH",
     "PREFS_PREFIX",
     "PREFS_SCAN_PATTERN",
     "SCAN_PATTERN",
     "TEMPLATE_PREFIX",
     "TEMPLATE_ROOT",
     "TRACKED_PREFIXES",
+    "KeySpace",
     "TemplateRef",
     "check_channel",
     "check_id",
+    "check_key_prefix",
     "lease_key",
     "prefs_key",
     "rate_limit_key",
@@ -39,18 +52,6 @@ __all__ = [
     "template_keys",
 ]
 
-#: The one prefix of every key crmcache writes.
-KEY_PREFIX = "crm:"
-PREFS_PREFIX = f"{KEY_PREFIX}prefs:"
-TEMPLATE_ROOT = f"{KEY_PREFIX}template:"
-_RATE_LIMIT_PREFIX = f"{KEY_PREFIX}ratelimit:"
-_LEASE_PREFIX = f"{KEY_PREFIX}lease:prefs:"
-#: Everything crmcache owns (counted by get_cache_stats with SCAN, never KEYS).
-SCAN_PATTERN = f"{KEY_PREFIX}*"
-#: Every cached preference (the replay shortens their TTL after an overflow).
-PREFS_SCAN_PATTERN = f"{PREFS_PREFIX}*"
-#: What the near cache tracks (``CLIENT TRACKING ... BCAST PREFIX``).
-TRACKED_PREFIXES = (PREFS_PREFIX, TEMPLATE_ROOT)
 #: Most templates one batched call may ask for.
 MAX_BATCH = 10_000
 
@@ -58,6 +59,147 @@ MAX_BATCH = 10_000
 TemplateRef = tuple[str, MessageChannel | str]
 
 _CHANNELS: dict[str, MessageChannel] = {c.value: c for c in MessageChannel}
+
+#: The prefix of every key unless ``key_prefix`` / ``$CACHE_KEY_PREFIX`` says otherwise.
+DEFAULT_KEY_PREFIX = "crm"
+#: Longest ``key_prefix`` accepted, in characters.
+MAX_KEY_PREFIX_LENGTH = 64
+#: Refused in a prefix: glob characters and their escape (it opens every SCAN MATCH
+#: pattern) and braces (a cluster hashes only the part between them).
+_PREFIX_FORBIDDEN = frozenset("*?[]\\{}")
+
+
+def check_key_prefix(value: object, *, error: type[ValueError] = ValueError) -> str:
+    """Validate a key prefix (``crm`` in ``crm:prefs:<id>``) and return it.
+
+    A prefix is 1 to :data:`MAX_KEY_PREFIX_LENGTH` printable characters without
+    whitespace, glob characters (``*?[]\\``) or braces (``{}``).
+
+    Raises:
+        TypeError: ``value`` is not a ``str``.
+        ValueError (``error``): the prefix is empty, too long, or holds a refused
+            character. The message names ``key_prefix``.
+    """
+    if not isinstance(value, str):
+        raise TypeError(f"key_prefix must be a str, not {type(value).__name__}")
+    value = str.__str__(value)
+    if not value:
+        raise error("key_prefix must not be empty")
+    if len(value) > MAX_KEY_PREFIX_LENGTH:
+        raise error(f"key_prefix is longer than {MAX_KEY_PREFIX_LENGTH} characters ({len(value)})")
+    if not value.isprintable() or any(char.isspace() for char in value):
+        raise error(f"key_prefix must not contain whitespace or control characters: {value!r}")
+    refused = sorted(set(value) & _PREFIX_FORBIDDEN)
+    if refused:
+        raise error(
+            f"key_prefix must not contain glob characters or braces ({''.join(refused)}): "
+            f"{value!r}"
+        )
+    return value
+
+
+def _template_table(root: str) -> Mapping[object, str]:
+    """Key prefix per channel, under the enum member and its string value alike. A plain
+    dict, typed read-only: it is looked up on every template call (a mapping proxy's
+    ``get`` costs more)."""
+    return {
+        **{c: f"{root}{c.value}:" for c in MessageChannel},
+        **{c.value: f"{root}{c.value}:" for c in MessageChannel},
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class KeySpace:
+    """Every key and pattern under one prefix, computed once (a manager holds one).
+
+    ``KeySpace("crm")`` gives the spec's formats; ``KeySpace("staging")`` the same under
+    ``staging:``. The prefix is validated (:func:`check_key_prefix`).
+    """
+
+    #: The prefix as configured, without the colon: ``crm``.
+    prefix: str
+    #: ``<prefix>:``: every key starts with it.
+    root: str = field(init=False, repr=False)
+    #: ``<prefix>:prefs:``: a client id appended makes its preferences' key.
+    prefs_prefix: str = field(init=False, repr=False)
+    #: ``<prefix>:template:``.
+    template_root: str = field(init=False, repr=False)
+    #: ``<prefix>:ratelimit:``.
+    rate_limit_prefix: str = field(init=False, repr=False)
+    #: ``<prefix>:lease:prefs:``.
+    lease_prefix: str = field(init=False, repr=False)
+    #: Everything this key space owns (counted by get_cache_stats with SCAN, never KEYS).
+    scan_pattern: str = field(init=False, repr=False)
+    #: Every cached preference (the replay shortens their TTL after an overflow).
+    prefs_scan_pattern: str = field(init=False, repr=False)
+    #: What the near cache tracks (``CLIENT TRACKING ... BCAST PREFIX``).
+    tracked_prefixes: tuple[str, ...] = field(init=False, repr=False)
+    #: Key prefix per channel (``<prefix>:template:<channel>:``), under the enum member
+    #: and its string value alike.
+    template_prefix: Mapping[object, str] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        prefix = check_key_prefix(self.prefix)
+        root = f"{prefix}:"
+        values = {
+            "prefix": prefix,
+            "root": root,
+            "prefs_prefix": f"{root}prefs:",
+            "template_root": f"{root}template:",
+            "rate_limit_prefix": f"{root}ratelimit:",
+            "lease_prefix": f"{root}lease:prefs:",
+            "scan_pattern": f"{root}*",
+            "prefs_scan_pattern": f"{root}prefs:*",
+            "tracked_prefixes": (f"{root}prefs:", f"{root}template:"),
+            "template_prefix": _template_table(f"{root}template:"),
+        }
+        for name, value in values.items():
+            object.__setattr__(self, name, value)
+
+    def prefs_key(self, client_id: str) -> str:
+        """Key of a client's cached preferences: ``<prefix>:prefs:<client_id>``."""
+        return self.prefs_prefix + client_id
+
+    def template_key(self, channel: MessageChannel, name: str) -> str:
+        """Key of a cached template: ``<prefix>:template:<channel>:<name>``."""
+        return self.template_prefix[channel] + name
+
+    def lease_key(self, client_id: str) -> str:
+        """Key of the lease on loading a client's preferences:
+        ``<prefix>:lease:prefs:<client_id>``."""
+        return self.lease_prefix + client_id
+
+    def rate_limit_key(self, api: str, window: int) -> str:
+        """Key of a rate-limit counter: ``<prefix>:ratelimit:<api>:<window>``."""
+        return f"{self.rate_limit_prefix}{api}:{window}"
+
+    def template_key_for(self, name: object, channel: object, max_length: int) -> str:
+        """Validate a template's ``name`` and ``channel`` and return its key (see
+        :func:`template_key_for`)."""
+        return template_key_for(name, channel, max_length, self.template_prefix)
+
+    def template_keys(
+        self, templates: Iterable[TemplateRef], max_length: int
+    ) -> tuple[list[TemplateRef], list[str]]:
+        """Validate ``(name, channel)`` pairs; return the distinct pairs and their keys
+        (see :func:`template_keys`)."""
+        return template_keys(templates, max_length, self.template_prefix)
+
+
+#: The default key space: the spec's ``crm:...`` formats.
+DEFAULT_KEYS = KeySpace(DEFAULT_KEY_PREFIX)
+#: The default prefix of every key, with its colon: ``crm:``.
+KEY_PREFIX = DEFAULT_KEYS.root
+PREFS_PREFIX = DEFAULT_KEYS.prefs_prefix
+TEMPLATE_ROOT = DEFAULT_KEYS.template_root
+_RATE_LIMIT_PREFIX = DEFAULT_KEYS.rate_limit_prefix
+_LEASE_PREFIX = DEFAULT_KEYS.lease_prefix
+#: Everything the default key space owns.
+SCAN_PATTERN = DEFAULT_KEYS.scan_pattern
+#: Every cached preference under the default prefix.
+PREFS_SCAN_PATTERN = DEFAULT_KEYS.prefs_scan_pattern
+#: What the near cache tracks under the default prefix.
+TRACKED_PREFIXES = DEFAULT_KEYS.tracked_prefixes
 
 
 def check_id(name: str, value: object, max_length: int) -> str:
@@ -125,27 +267,33 @@ def rate_limit_key(api: str, window: int) -> str:
     return f"{_RATE_LIMIT_PREFIX}{api}:{window}"
 
 
-#: Key prefix per channel, under the enum member and its string value alike.
-TEMPLATE_PREFIX: dict[object, str] = {
-    **{c: template_key(c, "") for c in MessageChannel},
-    **{c.value: template_key(c, "") for c in MessageChannel},
-}
+#: Key prefix per channel under the default prefix, under the enum member and its string
+#: value alike.
+TEMPLATE_PREFIX: Mapping[object, str] = DEFAULT_KEYS.template_prefix
 
 
-def template_key_for(name: object, channel: object, max_length: int) -> str:
+def template_key_for(
+    name: object, channel: object, max_length: int, table: Mapping[object, str] = TEMPLATE_PREFIX
+) -> str:
     """Validate a template's ``name`` and ``channel`` and return its key.
+
+    Args:
+        table: the key prefix per channel (a :class:`KeySpace`'s ``template_prefix``);
+            default the default key space's.
 
     Raises:
         TypeError, ValueError: a bad ``name`` or an unknown ``channel``.
     """
-    prefix = TEMPLATE_PREFIX.get(channel) if isinstance(channel, str) else None
+    prefix = table.get(channel) if isinstance(channel, str) else None
     if prefix is None:
-        prefix = TEMPLATE_PREFIX[check_channel(channel)]
+        prefix = table[check_channel(channel)]
     return prefix + check_id("name", name, max_length)
 
 
 def template_keys(
-    templates: Iterable[TemplateRef], max_length: int
+    templates: Iterable[TemplateRef],
+    max_length: int,
+    table: Mapping[object, str] = TEMPLATE_PREFIX,
 ) -> tuple[list[TemplateRef], list[str]]:
     """Validate ``(name, channel)`` pairs; return the distinct pairs and their keys.
 
@@ -161,7 +309,7 @@ def template_keys(
             raise TypeError(f"templates items must be (name, channel) pairs, got {item!r}")
         # The right side runs first: a bad (or unhashable) name is reported before the
         # pair is hashed.
-        keys[item] = template_key_for(item[0], item[1], max_length)
+        keys[item] = template_key_for(item[0], item[1], max_length, table)
         if len(keys) > MAX_BATCH:
             raise ValueError(f"templates may name at most {MAX_BATCH} templates")
     return list(keys), list(keys.values())

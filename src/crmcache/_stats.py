@@ -37,7 +37,8 @@ __all__ = [
 MIN_LOOKUPS_FOR_HIT_RATE_WARNING = 100
 #: Hit rate (percent) under which get_cache_stats logs a WARNING (spec: 50).
 LOW_HIT_RATE_THRESHOLD = 50.0
-#: Time budget for counting crm:* keys with SCAN in get_cache_stats, in seconds.
+#: Time budget for counting a manager's keys (``<key_prefix>:*``) with SCAN in get_cache_stats,
+#: in seconds.
 SCAN_BUDGET = 2.0
 #: Keys asked per SCAN step.
 SCAN_COUNT = 1000

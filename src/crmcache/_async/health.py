@@ -8,7 +8,6 @@ from dataclasses import asdict
 from typing import Any, cast
 
 from .._guard import FAILED, PoolClosedError
-from .._keys import SCAN_PATTERN
 from .._stats import (
     LOW_HIT_RATE_THRESHOLD,
     MIN_LOOKUPS_FOR_HIT_RATE_WARNING,
@@ -125,8 +124,9 @@ class AsyncStatsMixin(AsyncCacheCore):
         # a time budget on a huge keyspace and say the count is a lower bound.
         deadline = time.monotonic() + SCAN_BUDGET
         cursor, total = b"0", 0
+        pattern = self._keys.scan_pattern  # this manager's keys only
         while True:
-            reply = await node.execute("SCAN", cursor, "MATCH", SCAN_PATTERN, "COUNT", SCAN_COUNT)
+            reply = await node.execute("SCAN", cursor, "MATCH", pattern, "COUNT", SCAN_COUNT)
             cursor, batch = cast("tuple[bytes, list[bytes]]", reply)
             total += len(batch)
             if cursor == b"0":

@@ -1,5 +1,5 @@
 """Database-load leases: one process loads a missed row, the others wait for the fill
-(``crm:lease:prefs:<client_id>``, a few seconds' TTL)."""
+(``<prefix>:lease:prefs:<client_id>``, a few seconds' TTL)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 
 from .._config import DEFAULT_LEASE_TTL
 from .._guard import FAILED
-from .._keys import check_id, lease_key
+from .._keys import check_id
 from .._validate import seconds_to_ms
 from ..models import LeaseState
 from .core import AsyncCacheCore
@@ -45,7 +45,7 @@ class AsyncLeasesMixin(AsyncCacheCore):
     ) -> AsyncLoadLease:
         """Try to become the one process that loads ``client_id``'s row from the database.
 
-        A short Redis lease (``SET crm:lease:prefs:<client_id> <token> NX PX``) keeps a
+        A short Redis lease (``SET <prefix>:lease:prefs:<client_id> <token> NX PX``) keeps a
         stampede of processes that all missed the same key off the database: the holder
         loads and fills the cache, the others wait briefly for the cache to fill.
 
@@ -57,7 +57,7 @@ class AsyncLeasesMixin(AsyncCacheCore):
             A :class:`LoadLease`: ``ACQUIRED`` (load, then ``release()``), ``BUSY`` (someone
             else is loading) or ``UNAVAILABLE`` (no cache: just load).
         """
-        key = lease_key(check_id("client_id", client_id, self._max_id))
+        key = self._keys.lease_key(check_id("client_id", client_id, self._max_id))
         lease_ms = seconds_to_ms("ttl", ttl)
         transport = self._active()
         if transport is None:

@@ -17,7 +17,6 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from .._guard import describe_failure
-from .._keys import TRACKED_PREFIXES
 from .._near import (
     NEAR_RECONNECT_FIRST,
     NEAR_RECONNECT_MAX,
@@ -47,6 +46,8 @@ class AsyncNearCacheListener:
         transport: where the tracked keys live.
         protocol: 2 (RESP2: tracking redirected to a ``__redis__:invalidate``
             subscription) or 3 (RESP3 push messages).
+        tracked_prefixes: the key prefixes whose changes invalidate (the manager's
+            preferences and templates).
         stopping: set when the manager closes; the listener then stops.
         scrub: removes the password from a message before it is logged.
     """
@@ -57,12 +58,14 @@ class AsyncNearCacheListener:
         transport: AsyncTransport,
         *,
         protocol: int,
+        tracked_prefixes: tuple[str, ...],
         stopping: Event,
         scrub: Callable[[str], str],
     ) -> None:
         self._near = near
         self._transport = transport
         self._protocol = protocol
+        self._tracked = tracked_prefixes
         self._stopping = stopping
         self._scrub = scrub
         self._lock = threading.Lock()
@@ -113,7 +116,7 @@ class AsyncNearCacheListener:
                 await self._subscribe(conn)
                 near.set_live(True)
                 delay = NEAR_RECONNECT_FIRST
-                logger.info("near cache live: tracking %s keys", " and ".join(TRACKED_PREFIXES))
+                logger.info("near cache live: tracking %s keys", " and ".join(self._tracked))
                 while not self._stopping.is_set():
                     keys = invalidated_keys(await conn.read_response(push_request=True))
                     if keys is not NOT_AN_INVALIDATION:
@@ -138,7 +141,7 @@ class AsyncNearCacheListener:
 
     async def _subscribe(self, conn: Any) -> None:  # noqa: ANN401 - a redis-py connection
         await conn.connect()
-        prefixes = [part for prefix in TRACKED_PREFIXES for part in ("PREFIX", prefix)]
+        prefixes = [part for prefix in self._tracked for part in ("PREFIX", prefix)]
         if self._protocol == 3:
             conn._parser.set_invalidation_push_handler(_pass_push)
             await conn.send_command("CLIENT", "TRACKING", "ON", "BCAST", *prefixes)

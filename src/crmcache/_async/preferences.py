@@ -1,4 +1,4 @@
-"""Client preferences: versioned reads, writes and invalidations (``crm:prefs:<id>``)."""
+"""Client preferences: versioned reads, writes and invalidations (``<prefix>:prefs:<id>``)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from .._codec import (
     is_tombstone,
 )
 from .._guard import FAILED
-from .._keys import check_id, prefs_key
+from .._keys import check_id
 from .._near import MISSING
 from .._pending import PendingKind
 from .._stats import Counter, Kind
@@ -47,7 +47,7 @@ class AsyncPreferencesMixin(AsyncCacheCore):
         """The read behind get_client_preferences; ``record=False`` leaves hits and misses
         uncounted (for polls that are not lookups of their own)."""
         client_id = check_id("client_id", client_id, self._max_id)
-        key = prefs_key(client_id)
+        key = self._prefs_prefix + client_id
         transport = self._active()
         near = self._near
         prefs: ClientPreferences | None = None
@@ -127,7 +127,9 @@ class AsyncPreferencesMixin(AsyncCacheCore):
                 f"preferences must be ClientPreferences, not {type(preferences).__name__}"
             )
         expiry_ms = self._ttl_ms if ttl is None else ttl_ms("ttl", ttl)
-        key = prefs_key(check_id("preferences.client_id", preferences.client_id, self._max_id))
+        key = self._prefs_prefix + check_id(
+            "preferences.client_id", preferences.client_id, self._max_id
+        )
         # Validated by the model, unless it was built with model_construct(): the scripts
         # must never see a version they cannot compare exactly, and a reader must be able
         # to decode what is stored.
@@ -183,7 +185,7 @@ class AsyncPreferencesMixin(AsyncCacheCore):
         Raises:
             TypeError, ValueError: bad ``client_id`` or ``version``.
         """
-        key = prefs_key(check_id("client_id", client_id, self._max_id))
+        key = self._prefs_prefix + check_id("client_id", client_id, self._max_id)
         version = check_version("version", version)
         transport = self._active()
         if transport is None:

@@ -1,4 +1,4 @@
-"""API rate limits: one atomic Lua decision per call (``crm:ratelimit:<api>:<window>``)."""
+"""API rate limits: one atomic Lua decision per call (``<prefix>:ratelimit:<api>:<window>``)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import logging
 
 from .._config import DEFAULT_RATE_LIMIT_WINDOW, RateLimitPolicy
 from .._guard import FAILED
-from .._keys import check_id, rate_limit_key
+from .._keys import check_id
 from .._ratelimit import (
     KEY_MEMO_SIZE,
     MAX_LIMIT,
@@ -44,7 +44,7 @@ class AsyncRateLimitsMixin(AsyncCacheCore):
         refused call is not counted. The result unpacks as ``allowed, current_count``.
 
         Args:
-            api: the API's name (``"whatsapp"``); key ``crm:ratelimit:<api>:<window>``.
+            api: the API's name (``"whatsapp"``); key ``<prefix>:ratelimit:<api>:<window>``.
             limit: calls allowed per window (> 0, at most 2**53 - 1).
             window: window length in seconds (> 0, at most ten years), default 60.
             cost: how many calls this one counts for (> 0, at most ``limit``).
@@ -68,7 +68,7 @@ class AsyncRateLimitsMixin(AsyncCacheCore):
         key = self._rate_limit_keys.get((api, window)) if type(api) is str else None
         if key is None:
             api = check_id("api", api, self._max_id)
-            key = rate_limit_key(api, window)
+            key = self._keys.rate_limit_key(api, window)
             # Hot APIs are few; the bound keeps a caller with endless names from growing it.
             if len(self._rate_limit_keys) < KEY_MEMO_SIZE:
                 self._rate_limit_keys[api, window] = key

@@ -1,5 +1,5 @@
-"""Message templates: single and batched reads and writes (``crm:template:<channel>:<name>``,
-no expiry)."""
+"""Message templates: single and batched reads and writes
+(``<prefix>:template:<channel>:<name>``, no expiry)."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ class AsyncTemplatesMixin(AsyncCacheCore):
         Raises:
             TypeError, ValueError: bad ``name`` or unknown ``channel``.
         """
-        key = template_key_for(name, channel, self._max_id)
+        key = template_key_for(name, channel, self._max_id, self._template_prefix)
         transport = self._active()
         if transport is None:
             self._stats.miss(Kind.TEMPLATES)
@@ -70,7 +70,7 @@ class AsyncTemplatesMixin(AsyncCacheCore):
         Raises:
             TypeError, ValueError: a bad pair, or more than 10,000 of them.
         """
-        refs, keys = template_keys(templates, self._max_id)
+        refs, keys = template_keys(templates, self._max_id, self._template_prefix)
         transport = self._active()
         if transport is None or not keys:
             self._stats.miss(Kind.TEMPLATES, len(keys))
@@ -149,7 +149,7 @@ class AsyncTemplatesMixin(AsyncCacheCore):
             ValueError: ``content`` is larger than ``max_template_bytes``; bad
                 ``name``/``channel``.
         """
-        key = template_key_for(name, channel, self._max_id)
+        key = template_key_for(name, channel, self._max_id, self._template_prefix)
         data = check_template_content(content, self.settings.max_template_bytes)
         transport = self._active()
         if transport is None:
@@ -178,7 +178,7 @@ class AsyncTemplatesMixin(AsyncCacheCore):
                 f"templates must be a mapping of (name, channel) to content, "
                 f"not {type(templates).__name__}"
             )
-        refs, keys = template_keys(templates.keys(), self._max_id)
+        refs, keys = template_keys(templates.keys(), self._max_id, self._template_prefix)
         limit = self.settings.max_template_bytes
         data = {
             key: check_template_content(templates[ref], limit)
@@ -205,7 +205,7 @@ class AsyncTemplatesMixin(AsyncCacheCore):
             True if Redis processed the delete (whether or not the key existed); False if
             Redis was unavailable (logged at WARNING, counted) or the cache is disabled.
         """
-        key = template_key_for(name, channel, self._max_id)
+        key = template_key_for(name, channel, self._max_id, self._template_prefix)
         transport = self._active()
         if transport is None:
             return False

@@ -31,6 +31,7 @@ from .._guard import (
     PoolClosedError,
     is_topology_moved,
 )
+from .._keys import KeySpace
 from .._near import NearCache
 from .._pending import PendingKind
 from .._ratelimit import LocalRateLimiter
@@ -65,6 +66,11 @@ class CacheCore:
         self._ttl_ms = s.cache_ttl * 1000
         self._tombstone_ms = s.tombstone_ttl * 1000
         self._max_id = s.max_id_length
+        #: Every key and pattern, under ``key_prefix``; the hot paths read its strings
+        #: from plain attributes.
+        self._keys = keys = KeySpace(s.key_prefix)
+        self._prefs_prefix = keys.prefs_prefix
+        self._template_prefix = keys.template_prefix
         self._stats = StatsRecorder()
         self._closed = False
         self._close_lock = threading.Lock()
@@ -88,6 +94,7 @@ class CacheCore:
             call=self._call,
             stats=self._stats,
             settings=s,
+            keys=keys,
             stopping=self._stopping,
             forget=self._near_forget,
         )
@@ -99,6 +106,7 @@ class CacheCore:
                 self._near,
                 self._transport,
                 protocol=s.near_cache_protocol,
+                tracked_prefixes=keys.tracked_prefixes,
                 stopping=self._stopping,
                 scrub=self._guard.scrub,
             )

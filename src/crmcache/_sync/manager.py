@@ -87,6 +87,10 @@ class CRMCacheManager(
         near_cache_ttl: seconds a near-cached value is served at most.
         near_cache_protocol: 2 or 3: how the invalidation listener talks to Redis (RESP2
             pub/sub redirect, or RESP3 push messages).
+        key_prefix: the prefix of every key (``<prefix>:prefs:<client_id>`` ...), so
+            environments and tenants can share a Redis (or a cluster, which has no
+            database numbers) without sharing keys; default ``$CACHE_KEY_PREFIX`` or
+            ``crm``. 1 to 64 printable characters, no whitespace, ``*?[]\\`` or ``{}``.
 
     Raises:
         ConfigurationError: a setting is out of range or malformed (never shows a
@@ -114,6 +118,7 @@ class CRMCacheManager(
         near_cache_size: int = DEFAULT_NEAR_CACHE_SIZE,
         near_cache_ttl: float = DEFAULT_NEAR_CACHE_TTL,
         near_cache_protocol: int = 2,
+        key_prefix: str | None = None,
     ) -> None:
         settings = resolve_settings(
             redis_url=redis_url,
@@ -133,18 +138,22 @@ class CRMCacheManager(
             near_cache_size=near_cache_size,
             near_cache_ttl=near_cache_ttl,
             near_cache_protocol=near_cache_protocol,
+            key_prefix=key_prefix,
         )
         super().__init__(settings)
         logger.info(
-            "crmcache initialised: url=%s enabled=%s max_connections=%d cache_ttl=%ds",
+            "crmcache initialised: url=%s key_prefix=%s enabled=%s max_connections=%d "
+            "cache_ttl=%ds",
             settings.masked_url,
+            settings.key_prefix,
             settings.enabled,
             settings.max_connections,
             settings.cache_ttl,
         )
 
 
-_managers: dict[str, CRMCacheManager] = {}
+#: Keyed by (URL, key prefix): two prefixes on one Redis are two managers.
+_managers: dict[tuple[str, str], CRMCacheManager] = {}
 _managers_lock = threading.Lock()
 
 
@@ -152,24 +161,30 @@ def get_cache_manager(
     redis_url: str | None = None,
     **kwargs: Any,  # noqa: ANN401 - the manager's keyword arguments
 ) -> CRMCacheManager:
-    """Return the process-wide manager for ``redis_url``, creating it on first use.
+    """Return the process-wide manager for ``redis_url`` and its key prefix, creating it
+    on first use.
 
-    Thread-safe: concurrent first calls create one manager. ``kwargs`` (the manager's
-    keyword arguments) apply only when the manager is created. A closed manager is
-    replaced by a new one.
+    Thread-safe: concurrent first calls create one manager. Managers are told apart by
+    URL and ``key_prefix`` (the argument, else ``$CACHE_KEY_PREFIX``, else ``crm``); the
+    other ``kwargs`` (the manager's keyword arguments) apply only when the manager is
+    created. A closed manager is replaced by a new one.
 
     Args:
         redis_url: default ``$REDIS_URL`` or ``redis://localhost:6379/0``.
     """
-    url = resolve_settings(redis_url=redis_url, enabled=True).redis_url
-    manager = _managers.get(url)
+    resolved = resolve_settings(
+        redis_url=redis_url, enabled=True, key_prefix=kwargs.get("key_prefix")
+    )
+    name = (resolved.redis_url, resolved.key_prefix)
+    manager = _managers.get(name)
     if manager is not None and not manager._closed:
         return manager
     with _managers_lock:
-        manager = _managers.get(url)
+        manager = _managers.get(name)
         if manager is None or manager._closed:
-            manager = CRMCacheManager(url, **kwargs)
-            _managers[url] = manager
+            kwargs["key_prefix"] = resolved.key_prefix
+            manager = CRMCacheManager(resolved.redis_url, **kwargs)
+            _managers[name] = manager
         return manager
 
 

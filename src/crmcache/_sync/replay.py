@@ -18,7 +18,7 @@ from typing import Any, cast
 
 from .._config import CacheSettings
 from .._guard import FAILED, LogThrottle
-from .._keys import PREFS_SCAN_PATTERN
+from .._keys import KeySpace
 from .._pending import REPLAY_FIRST_DELAY, REPLAY_MAX_DELAY, PendingInvalidations, PendingKind
 from .._stats import SCAN_COUNT, Counter, StatsRecorder
 from .primitives import Background, Event, spawn
@@ -40,6 +40,7 @@ class InvalidationReplayer:
         call: the core's guarded call (breaker, logging, degradation).
         stats: the manager's counters.
         settings: the manager's settings (tombstone TTL, cache TTL).
+        keys: the manager's key space (whose preferences an overflow shortens).
         stopping: set when the manager closes; the replay then stops.
         forget: drops keys from the near cache.
     """
@@ -51,6 +52,7 @@ class InvalidationReplayer:
         call: Callable[..., Any],
         stats: StatsRecorder,
         settings: CacheSettings,
+        keys: KeySpace,
         stopping: Event,
         forget: Callable[..., None],
     ) -> None:
@@ -60,6 +62,7 @@ class InvalidationReplayer:
         self._stats = stats
         self._settings = settings
         self._tombstone_ms = settings.tombstone_ttl * 1000
+        self._prefs_pattern = keys.prefs_scan_pattern
         self._stopping = stopping
         self._forget = forget
         self._lock = threading.Lock()
@@ -179,7 +182,7 @@ class InvalidationReplayer:
     def _shorten_all(self, node: AdminNode) -> int:
         count, cursor = 0, b"0"
         while True:
-            reply = node.execute("SCAN", cursor, "MATCH", PREFS_SCAN_PATTERN, "COUNT", SCAN_COUNT)
+            reply = node.execute("SCAN", cursor, "MATCH", self._prefs_pattern, "COUNT", SCAN_COUNT)
             cursor, batch = cast("tuple[bytes, list[bytes]]", reply)
             for key in batch:
                 # PEXPIRE ... LT would be exact but needs Redis 7; a longer TTL is only

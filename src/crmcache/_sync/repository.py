@@ -19,7 +19,7 @@ import threading
 import time
 
 from .._config import DEFAULT_LEASE_TTL, DEFAULT_MAX_ID_LENGTH
-from .._keys import check_id, prefs_key
+from .._keys import check_id
 from .._pending import PendingKind
 from .._stats import RepositoryStats
 from ..models import ClientPreferences, LeaseState
@@ -245,7 +245,7 @@ class CommunicationRepository:
             # row. The replay leaves a tombstone of the saved version (which that version
             # passes), so the old row is not served for the rest of its TTL.
             cache._defer_invalidation(
-                PendingKind.PREFERENCES, prefs_key(saved.client_id), saved.version
+                PendingKind.PREFERENCES, cache._keys.prefs_key(saved.client_id), saved.version
             )
             raise
         return saved
