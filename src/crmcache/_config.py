@@ -2,7 +2,8 @@
 
 Environment variables (read here and nowhere else):
 
-``REDIS_URL``         where Redis is (``redis://``, ``rediss://`` or ``unix://``)
+``REDIS_URL``         where Redis is (``redis://``, ``rediss://``, ``unix://``, or a Sentinel
+                      group: ``redis+sentinel://`` / ``rediss+sentinel://``)
 ``CACHE_TTL``         seconds a cached preference lives (positive integer)
 ``ENABLE_CACHING``    ``true``/``false`` (also ``1``/``0``, ``yes``/``no``, ``on``/``off``)
 ``CACHE_KEY_PREFIX``  the prefix of every key (default ``crm``: ``crm:prefs:<id>`` ...)
@@ -65,8 +66,10 @@ __all__ = [
     "URL_PARAMETERS",
     "CacheSettings",
     "RateLimitPolicy",
+    "SentinelTarget",
     "mask_url",
     "resolve_settings",
+    "sentinel_target",
     "url_password",
 ]
 
@@ -105,6 +108,12 @@ T = TypeVar("T")
 RateLimitPolicy = Literal["open", "closed", "local"]
 _POLICIES: dict[str, RateLimitPolicy] = {"open": "open", "closed": "closed", "local": "local"}
 _SCHEMES = frozenset({"redis", "rediss", "unix"})
+#: Sentinel schemes, each with the scheme of the data nodes it names.
+_SENTINEL_SCHEMES: Mapping[str, str] = MappingProxyType(
+    {"redis+sentinel": "redis", "rediss+sentinel": "rediss"}
+)
+#: The port of a sentinel named without one.
+DEFAULT_SENTINEL_PORT = 26379
 _QUERY_PASSWORD_RE = re.compile(r"(?P<key>[?&](?:ssl_)?password=)[^&#]*", re.IGNORECASE)
 
 
@@ -203,9 +212,114 @@ def _env(name: str, kind: type[T]) -> T | None:
         raise ConfigurationError(f"environment variable {name} is invalid: {reason}") from None
 
 
+@dataclass(frozen=True, slots=True)
+class SentinelTarget:
+    """What a ``redis+sentinel://`` / ``rediss+sentinel://`` URL names.
+
+    Attributes:
+        sentinels: the sentinels' ``(host, port)``, in the URL's order.
+        service: the name the sentinels monitor the primary under.
+        node_url: a ``redis://`` (``rediss://``) URL for the data nodes: the URL's
+            credentials, database and query parameters, with the first sentinel as a
+            placeholder host (the transport connects to the primary it discovers).
+    """
+
+    sentinels: tuple[tuple[str, int], ...]
+    service: str
+    node_url: str = field(repr=False)
+
+
+def _sentinel_address(text: str, url: str) -> tuple[str, int]:
+    if text.startswith("["):  # [IPv6]:port
+        host, bracket, rest = text[1:].partition("]")
+        port_text = rest[1:] if rest.startswith(":") else ("" if not rest else "!")
+        if not bracket:
+            port_text = "!"
+    else:
+        host, colon, port_text = text.rpartition(":")
+        if not colon:
+            host, port_text = text, ""
+    if port_text == "":
+        port = DEFAULT_SENTINEL_PORT
+    else:
+        port = int(port_text) if port_text.isdigit() else 0
+    if not host or not 0 < port < 65536 or any(c in host for c in "/?#@, "):
+        raise ConfigurationError(
+            f"redis_url names a sentinel that is not host:port: {_shown(text, url_password(url))} "
+            f"in {mask_url(url)!r}"
+        )
+    return host, port
+
+
+@functools.lru_cache(maxsize=32)
+def sentinel_target(url: str) -> SentinelTarget:
+    """Parse ``redis+sentinel://[user:password@]host:port[,host:port...]/<service>[/<db>]``
+    (or ``rediss+sentinel://``; a query string as for ``redis://``).
+
+    Raises:
+        ConfigurationError: not a Sentinel URL, no sentinel, a sentinel that is not
+            ``host:port``, no service name, or a database that is not an int >= 0. The
+            message never shows the password.
+    """
+    scheme, sep, rest = url.partition("://")
+    base = _SENTINEL_SCHEMES.get(scheme)
+    if not sep or base is None:
+        raise ConfigurationError(f"redis_url is not a Sentinel URL: {mask_url(url)!r}")
+    rest, _, _fragment = rest.partition("#")
+    rest, question, query = rest.partition("?")
+    # The authority ends at the first "/" after the LAST "@" (a password may hold "/" or "@").
+    at = rest.rfind("@")
+    slash = rest.find("/", at + 1)
+    authority, path = (rest, "") if slash == -1 else (rest[:slash], rest[slash:])
+    userinfo, at_sign, hosts = authority.rpartition("@")
+    if not hosts:
+        raise ConfigurationError(f"redis_url names no sentinel: {mask_url(url)!r}")
+    sentinels = tuple(_sentinel_address(part.strip(), url) for part in hosts.split(","))
+    segments = [unquote(segment) for segment in path.split("/")[1:]]
+    if segments and segments[-1] == "":
+        segments.pop()  # a trailing slash
+    if not segments or not segments[0]:
+        raise ConfigurationError(
+            f"redis_url names no service: {scheme}:// needs /<service_name> after the "
+            f"sentinels, got {mask_url(url)!r}"
+        )
+    if len(segments) > 2:
+        raise ConfigurationError(
+            f"redis_url path must be /<service_name>[/<db>], got {mask_url(url)!r}"
+        )
+    service = segments[0]
+    if any(not "!" <= char <= "~" for char in service):
+        raise ConfigurationError(
+            f"redis_url service name must be printable ASCII without spaces, "
+            f"got {_shown(service, url_password(url))}"
+        )
+    db_path = ""
+    if len(segments) == 2:
+        try:
+            db = _q_db(segments[1])
+        except _BadValueError as exc:
+            raise ConfigurationError(
+                f"redis_url database {exc}, got {_shown(segments[1], url_password(url))}"
+            ) from None
+        db_path = f"/{db}"
+    host, port = sentinels[0]
+    shown_host = f"[{host}]" if ":" in host else host
+    credentials = f"{userinfo}{at_sign}" if at_sign else ""
+    node_url = f"{base}://{credentials}{shown_host}:{port}{db_path}{question}{query}"
+    return SentinelTarget(sentinels=sentinels, service=service, node_url=node_url)
+
+
+def is_sentinel_url(url: str) -> bool:
+    """True for a ``redis+sentinel://`` or ``rediss+sentinel://`` URL."""
+    return url.partition("://")[0] in _SENTINEL_SCHEMES
+
+
 def _check_url(url: object) -> str:
     if not isinstance(url, str):
         raise TypeError(f"redis_url must be a str, not {type(url).__name__}")
+    if is_sentinel_url(url):
+        sentinel_target(url)
+        return url
     try:
         parts = urlsplit(url)
         scheme = url.partition("://")[0]
@@ -214,7 +328,8 @@ def _check_url(url: object) -> str:
         raise ConfigurationError(f"redis_url is not a valid URL: {mask_url(url)!r}") from None
     if scheme not in _SCHEMES:
         raise ConfigurationError(
-            f"redis_url must start with redis://, rediss:// or unix://, got {mask_url(url)!r}"
+            "redis_url must start with redis://, rediss://, unix://, redis+sentinel:// or "
+            f"rediss+sentinel://, got {mask_url(url)!r}"
         )
     if scheme != "unix" and not parts.hostname:
         raise ConfigurationError(f"redis_url has no host: {mask_url(url)!r}")
@@ -601,7 +716,10 @@ def resolve_settings(
         else:
             key_prefix = DEFAULT_KEY_PREFIX
     url = _check_url(redis_url)
-    url_parameters = _check_url_parameters(url)
+    # A Sentinel URL's query string is the data nodes': checked as theirs.
+    url_parameters = _check_url_parameters(
+        sentinel_target(url).node_url if is_sentinel_url(url) else url
+    )
     # A timeout in the URL wins over the argument, as it does in redis-py's from_url()
     # (which builds the connections): the settings then show the value in force, and
     # health checks and close() use it too.

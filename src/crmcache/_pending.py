@@ -96,6 +96,12 @@ class PendingInvalidations:
         with self._lock:
             self._entries.pop(key, None)
 
+    def overflow(self) -> None:
+        """More invalidations were missed than could be remembered: the replay shortens
+        every cached preference's TTL to the tombstone TTL instead."""
+        with self._lock:
+            self.prefs_overflowed = True
+
     def clear_overflow(self) -> None:
         """The overflow was handled (every cached preference's TTL was shortened)."""
         with self._lock:

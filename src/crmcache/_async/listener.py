@@ -93,6 +93,14 @@ class AsyncNearCacheListener:
             if task is None or not task.is_alive():
                 self._task = spawn(self._listen, "crmcache-near-cache-listener")
 
+    def reconnect(self) -> None:
+        """The primary moved (failover): stop serving at once and drop the tracking
+        connection; the listener reconnects to the node the transport names now."""
+        self._near.set_live(False)
+        conn = self._conn
+        if conn is not None:
+            spawn(lambda: conn.disconnect(nowait=True), "crmcache-near-cache-reconnect")
+
     async def stop(self, timeout: float) -> None:
         """Stop listening: unblock the read (closing the socket, cancelling the task) and
         wait up to ``timeout`` seconds for the loop to end."""
@@ -110,6 +118,10 @@ class AsyncNearCacheListener:
         node = self._transport.nodes()[0]
         delay = NEAR_RECONNECT_FIRST
         while not self._stopping.is_set():
+            if not await self._transport.refresh():  # e.g. no sentinel answered yet
+                await self._stopping.wait(delay)
+                delay = min(delay * 2, NEAR_RECONNECT_MAX)
+                continue
             conn = self._transport.tracking_connection(node, protocol=self._protocol)
             self._conn = conn
             try:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 from redis.asyncio import ConnectionPool, Redis
@@ -67,7 +67,13 @@ class AsyncNodeTransport(AsyncLeanPool, AsyncTransport):
         ConfigurationError: redis-py cannot use ``settings.redis_url``.
     """
 
-    def __init__(self, settings: CacheSettings, scrub: Callable[[str], str]) -> None:
+    def __init__(
+        self,
+        settings: CacheSettings,
+        scrub: Callable[[str], str],
+        *,
+        locate: Callable[[float], Awaitable[tuple[str, int]]] | None = None,
+    ) -> None:
         s = settings
         try:
             parsed = ConnectionPool.from_url(
@@ -104,6 +110,7 @@ class AsyncNodeTransport(AsyncLeanPool, AsyncTransport):
             call_timeout=call_timeout,
             connect_timeout=s.socket_connect_timeout,
             max_value_bytes=max(s.max_template_bytes, MAX_PREFERENCES_BYTES),
+            locate=locate,
         )
         # register_script computes each SHA locally: no round trip here.
         self.scripts = register_scripts(Redis(connection_pool=parsed))
@@ -114,6 +121,7 @@ class AsyncNodeTransport(AsyncLeanPool, AsyncTransport):
             address=self.address,
             call_timeout=call_timeout,
             connect_timeout=s.socket_connect_timeout,
+            locate=locate,
         )
         # A dropped health connection is not retried (that would double the bound).
         health_kwargs = {
@@ -131,6 +139,7 @@ class AsyncNodeTransport(AsyncLeanPool, AsyncTransport):
             call_timeout=s.socket_connect_timeout,
             whole_call=True,
             on_info=self._learn,
+            locate=locate,
         )
 
     def _learn(self, server: bytes, replication: bytes) -> None:

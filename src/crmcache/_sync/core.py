@@ -21,7 +21,7 @@ from typing import Any, Self
 
 from redis.exceptions import RedisError
 
-from .._config import CacheSettings, url_password
+from .._config import CacheSettings, is_sentinel_url, url_password
 from .._guard import (
     DEFAULT_LOG_INTERVAL,
     FAILED,
@@ -41,6 +41,7 @@ from .listener import NearCacheListener
 from .node import NodeTransport
 from .primitives import Event, finish
 from .replay import InvalidationReplayer
+from .sentinel import SentinelTransport
 from .transport import Transport
 
 __all__ = ["CacheCore", "open_transport"]
@@ -54,6 +55,8 @@ def open_transport(settings: CacheSettings, scrub: Callable[[str], str]) -> Tran
     Raises:
         ConfigurationError: the URL cannot be used.
     """
+    if is_sentinel_url(settings.redis_url):
+        return SentinelTransport(settings, scrub)
     # redis://, rediss:// and unix:// (validated by the settings) name one node.
     return NodeTransport(settings, scrub)
 
@@ -98,6 +101,9 @@ class CacheCore:
             stopping=self._stopping,
             forget=self._near_forget,
         )
+        if self._transport is not None and self._transport.may_fail_over:
+            self._replayer.remember_confirmed()
+            self._transport.on_primary_change = self._primary_changed
         self._near: NearCache | None = None
         self._listener: NearCacheListener | None = None
         if s.near_cache and self._transport is not None:
@@ -217,6 +223,13 @@ class CacheCore:
         """Redis answers again: send what it missed."""
         self._replayer.start()
 
+    def _primary_changed(self, since: float) -> None:
+        """The primary changed (failover): the former one may have confirmed
+        invalidations since ``since`` that the new one never got; send them again."""
+        self._replayer.requeue_confirmed(since)
+        if self._listener is not None:
+            self._listener.reconnect()
+
     # -- shared by the concerns -------------------------------------------------------
 
     def _near_forget(self, *keys: str) -> None:
@@ -254,7 +267,7 @@ class CacheCore:
         if reply is FAILED:
             self._replayer.failed(kind, key, version)
             return False
-        self._replayer.confirmed(key)
+        self._replayer.confirmed(kind, key, version)
         self._stats.count(Counter.INVALIDATIONS)
         logger.debug("invalidated %s (reply %s)", key, reply)
         return True

@@ -69,7 +69,13 @@ class NodeTransport(LeanPool, Transport):
         ConfigurationError: redis-py cannot use ``settings.redis_url``.
     """
 
-    def __init__(self, settings: CacheSettings, scrub: Callable[[str], str]) -> None:
+    def __init__(
+        self,
+        settings: CacheSettings,
+        scrub: Callable[[str], str],
+        *,
+        locate: Callable[[float], tuple[str, int]] | None = None,
+    ) -> None:
         s = settings
         try:
             parsed = ConnectionPool.from_url(
@@ -106,6 +112,7 @@ class NodeTransport(LeanPool, Transport):
             call_timeout=call_timeout,
             connect_timeout=s.socket_connect_timeout,
             max_value_bytes=max(s.max_template_bytes, MAX_PREFERENCES_BYTES),
+            locate=locate,
         )
         # register_script computes each SHA locally: no round trip here.
         self.scripts = register_scripts(Redis(connection_pool=parsed))
@@ -116,6 +123,7 @@ class NodeTransport(LeanPool, Transport):
             address=self.address,
             call_timeout=call_timeout,
             connect_timeout=s.socket_connect_timeout,
+            locate=locate,
         )
         # A dropped health connection is not retried (that would double the bound).
         health_kwargs = {
@@ -133,6 +141,7 @@ class NodeTransport(LeanPool, Transport):
             call_timeout=s.socket_connect_timeout,
             whole_call=True,
             on_info=self._learn,
+            locate=locate,
         )
 
     def _learn(self, server: bytes, replication: bytes) -> None:

@@ -84,6 +84,9 @@ class LeanPool:
         max_value_bytes: the largest value a GET or MGET may return, per key.
         on_info: called with the ``INFO server`` and ``INFO replication`` replies of
             every new connection (asked in its handshake's one write): what the node is.
+        locate: where a new connection goes, asked before each connect with the call's
+            deadline: ``(host, port)`` (a Sentinel-discovered primary); None keeps the
+            factory's address.
     """
 
     def __init__(
@@ -99,8 +102,10 @@ class LeanPool:
         connect_timeout: float | None = None,
         max_value_bytes: int = 1024 * 1024,
         on_info: Callable[[bytes, bytes], None] | None = None,
+        locate: Callable[[float], tuple[str, int]] | None = None,
     ) -> None:
         self.address = address
+        self._locate = locate
         self._call_timeout = call_timeout
         self._whole_call = whole_call
         self._connect_timeout = self._call_timeout if connect_timeout is None else connect_timeout
@@ -204,6 +209,9 @@ class LeanPool:
 
     def _connect(self, conn: AbstractConnection, deadline: float) -> None:
         """Open ``conn`` (socket, TLS) and run the handshake, all before ``deadline``."""
+        if self._locate is not None:
+            tcp: Any = conn  # a TCP connection (locate is never given for a socket path)
+            tcp.host, tcp.port = self._locate(deadline)
         left = deadline - time.monotonic()
         if left <= 0:
             raise TimeoutError("the call's deadline passed before connecting")
@@ -335,6 +343,25 @@ class LeanPool:
             self._all = []
             self._slots = FairSlots(self.max_connections)
             self._pid = os.getpid()
+
+    def drop_idle(self, keep: Callable[[AbstractConnection], bool]) -> int:
+        """Close the idle connections ``keep`` rejects (those to a former primary);
+        return how many were closed."""
+        with self._lock:
+            idle, self._idle = self._idle, []
+        dropped = 0
+        while True:
+            # pop, not iteration: a caller that took the old list just before the swap
+            # may still pop from it, and each connection must go to one of us only.
+            try:
+                conn = idle.pop()
+            except IndexError:
+                return dropped
+            if keep(conn):
+                self._idle.append(conn)
+            else:
+                dropped += 1
+                self._drop(conn)
 
     def counts(self) -> tuple[int, int]:
         """``(created, idle)`` connections right now."""

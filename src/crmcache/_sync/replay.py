@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -30,6 +32,10 @@ logger = logging.getLogger("crmcache")
 
 #: Seconds between two "could not invalidate" warnings during an outage.
 _WARNING_INTERVAL = 30.0
+#: Confirmed invalidations remembered for a failover (the newest), and the seconds
+#: before the sentinels' last word on the primary that count as "maybe not replicated".
+_REMEMBERED = 10_000
+REPLICATION_MARGIN = 1.0
 
 
 class InvalidationReplayer:
@@ -68,6 +74,42 @@ class InvalidationReplayer:
         self._lock = threading.Lock()
         self._task: Background | None = None
         self._warnings = LogThrottle(_WARNING_INTERVAL)
+        self._recent: deque[tuple[float, PendingKind, str, int | None]] | None = None
+        self._recent_lock = threading.Lock()
+
+    def remember_confirmed(self) -> None:
+        """Keep the newest confirmed invalidations (for :meth:`requeue_confirmed`): the
+        transport's primary can change, and the former one may have confirmed writes
+        the new one never got."""
+        self._recent = deque(maxlen=_REMEMBERED)
+
+    def requeue_confirmed(self, since: float) -> None:
+        """The primary changed: replay the invalidations confirmed since ``since`` (less
+        :data:`REPLICATION_MARGIN`), which the former primary may have taken alone."""
+        recent = self._recent
+        if recent is None:
+            return
+        cutoff = since - REPLICATION_MARGIN
+        with self._recent_lock:
+            entries = list(recent)
+        if len(entries) == recent.maxlen and entries[0][0] >= cutoff:
+            # Older ones in the window were forgotten: shorten every cached preference.
+            self.pending.overflow()
+            logger.error(
+                "primary changed after more than %d invalidations in %.1fs: the TTL of "
+                "every cached preference is shortened; templates invalidated then may "
+                "stay stale",
+                len(entries),
+                time.monotonic() - cutoff,
+            )
+        count = 0
+        for confirmed_at, kind, key, version in entries:
+            if confirmed_at >= cutoff:
+                self.pending.add(kind, key, version)
+                count += 1
+        if count:
+            logger.info("primary changed: replaying %d recent invalidation(s)", count)
+        self.start()
 
     def failed(self, kind: PendingKind, key: str, version: int | None) -> None:
         """Count, log (throttled) and remember an invalidation Redis refused or missed."""
@@ -98,9 +140,13 @@ class InvalidationReplayer:
         logger.debug("invalidation of %s interrupted; queued for replay", key)
         self.start()
 
-    def confirmed(self, key: str) -> None:
+    def confirmed(self, kind: PendingKind, key: str, version: int | None) -> None:
         """Redis confirmed an invalidation of ``key``: nothing older needs replaying."""
         self.pending.discard(key)
+        recent = self._recent
+        if recent is not None:
+            with self._recent_lock:
+                recent.append((time.monotonic(), kind, key, version))
 
     def start(self) -> None:
         """Run the replay in the background if invalidations are pending and none runs."""

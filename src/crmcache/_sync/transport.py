@@ -25,15 +25,16 @@ replies ``MOVED``/``ASK``/``READONLY``/``TRYAGAIN``/``CLUSTERDOWN`` as their own
 degraded result; a transport never degrades by itself.
 
 Implementations: :class:`~crmcache._async.node.NodeTransport` (one Redis node, on the
-lean pool). A slot-routed Cluster transport, a Sentinel-discovered one and a multiplexed
-(auto-pipelined) one each implement this class in a file of their own; the core picks one
-by URL scheme (``open_transport`` in ``core.py``).
+lean pool) and :class:`~crmcache._async.sentinel.SentinelTransport` (the primary a
+Sentinel group names, on the same pools). A slot-routed Cluster transport and a
+multiplexed (auto-pipelined) one would each implement this class in a file of their own;
+the core picks one by URL scheme (``open_transport`` in ``core.py``).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from redis.exceptions import ResponseError
@@ -78,6 +79,12 @@ class Transport(ABC):
     connection_kwargs: dict[str, Any]
     #: What the node(s) turned out to be (``crmcache._topology``), learnt on connecting.
     topology: Topology = Topology.UNKNOWN
+    #: True if the primary can change under the transport (Sentinel failover): the core
+    #: then remembers recently confirmed invalidations, to replay them after a switch.
+    may_fail_over: bool = False
+    #: Told when the primary changed, with the monotonic time since which writes may
+    #: have gone to the former primary (set by the core).
+    on_primary_change: Callable[[float], None] | None = None
 
     @abstractmethod
     def execute(self, *args: Any) -> Any:  # noqa: ANN401 - a raw Redis reply
@@ -123,6 +130,12 @@ class Transport(ABC):
         Raises:
             redis.exceptions.RedisError, OSError: a node could not be asked (the reason).
         """
+
+    def refresh(self) -> bool:
+        """Learn where the nodes are now, before a tracking connection is made; False if
+        that cannot be known yet (logged by the transport). Never raises a Redis error.
+        A fixed node has nothing to learn."""
+        return True
 
     @abstractmethod
     def tracking_connection(self, node: str, *, protocol: int) -> Any:  # noqa: ANN401
