@@ -21,7 +21,7 @@ import redis
 
 from crmcache import ClientPreferences, ConfigurationError, CRMCacheManager, MessageChannel
 from crmcache._config import mask_url, resolve_settings, sentinel_target
-from crmcache._keys import template_key
+from crmcache._keys import KeySpace, template_key
 from crmcache._pending import PendingKind
 from crmcache._stats import StatsRecorder
 from crmcache._sync import replay
@@ -366,6 +366,7 @@ def test_a_primary_change_requeues_recent_invalidations(
         settings=resolve_settings(redis_url="redis://127.0.0.1:1/0"),
         stopping=stopping,
         forget=lambda *keys: None,
+        keys=KeySpace("crm"),
     )
     replayer.requeue_confirmed(time.monotonic())  # not remembering: nothing to do
     monkeypatch.setattr(replay, "_REMEMBERED", 3)
