@@ -58,7 +58,7 @@ def test_connections_are_reused_lifo(pool: LeanPool) -> None:
     """Sequential calls use one connection; it is idle between calls."""
     for _ in range(50):
         pool.execute("PING")
-    assert pool.counts() == (1, 1)
+    assert (pool.accounting().created, pool.accounting().idle) == (1, 1)
 
 
 def test_error_reply_keeps_the_connection(pool: LeanPool) -> None:
@@ -67,7 +67,7 @@ def test_error_reply_keeps_the_connection(pool: LeanPool) -> None:
     with pytest.raises(ResponseError, match="WRONGTYPE"):
         pool.execute("GET", "h")
     assert pool.execute("PING") == b"PONG"
-    assert pool.counts() == (1, 1)
+    assert (pool.accounting().created, pool.accounting().idle) == (1, 1)
 
 
 def test_exhausted_pool_waits_then_says_so(redis_url: str, raw: redis.Redis) -> None:
@@ -85,9 +85,9 @@ def test_exhausted_pool_waits_then_says_so(redis_url: str, raw: redis.Redis) -> 
     finally:
         raw.lpush("test:wake", "x")
         holder.join(timeout=10)
-        assert lean.counts() == (1, 1)
+        assert (lean.accounting().created, lean.accounting().idle) == (1, 1)
         lean.close(0)
-    assert lean.counts() == (0, 0)
+    assert (lean.accounting().created, lean.accounting().idle) == (0, 0)
 
 
 def test_timeout_mid_reply_drops_the_connection(redis_url: str, raw: redis.Redis) -> None:

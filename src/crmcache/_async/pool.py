@@ -1,28 +1,21 @@
-"""A lean connection pool for the hot calls, built on redis-py's own connection objects.
+"""A lean connection pool for the hot calls, on redis-py's own connection objects.
 
-redis-py 8 spends more time per call in its pool (get/release with observability hooks and
-a readiness poll) and its command wrapper (a retry closure per call) than the round trip
-itself costs on loopback. The calls crmcache makes on hot paths are simple, so they run
-here instead: a LIFO list of idle connections bounded by fair slots, one send, one read.
+redis-py 8's pool and command wrapper cost more per call than a loopback round trip, so
+the hot calls run here: a LIFO list of idle connections bounded by fair slots. Kept from
+redis-py: the connection class and settings (TLS, auth, db, client name), its socket
+set-up, command packer, hiredis reader and error types. Done here:
 
-What is kept from redis-py: the connection class and its settings (TLS, auth, db,
-client name), its socket set-up (``connect``), its command packer, its hiredis reader and
-its error types. What is done here instead:
-
-* **One deadline per call** (``call_timeout``, from the moment the call has its slot;
-  the wait for a slot is bounded by ``timeout``): the handshake of a new connection,
-  every write, every read and the retry all share it. The handshake
-  (``AUTH``, ``SELECT``, ``CLIENT SETNAME``) goes out in one write; the guard never
-  logs its error replies' text (a server may echo the password in them).
+* **One deadline per call** (``call_timeout``, from the moment the call has its slot,
+  whose wait ``timeout`` bounds): the handshake of a new connection (``AUTH``,
+  ``SELECT``, ``CLIENT SETNAME`` and the ``INFO`` probe in one write; the guard never
+  logs its error text, which may echo the password), every write, read and the retry.
 * **Every reply is checked** against its command's contract (``crmcache._replies``)
-  before the connection goes back to the idle list; a reply that breaks it, one larger
-  than the call can use, or an aggregate header announcing a million elements raises
-  ``ProtocolError`` and closes the connection. An idle connection holding bytes nobody
-  asked for is closed rather than reused.
-* The bounded wait for a free connection (``PoolExhaustedError`` after ``timeout``), one
-  retry on a dropped connection (how a restarted Redis is reconnected), no retry on a
-  timeout, re-loading a script on ``NOSCRIPT``, and dropping inherited connections after
-  ``fork()``.
+  before the connection is reused: a reply that breaks it, is larger than the call can
+  use, or announces a huge aggregate raises ``ProtocolError`` and closes the connection,
+  as does an idle connection holding bytes nobody asked for.
+* ``PoolExhaustedError`` after ``timeout``, one retry on a dropped connection (a
+  restarted Redis), none on a timeout, scripts re-loaded on ``NOSCRIPT``, inherited
+  connections dropped after ``fork()``.
 """
 
 from __future__ import annotations
@@ -360,11 +353,6 @@ class AsyncLeanPool:
             else:
                 dropped += 1
                 await self._drop(conn)
-
-    def counts(self) -> tuple[int, int]:
-        """``(created, idle)`` connections right now."""
-        with self._lock:
-            return len(self._all), len(self._idle)
 
     def accounting(self) -> PoolAccounting:
         """Where every slot and connection is (see :class:`PoolAccounting`)."""
