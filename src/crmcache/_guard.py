@@ -548,48 +548,44 @@ class Guard:
     def failed(self, op: str, exc: BaseException) -> None:
         """Record and log (throttled) a failed call."""
         self._on_error(op, exc)
+        # Three failures that say nothing about Redis being up or down: the breaker is left
+        # as it is (a half-open probe lets the next call probe), and each kind logs on its
+        # own throttle.
         if is_pool_exhausted(exc):
             # Saturated, not down: no outage to declare, no recovery to announce.
-            self.breaker.release_probe()
-            suppressed = self._saturation_throttle.ready()
-            if suppressed is not None:
-                logger.warning(
-                    "connection pool saturated during %s: no free connection within the "
-                    "pool timeout; the call degraded (%d more not logged). Consider a larger "
-                    "max_connections.",
-                    op,
-                    suppressed,
-                )
+            self._neither(
+                self._saturation_throttle,
+                logging.WARNING,
+                "connection pool saturated during %s: no free connection within the pool "
+                "timeout; the call degraded (%d more not logged). Consider a larger "
+                "max_connections.",
+                op,
+            )
             return
         if isinstance(exc, ProtocolError):
             # The server answered, but not as any command of ours can be answered: the
-            # pool closed that connection. Neither up nor down as far as the breaker knows.
-            self.breaker.release_probe()
-            suppressed = self._protocol_throttle.ready()
-            if suppressed is not None:
-                logger.error(
-                    "Redis broke the protocol during %s (%s): the call degraded and its "
-                    "connection was closed (%d more not logged). A buggy server, proxy or "
-                    "network device is between crmcache and Redis.",
-                    op,
-                    self.scrub(str(exc)),
-                    suppressed,
-                )
+            # pool closed that connection.
+            self._neither(
+                self._protocol_throttle,
+                logging.ERROR,
+                "Redis broke the protocol during %s (%s): the call degraded and its "
+                "connection was closed (%d more not logged). A buggy server, proxy or "
+                "network device is between crmcache and Redis.",
+                op,
+                self.scrub(str(exc)),
+            )
             return
         if isinstance(exc, TOPOLOGY_ERRORS):
-            # The node answered, but the key (or the primary) is elsewhere now: neither an
-            # outage nor a refusal. A probe says nothing either way.
-            self.breaker.release_probe()
-            suppressed = self._topology_throttle.ready()
-            if suppressed is not None:
-                logger.warning(
-                    "Redis topology changed under %s (%s): the call degraded (%d more not "
-                    "logged). A cluster node answers MOVED/ASK and a replica READONLY: "
-                    "point redis_url at what serves the keys.",
-                    op,
-                    self.describe(exc),
-                    suppressed,
-                )
+            # The node answered, but the key (or the primary) is elsewhere now.
+            self._neither(
+                self._topology_throttle,
+                logging.WARNING,
+                "Redis topology changed under %s (%s): the call degraded (%d more not "
+                "logged). A cluster node answers MOVED/ASK and a replica READONLY: point "
+                "redis_url at what serves the keys.",
+                op,
+                self.describe(exc),
+            )
             return
         if not is_connection_failure(exc):
             # Redis answered, with a refusal (OOM, NOPERM, WRONGTYPE, a script error): it
@@ -624,6 +620,16 @@ class Guard:
                 op,
                 message,
             )
+
+    def _neither(
+        self, throttle: LogThrottle, level: int, message: str, op: str, *detail: str
+    ) -> None:
+        """A failure that is neither an outage nor a refusal: release a half-open probe and
+        log ``message`` (``op``, ``detail``, then the count held back) on ``throttle``."""
+        self.breaker.release_probe()
+        suppressed = throttle.ready()
+        if suppressed is not None:
+            logger.log(level, message, op, *detail, suppressed)
 
     def _refused(self, op: str, exc: BaseException) -> None:
         # One throttle per kind of refusal, whatever the operation: a missing permission

@@ -12,9 +12,9 @@ length); what the values mean (a count within its limit, a version in range) is 
 by the code that decodes them (``_ratelimit``, ``_codec``).
 
 Sizes are bounded too, before anything is allocated: a reply may be at most
-:func:`reply_budget` bytes, and no array header may announce more than
-:data:`MAX_ARRAY` elements (hiredis would allocate the list at the header, and freeing a
-list of 2^31 slots blocks the process for seconds).
+:func:`reply_budget` bytes, and an aggregate header announcing a million elements or more
+is refused unparsed (:func:`huge_array_header`: hiredis would allocate the list at the
+header, and freeing a list of 2^31 slots blocks the process for seconds).
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from typing import Any, Final
 from redis.exceptions import RedisError
 
 __all__ = [
-    "MAX_ARRAY",
     "Check",
     "ProtocolError",
     "check_reply",
@@ -35,8 +34,6 @@ __all__ = [
     "script_contract",
 ]
 
-#: The most elements any reply of ours has: MGET of MAX_BATCH keys, a SCAN batch.
-MAX_ARRAY: Final = 100_000
 #: Bytes allowed per reply beyond its values (headers, small replies, INFO, SCAN).
 _SMALL_REPLY: Final = 4 * 1024 * 1024
 #: A RESP aggregate header (array, map, set, push, attribute) after a CRLF announcing a
