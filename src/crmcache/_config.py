@@ -2,8 +2,9 @@
 
 Environment variables (read here and nowhere else):
 
-``REDIS_URL``         where Redis is (``redis://``, ``rediss://``, ``unix://``, or a Sentinel
-                      group: ``redis+sentinel://`` / ``rediss+sentinel://``)
+``REDIS_URL``         where Redis is (``redis://``, ``rediss://``, ``unix://``, a Sentinel
+                      group: ``redis+sentinel://`` / ``rediss+sentinel://``, or a Redis
+                      Cluster: ``redis+cluster://`` / ``rediss+cluster://``)
 ``CACHE_TTL``         seconds a cached preference lives (positive integer)
 ``ENABLE_CACHING``    ``true``/``false`` (also ``1``/``0``, ``yes``/``no``, ``on``/``off``)
 ``CACHE_KEY_PREFIX``  the prefix of every key (default ``crm``: ``crm:prefs:<id>`` ...)
@@ -65,8 +66,11 @@ __all__ = [
     "MAX_TTL",
     "URL_PARAMETERS",
     "CacheSettings",
+    "ClusterTarget",
     "RateLimitPolicy",
     "SentinelTarget",
+    "cluster_target",
+    "is_cluster_url",
     "mask_url",
     "resolve_settings",
     "sentinel_target",
@@ -112,6 +116,12 @@ _SCHEMES = frozenset({"redis", "rediss", "unix"})
 _SENTINEL_SCHEMES: Mapping[str, str] = MappingProxyType(
     {"redis+sentinel": "redis", "rediss+sentinel": "rediss"}
 )
+#: Cluster schemes, each with the scheme of the nodes it names.
+_CLUSTER_SCHEMES: Mapping[str, str] = MappingProxyType(
+    {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+)
+#: The port of a cluster seed node named without one.
+DEFAULT_CLUSTER_PORT = 6379
 #: The port of a sentinel named without one.
 DEFAULT_SENTINEL_PORT = 26379
 _QUERY_PASSWORD_RE = re.compile(r"(?P<key>[?&](?:ssl_)?password=)[^&#]*", re.IGNORECASE)
@@ -229,7 +239,82 @@ class SentinelTarget:
     node_url: str = field(repr=False)
 
 
+@dataclass(frozen=True, slots=True)
+class ClusterTarget:
+    """What a ``redis+cluster://`` / ``rediss+cluster://`` URL names.
+
+    Attributes:
+        seeds: the seed nodes' ``(host, port)``, in the URL's order; the rest of the
+            cluster is discovered from them (``CLUSTER SLOTS``).
+        node_url: a ``redis://`` (``rediss://``) URL for every node: the URL's
+            credentials and query parameters, with the first seed as its host.
+    """
+
+    seeds: tuple[tuple[str, int], ...]
+    node_url: str = field(repr=False)
+
+
+def _split_hosts(
+    url: str, schemes: Mapping[str, str], what: str
+) -> tuple[str, str, str, str, str]:
+    """``(base scheme, credentials with "@", hosts, path, "?query")`` of a multi-host URL."""
+    scheme, sep, rest = url.partition("://")
+    base = schemes.get(scheme)
+    if not sep or base is None:
+        raise ConfigurationError(f"redis_url is not a {what} URL: {mask_url(url)!r}")
+    rest, _, _fragment = rest.partition("#")
+    rest, question, query = rest.partition("?")
+    # The authority ends at the first "/" after the LAST "@" (a password may hold "/" or "@").
+    at = rest.rfind("@")
+    slash = rest.find("/", at + 1)
+    authority, path = (rest, "") if slash == -1 else (rest[:slash], rest[slash:])
+    userinfo, at_sign, hosts = authority.rpartition("@")
+    if not hosts:
+        raise ConfigurationError(f"redis_url names no {what.lower()} node: {mask_url(url)!r}")
+    credentials = f"{userinfo}{at_sign}" if at_sign else ""
+    return base, credentials, hosts, path, f"{question}{query}"
+
+
+def _node_url(base: str, credentials: str, address: tuple[str, int], rest: str) -> str:
+    host, port = address
+    shown_host = f"[{host}]" if ":" in host else host
+    return f"{base}://{credentials}{shown_host}:{port}{rest}"
+
+
+@functools.lru_cache(maxsize=32)
+def cluster_target(url: str) -> ClusterTarget:
+    """Parse ``redis+cluster://[user:password@]host:port[,host:port...]`` (or
+    ``rediss+cluster://``; a query string as for ``redis://``). A cluster has one
+    database: a path, if any, must be ``/`` or ``/0``.
+
+    Raises:
+        ConfigurationError: not a Cluster URL, no node, a node that is not
+            ``host:port``, or a database other than 0. The message never shows the
+            password.
+    """
+    base, credentials, hosts, path, query = _split_hosts(url, _CLUSTER_SCHEMES, "Cluster")
+    seeds = tuple(
+        _host_port(part.strip(), url, DEFAULT_CLUSTER_PORT, "cluster node")
+        for part in hosts.split(",")
+    )
+    if unquote(path) not in ("", "/", "/0"):
+        raise ConfigurationError(
+            "redis_url of a Redis Cluster names no database (a cluster has only db 0; "
+            f"use key_prefix to share one), got {mask_url(url)!r}"
+        )
+    return ClusterTarget(seeds=seeds, node_url=_node_url(base, credentials, seeds[0], query))
+
+
+def is_cluster_url(url: str) -> bool:
+    """True for a ``redis+cluster://`` or ``rediss+cluster://`` URL."""
+    return url.partition("://")[0] in _CLUSTER_SCHEMES
+
+
 def _sentinel_address(text: str, url: str) -> tuple[str, int]:
+    return _host_port(text, url, DEFAULT_SENTINEL_PORT, "sentinel")
+
+
+def _host_port(text: str, url: str, default_port: int, what: str) -> tuple[str, int]:
     if text.startswith("["):  # [IPv6]:port
         host, bracket, rest = text[1:].partition("]")
         port_text = rest[1:] if rest.startswith(":") else ("" if not rest else "!")
@@ -239,13 +324,10 @@ def _sentinel_address(text: str, url: str) -> tuple[str, int]:
         host, colon, port_text = text.rpartition(":")
         if not colon:
             host, port_text = text, ""
-    if port_text == "":
-        port = DEFAULT_SENTINEL_PORT
-    else:
-        port = int(port_text) if port_text.isdigit() else 0
+    port = int(port_text) if port_text.isdigit() else (0 if port_text else default_port)
     if not host or not 0 < port < 65536 or any(c in host for c in "/?#@, "):
         raise ConfigurationError(
-            f"redis_url names a sentinel that is not host:port: {_shown(text, url_password(url))} "
+            f"redis_url names a {what} that is not host:port: {_shown(text, url_password(url))} "
             f"in {mask_url(url)!r}"
         )
     return host, port
@@ -261,19 +343,8 @@ def sentinel_target(url: str) -> SentinelTarget:
             ``host:port``, no service name, or a database that is not an int >= 0. The
             message never shows the password.
     """
-    scheme, sep, rest = url.partition("://")
-    base = _SENTINEL_SCHEMES.get(scheme)
-    if not sep or base is None:
-        raise ConfigurationError(f"redis_url is not a Sentinel URL: {mask_url(url)!r}")
-    rest, _, _fragment = rest.partition("#")
-    rest, question, query = rest.partition("?")
-    # The authority ends at the first "/" after the LAST "@" (a password may hold "/" or "@").
-    at = rest.rfind("@")
-    slash = rest.find("/", at + 1)
-    authority, path = (rest, "") if slash == -1 else (rest[:slash], rest[slash:])
-    userinfo, at_sign, hosts = authority.rpartition("@")
-    if not hosts:
-        raise ConfigurationError(f"redis_url names no sentinel: {mask_url(url)!r}")
+    scheme = url.partition("://")[0]
+    base, credentials, hosts, path, query = _split_hosts(url, _SENTINEL_SCHEMES, "Sentinel")
     sentinels = tuple(_sentinel_address(part.strip(), url) for part in hosts.split(","))
     segments = [unquote(segment) for segment in path.split("/")[1:]]
     if segments and segments[-1] == "":
@@ -302,10 +373,7 @@ def sentinel_target(url: str) -> SentinelTarget:
                 f"redis_url database {exc}, got {_shown(segments[1], url_password(url))}"
             ) from None
         db_path = f"/{db}"
-    host, port = sentinels[0]
-    shown_host = f"[{host}]" if ":" in host else host
-    credentials = f"{userinfo}{at_sign}" if at_sign else ""
-    node_url = f"{base}://{credentials}{shown_host}:{port}{db_path}{question}{query}"
+    node_url = _node_url(base, credentials, sentinels[0], f"{db_path}{query}")
     return SentinelTarget(sentinels=sentinels, service=service, node_url=node_url)
 
 
@@ -314,11 +382,24 @@ def is_sentinel_url(url: str) -> bool:
     return url.partition("://")[0] in _SENTINEL_SCHEMES
 
 
+def node_url(url: str) -> str:
+    """The ``redis://`` / ``rediss://`` / ``unix://`` URL of the node(s) ``url`` names: the
+    URL itself, or a Sentinel or Cluster URL's node URL (credentials, TLS and query)."""
+    if is_sentinel_url(url):
+        return sentinel_target(url).node_url
+    if is_cluster_url(url):
+        return cluster_target(url).node_url
+    return url
+
+
 def _check_url(url: object) -> str:
     if not isinstance(url, str):
         raise TypeError(f"redis_url must be a str, not {type(url).__name__}")
     if is_sentinel_url(url):
         sentinel_target(url)
+        return url
+    if is_cluster_url(url):
+        cluster_target(url)
         return url
     try:
         parts = urlsplit(url)
@@ -328,8 +409,8 @@ def _check_url(url: object) -> str:
         raise ConfigurationError(f"redis_url is not a valid URL: {mask_url(url)!r}") from None
     if scheme not in _SCHEMES:
         raise ConfigurationError(
-            "redis_url must start with redis://, rediss://, unix://, redis+sentinel:// or "
-            f"rediss+sentinel://, got {mask_url(url)!r}"
+            "redis_url must start with redis://, rediss://, unix://, redis+sentinel://, "
+            f"rediss+sentinel://, redis+cluster:// or rediss+cluster://, got {mask_url(url)!r}"
         )
     if scheme != "unix" and not parts.hostname:
         raise ConfigurationError(f"redis_url has no host: {mask_url(url)!r}")
@@ -716,10 +797,8 @@ def resolve_settings(
         else:
             key_prefix = DEFAULT_KEY_PREFIX
     url = _check_url(redis_url)
-    # A Sentinel URL's query string is the data nodes': checked as theirs.
-    url_parameters = _check_url_parameters(
-        sentinel_target(url).node_url if is_sentinel_url(url) else url
-    )
+    # A Sentinel or Cluster URL's query string is the data nodes': checked as theirs.
+    url_parameters = _check_url_parameters(node_url(url))
     # A timeout in the URL wins over the argument, as it does in redis-py's from_url()
     # (which builds the connections): the settings then show the value in force, and
     # health checks and close() use it too.

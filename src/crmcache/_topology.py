@@ -30,11 +30,15 @@ class Topology(StrEnum):
     CLUSTER_NODE = "cluster-node"
     #: A Redis Sentinel: it holds no data.
     SENTINEL = "sentinel"
+    #: A Redis Cluster, served through ``redis+cluster://`` (slot routing).
+    CLUSTER = "cluster"
+    #: A ``redis+cluster://`` URL whose nodes run without cluster mode.
+    NOT_A_CLUSTER = "not-a-cluster"
 
     @property
     def servable(self) -> bool:
         """True if crmcache can serve its calls through this node."""
-        return self in {Topology.UNKNOWN, Topology.STANDALONE}
+        return self in {Topology.UNKNOWN, Topology.STANDALONE, Topology.CLUSTER}
 
 
 def _field(info: bytes, name: bytes) -> bytes | None:
@@ -68,8 +72,14 @@ def explain(topology: Topology, masked_url: str) -> str | None:
         return (
             f"redis_url {masked_url} points at a Redis Cluster node: keys hashed to other "
             "nodes fail with MOVED (counted as topology_errors), so most calls degrade and "
-            "rate limits fall back to their failure policy. crmcache serves one standalone "
-            "Redis or primary per redis_url."
+            "rate limits fall back to their failure policy. Use "
+            "redis+cluster://host:port[,host:port...] to serve the whole cluster."
+        )
+    if topology is Topology.NOT_A_CLUSTER:
+        return (
+            f"redis_url {masked_url} names a Redis Cluster, but its node runs without "
+            "cluster mode (CLUSTER SLOTS refused): every cache call fails. Use redis:// "
+            "for a standalone Redis, or enable cluster mode."
         )
     if topology is Topology.REPLICA:
         return (

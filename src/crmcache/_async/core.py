@@ -19,7 +19,7 @@ from typing import Any, Self
 
 from redis.exceptions import RedisError
 
-from .._config import CacheSettings, is_sentinel_url, url_password
+from .._config import CacheSettings, is_cluster_url, is_sentinel_url, url_password
 from .._guard import (
     DEFAULT_LOG_INTERVAL,
     FAILED,
@@ -35,6 +35,7 @@ from .._pending import PendingKind
 from .._ratelimit import LocalRateLimiter
 from .._replies import ProtocolError
 from .._stats import Counter, StatsRecorder
+from .cluster import AsyncClusterTransport
 from .listener import AsyncNearCacheListener
 from .node import AsyncNodeTransport
 from .primitives import Event, finish
@@ -55,6 +56,8 @@ def open_transport(settings: CacheSettings, scrub: Callable[[str], str]) -> Asyn
     """
     if is_sentinel_url(settings.redis_url):
         return AsyncSentinelTransport(settings, scrub)
+    if is_cluster_url(settings.redis_url):
+        return AsyncClusterTransport(settings, scrub)
     # redis://, rediss:// and unix:// (validated by the settings) name one node.
     return AsyncNodeTransport(settings, scrub)
 

@@ -21,7 +21,7 @@ from typing import Any, Self
 
 from redis.exceptions import RedisError
 
-from .._config import CacheSettings, is_sentinel_url, url_password
+from .._config import CacheSettings, is_cluster_url, is_sentinel_url, url_password
 from .._guard import (
     DEFAULT_LOG_INTERVAL,
     FAILED,
@@ -37,6 +37,7 @@ from .._pending import PendingKind
 from .._ratelimit import LocalRateLimiter
 from .._replies import ProtocolError
 from .._stats import Counter, StatsRecorder
+from .cluster import ClusterTransport
 from .listener import NearCacheListener
 from .node import NodeTransport
 from .primitives import Event, finish
@@ -57,6 +58,8 @@ def open_transport(settings: CacheSettings, scrub: Callable[[str], str]) -> Tran
     """
     if is_sentinel_url(settings.redis_url):
         return SentinelTransport(settings, scrub)
+    if is_cluster_url(settings.redis_url):
+        return ClusterTransport(settings, scrub)
     # redis://, rediss:// and unix:// (validated by the settings) name one node.
     return NodeTransport(settings, scrub)
 

@@ -3,14 +3,17 @@
 """The near cache's invalidation listener: Redis ``CLIENT TRACKING`` messages turned into
 local invalidations (off the hot path; see ``crmcache._near`` for the coherence rules).
 
-One background task (a thread in the sync facade) per node keeps a dedicated connection
-subscribed. The near cache serves only while every listener is subscribed; each disconnect
-flushes it, and the loop reconnects with backoff until the manager closes. In a child
+One background task (a thread in the sync facade) per primary keeps a dedicated
+connection subscribed, under a supervisor task. The near cache serves only while every
+primary's connection is subscribed; each disconnect, and each change of primaries (a
+failover, a resharding), flushes it, and the supervisor reconnects all of them with
+backoff until the manager closes. In a child
 process made by ``fork()`` the listener starts afresh on the first read.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Callable
@@ -70,18 +73,21 @@ class NearCacheListener:
         self._tracked = tracked_prefixes
         self._stopping = stopping
         self._scrub = scrub
-        self._lock = threading.Lock()
-        self._task: Background | None = None
-        self._conn: Any = None
+        self._after_fork_in_child()
         reset_after_fork(self)
 
     def _after_fork_in_child(self) -> None:
-        """In a forked child the parent's listener does not run (nor may its connection be
-        used): forget both, so that :meth:`ensure` starts the child's own listener on the
-        first read (the near cache, flushed, serves nothing until it is subscribed)."""
+        """In a forked child the parent's listener does not run (nor may its connections
+        be used): forget them, so that :meth:`ensure` starts the child's own listener on
+        the first read (the near cache, flushed, serves nothing until it is subscribed)."""
         self._lock = threading.Lock()
-        self._task = None
-        self._conn = None
+        self._task: Background | None = None
+        #: Set when this round's connections must go (one ended, the primaries changed,
+        #: or the manager closes): the supervisor then starts a new round.
+        self._changed = Event()
+        self._conns: dict[str, Any] = {}
+        self._nodes: tuple[str, ...] = ()
+        self._subscribed: set[str] = set()
 
     def ensure(self) -> None:
         """Start the listener on first use (it needs a running loop), and restart one
@@ -96,62 +102,111 @@ class NearCacheListener:
                 self._task = spawn(self._listen, "crmcache-near-cache-listener")
 
     def reconnect(self) -> None:
-        """The primary moved (failover): stop serving at once and drop the tracking
-        connection; the listener reconnects to the node the transport names now."""
-        self._near.set_live(False)
-        conn = self._conn
-        if conn is not None:
-            spawn(lambda: conn.disconnect(nowait=True), "crmcache-near-cache-reconnect")
+        """The primaries moved (a failover, a resharding): stop serving at once and drop
+        the tracking connections; the listener reconnects to the nodes the transport
+        names now."""
+        with self._lock:
+            self._changed.set()
+            self._near.set_live(False)
 
     def stop(self, timeout: float) -> None:
-        """Stop listening: unblock the read (closing the socket, cancelling the task) and
-        wait up to ``timeout`` seconds for the loop to end."""
+        """Stop listening: unblock the reads (closing the sockets, cancelling the tasks)
+        and wait up to ``timeout`` seconds for the loop to end."""
         task = self._task
         if task is None:
             return
         task.cancel()
-        if self._conn is not None:
-            self._conn.disconnect(nowait=True)
+        self._changed.set()
+        self._drop_connections()
         task.join(timeout=timeout)
 
+    def _drop_connections(self) -> None:
+        with self._lock:
+            conns = list(self._conns.values())
+            self._conns.clear()
+        for conn in conns:
+            conn.disconnect(nowait=True)
+
     def _listen(self) -> None:
-        near = self._near
-        # One node today; a transport with several gets a listener per node.
-        node = self._transport.nodes()[0]
+        """The supervisor: one follower per primary; when any ends (or the primaries
+        change), all are dropped and a new round starts after a backoff."""
         delay = NEAR_RECONNECT_FIRST
         while not self._stopping.is_set():
             if not self._transport.refresh():  # e.g. no sentinel answered yet
                 self._stopping.wait(delay)
                 delay = min(delay * 2, NEAR_RECONNECT_MAX)
                 continue
-            conn = self._transport.tracking_connection(node, protocol=self._protocol)
-            self._conn = conn
+            with self._lock:
+                changed = self._changed = Event()
+                nodes = self._nodes = tuple(self._transport.nodes())
+                self._subscribed = set()
+            if self._stopping.is_set() or not nodes:
+                break
+            followers = [
+                spawn(functools.partial(self._follow, node, changed), "crmcache-near-cache")
+                for node in nodes
+            ]
             try:
-                self._subscribe(conn)
-                near.set_live(True)
-                delay = NEAR_RECONNECT_FIRST
-                logger.info("near cache live: tracking %s keys", " and ".join(self._tracked))
-                while not self._stopping.is_set():
-                    keys = invalidated_keys(conn.read_response(push_request=True))
-                    if keys is not NOT_AN_INVALIDATION:
-                        near.invalidate(keys)
-            except (RedisError, OSError) as exc:
-                if not self._stopping.is_set():
-                    logger.warning(
-                        "near cache off until Redis tracking is back: %s",
-                        describe_failure(exc, self._scrub),
-                    )
-            except Exception as exc:  # noqa: BLE001 - the listener must outlive any message
-                logger.error(  # noqa: TRY400 - one scrubbed line; a traceback could show a secret
-                    "near cache off after an unexpected error in its listener; reconnecting: %s",
-                    describe_failure(exc, self._scrub),
-                )
+                changed.wait()
             finally:
-                # Cancelled included: nothing is served once no invalidation can arrive.
-                near.set_live(False)
-                conn.disconnect(nowait=True)
+                with self._lock:
+                    live, self._subscribed = self._subscribed.issuperset(nodes), set()
+                    self._near.set_live(False)
+                self._drop_connections()
+                for follower in followers:
+                    follower.cancel()
+                for follower in followers:
+                    follower.join(timeout=NEAR_RECONNECT_MAX)
+            if live:
+                delay = NEAR_RECONNECT_FIRST
             self._stopping.wait(delay)
             delay = min(delay * 2, NEAR_RECONNECT_MAX)
+
+    def _follow(self, node: str, changed: Event) -> None:
+        """Keep one tracking connection to ``node`` subscribed, until it fails or this
+        round ends (``changed``)."""
+        near = self._near
+        conn = self._transport.tracking_connection(node, protocol=self._protocol)
+        with self._lock:
+            if changed.is_set():
+                return
+            self._conns[node] = conn
+        try:
+            self._subscribe(conn)
+            with self._lock:
+                if changed.is_set():
+                    return
+                self._subscribed.add(node)
+                live = self._subscribed.issuperset(self._nodes)
+                if live:
+                    near.set_live(True)
+            if live:
+                where = f" on {len(self._nodes)} primaries" if len(self._nodes) > 1 else ""
+                logger.info(
+                    "near cache live: tracking %s keys%s", " and ".join(self._tracked), where
+                )
+            while not changed.is_set():
+                keys = invalidated_keys(conn.read_response(push_request=True))
+                if keys is not NOT_AN_INVALIDATION:
+                    near.invalidate(keys)
+        except (RedisError, OSError) as exc:
+            if not changed.is_set():
+                logger.warning(
+                    "near cache off until Redis tracking is back (%s): %s",
+                    node,
+                    describe_failure(exc, self._scrub),
+                )
+        except Exception as exc:  # noqa: BLE001 - the listener must outlive any message
+            logger.error(  # noqa: TRY400 - one scrubbed line; a traceback could show a secret
+                "near cache off after an unexpected error in its listener; reconnecting: %s",
+                describe_failure(exc, self._scrub),
+            )
+        finally:
+            # Cancelled included: nothing is served once no invalidation can arrive.
+            with self._lock:
+                changed.set()
+                near.set_live(False)
+            conn.disconnect(nowait=True)
 
     def _subscribe(self, conn: Any) -> None:  # noqa: ANN401 - a redis-py connection
         conn.connect()

@@ -36,6 +36,9 @@ __all__ = [
     "HEALTH_CHECK_INTERVAL",
     "MAX_PREFERENCES_BYTES",
     "NodeTransport",
+    "health_kwargs",
+    "parse_node_url",
+    "tracking_kwargs",
 ]
 
 logger = logging.getLogger("crmcache")
@@ -58,6 +61,55 @@ def _retry(retries: int) -> Retry:
     )
 
 
+def parse_node_url(url: str, settings: CacheSettings, scrub: Callable[[str], str]) -> Any:  # noqa: ANN401 - redis-py's pool, used for its parsing only
+    """redis-py's reading of a node's ``url`` (class, TLS, auth, db, timeouts), as a pool
+    that is never used to send a command.
+
+    Raises:
+        ConfigurationError: redis-py cannot use ``url``.
+    """
+    s = settings
+    try:
+        return ConnectionPool.from_url(
+            url,
+            socket_timeout=s.socket_timeout,
+            socket_connect_timeout=s.socket_connect_timeout,
+            retry=_retry(1),
+            protocol=2,
+            health_check_interval=HEALTH_CHECK_INTERVAL,
+            client_name="crmcache",
+        )
+    except ValueError as exc:
+        raise ConfigurationError(
+            f"redis_url {s.masked_url!r} is not usable: {scrub(str(exc))}"
+        ) from None
+
+
+def health_kwargs(kwargs: dict[str, Any], settings: CacheSettings) -> dict[str, Any]:
+    """A health connection's settings: its read bounded by the connect timeout, and a
+    dropped connection not retried (that would double the bound)."""
+    return {
+        **kwargs,
+        "socket_timeout": settings.socket_connect_timeout,
+        "retry": _retry(0),
+        "client_name": "crmcache-health",
+    }
+
+
+def tracking_kwargs(kwargs: dict[str, Any], protocol: int) -> dict[str, Any]:
+    """A near-cache listener connection's settings: no read timeout (it waits for
+    messages; a dead server is seen as a closed socket), keepalive on TCP."""
+    tracking = {
+        **kwargs,
+        "protocol": protocol,
+        "socket_timeout": None,
+        "client_name": "crmcache-near-cache",
+    }
+    if "path" not in tracking:  # TCP only: a unix socket has no keepalive to set
+        tracking["socket_keepalive"] = True
+    return tracking
+
+
 class NodeTransport(LeanPool, Transport):
     """One Redis node: the data path on this lean pool, admin and health beside it.
 
@@ -77,20 +129,7 @@ class NodeTransport(LeanPool, Transport):
         locate: Callable[[float], tuple[str, int]] | None = None,
     ) -> None:
         s = settings
-        try:
-            parsed = ConnectionPool.from_url(
-                s.redis_url,
-                socket_timeout=s.socket_timeout,
-                socket_connect_timeout=s.socket_connect_timeout,
-                retry=_retry(1),
-                protocol=2,
-                health_check_interval=HEALTH_CHECK_INTERVAL,
-                client_name="crmcache",
-            )
-        except ValueError as exc:
-            raise ConfigurationError(
-                f"redis_url {s.masked_url!r} is not usable: {scrub(str(exc))}"
-            ) from None
+        parsed = parse_node_url(s.redis_url, s, scrub)
         self.connection_class = cls = parsed.connection_class
         self.connection_kwargs = kwargs = parsed.connection_kwargs
         path = kwargs.get("path")
@@ -125,16 +164,10 @@ class NodeTransport(LeanPool, Transport):
             connect_timeout=s.socket_connect_timeout,
             locate=locate,
         )
-        # A dropped health connection is not retried (that would double the bound).
-        health_kwargs = {
-            **kwargs,
-            "socket_timeout": s.socket_connect_timeout,
-            "retry": _retry(0),
-            "client_name": "crmcache-health",
-        }
+        health = health_kwargs(kwargs, s)
         # The whole probe, waiting for the connection included, within the connect timeout.
         self.health = LeanPool(
-            lambda: cls(**health_kwargs),
+            lambda: cls(**health),
             max_connections=1,
             timeout=s.socket_connect_timeout,
             retry_dropped=False,
@@ -181,15 +214,7 @@ class NodeTransport(LeanPool, Transport):
 
     def tracking_connection(self, node: str, *, protocol: int) -> Any:  # noqa: ANN401
         """A connection to this node for the near cache's invalidation listener."""
-        kwargs = {
-            **self.connection_kwargs,
-            "protocol": protocol,
-            # Blocks until a message comes; a dead server is seen as a closed socket.
-            "socket_timeout": None,
-            "client_name": "crmcache-near-cache",
-        }
-        if "path" not in kwargs:  # TCP only: a unix socket has no keepalive to set
-            kwargs["socket_keepalive"] = True
+        kwargs = tracking_kwargs(self.connection_kwargs, protocol)
         return self.connection_class(**kwargs)
 
     def close(self, grace: float) -> None:
