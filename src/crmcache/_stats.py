@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import itertools
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -24,6 +24,7 @@ __all__ = [
     "Counter",
     "Kind",
     "KindStats",
+    "NodeStats",
     "PoolStats",
     "RedisServerStats",
     "RepositoryStats",
@@ -175,6 +176,58 @@ class RedisServerStats:
 
 
 @dataclass(frozen=True, slots=True)
+class NodeStats:
+    """One primary's figures in :class:`CacheStats` (one entry per node of a cluster).
+
+    Attributes:
+        address: the node's ``host:port``.
+        total_keys: this manager's keys on the node (``SCAN``), None if it did not answer.
+        total_keys_exact: False when counting stopped at its time budget, or failed.
+        redis: its ``INFO`` fields, None if it did not answer.
+        error: why the node could not be asked (None when it answered).
+    """
+
+    address: str
+    total_keys: int | None
+    total_keys_exact: bool
+    redis: RedisServerStats | None
+    error: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The node's entry in ``get_cache_stats()['nodes']``."""
+        return {
+            "address": self.address,
+            "total_keys": self.total_keys,
+            "total_keys_exact": self.total_keys_exact,
+            "redis": asdict(self.redis) if self.redis is not None else None,
+            "error": self.error,
+        }
+
+
+def summarise(infos: Sequence[RedisServerStats]) -> RedisServerStats | None:
+    """Several nodes' INFO as one: memory, clients and keyspace counters summed, the
+    lowest version and uptime (the oldest server and the latest restart)."""
+    if not infos:
+        return None
+    if len(infos) == 1:
+        return infos[0]
+    used = sum(i.used_memory for i in infos)
+    return RedisServerStats(
+        redis_version=min(infos, key=lambda i: _version_key(i.redis_version)).redis_version,
+        uptime_in_seconds=min(i.uptime_in_seconds for i in infos),
+        connected_clients=sum(i.connected_clients for i in infos),
+        used_memory=used,
+        used_memory_human=f"{used / (1024 * 1024):.2f}M",
+        keyspace_hits=sum(i.keyspace_hits for i in infos),
+        keyspace_misses=sum(i.keyspace_misses for i in infos),
+    )
+
+
+def _version_key(version: str) -> tuple[int, ...]:
+    return tuple(int(part) if part.isdigit() else 0 for part in version.split("."))
+
+
+@dataclass(frozen=True, slots=True)
 class CacheStats:
     """A snapshot of one manager's statistics.
 
@@ -194,8 +247,13 @@ class CacheStats:
     near_cache: Mapping[str, Any] = field(default_factory=dict)
     #: What ``redis_url`` points at (``crmcache._topology.Topology``): ``"standalone"``,
     #: ``"replica"``, ``"cluster-node"``, ``"sentinel"``, or ``"unknown"`` before the first
-    #: connection; None when the cache is disabled or closed.
+    #: connection; None when the cache is disabled or closed. ``"cluster"`` for a
+    #: ``redis+cluster://`` URL.
     topology: str | None = None
+    #: Each primary's figures (one on a single node; every primary of a cluster).
+    #: ``total_keys`` sums those that answered, exact only if every one answered, and
+    #: ``redis`` summarises their INFO.
+    nodes: tuple[NodeStats, ...] = ()
 
     @property
     def hits(self) -> int:
@@ -230,6 +288,7 @@ class CacheStats:
             "pending_invalidations": self.pending_invalidations,
             "near_cache": dict(self.near_cache),
             "topology": self.topology,
+            "nodes": [node.as_dict() for node in self.nodes],
         }
 
 

@@ -513,19 +513,24 @@ class AsyncClusterTransport(AsyncTransport):
         """PING every primary on its health connection; True if all answered ``PONG``.
 
         Raises:
-            redis.exceptions.RedisError, OSError: the map is unknown (no node answered)
-                or a primary could not be asked (the first reason).
+            redis.exceptions.ConnectionError: the map is unknown (no node answered), or
+                a primary did not answer (the message names each one and why).
+        """
+        failed = {address: why for address, why in (await self.probe()).items() if why != "ok"}
+        if failed:
+            raise RedisConnectionError(
+                "; ".join(f"primary {address}: {why}" for address, why in failed.items())
+            )
+        return True
+
+    async def probe(self) -> dict[str, str]:
+        """Each primary's health: ``"ok"``, or why it did not answer.
+
+        Raises:
+            redis.exceptions.ConnectionError: no node answered ``CLUSTER SLOTS``.
         """
         if not await self.refresh():
             raise RedisConnectionError("no node of the cluster answered CLUSTER SLOTS")
-        answered = True
-        for address in self.nodes():
-            answered = await self._node(address).health.execute("PING") == b"PONG" and answered
-        return answered
-
-    async def probe(self) -> dict[str, str]:
-        """Each primary's health: ``"ok"``, or why it did not answer."""
-        await self.refresh()
         result: dict[str, str] = {}
         for address in self.nodes():
             try:

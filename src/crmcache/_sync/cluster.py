@@ -515,19 +515,24 @@ class ClusterTransport(Transport):
         """PING every primary on its health connection; True if all answered ``PONG``.
 
         Raises:
-            redis.exceptions.RedisError, OSError: the map is unknown (no node answered)
-                or a primary could not be asked (the first reason).
+            redis.exceptions.ConnectionError: the map is unknown (no node answered), or
+                a primary did not answer (the message names each one and why).
+        """
+        failed = {address: why for address, why in (self.probe()).items() if why != "ok"}
+        if failed:
+            raise RedisConnectionError(
+                "; ".join(f"primary {address}: {why}" for address, why in failed.items())
+            )
+        return True
+
+    def probe(self) -> dict[str, str]:
+        """Each primary's health: ``"ok"``, or why it did not answer.
+
+        Raises:
+            redis.exceptions.ConnectionError: no node answered ``CLUSTER SLOTS``.
         """
         if not self.refresh():
             raise RedisConnectionError("no node of the cluster answered CLUSTER SLOTS")
-        answered = True
-        for address in self.nodes():
-            answered = self._node(address).health.execute("PING") == b"PONG" and answered
-        return answered
-
-    def probe(self) -> dict[str, str]:
-        """Each primary's health: ``"ok"``, or why it did not answer."""
-        self.refresh()
         result: dict[str, str] = {}
         for address in self.nodes():
             try:

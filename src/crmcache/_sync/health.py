@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any, cast
 
@@ -16,9 +17,11 @@ from .._stats import (
     SCAN_BUDGET,
     SCAN_COUNT,
     CacheStats,
+    NodeStats,
     PoolStats,
     RedisServerStats,
     hit_rate,
+    summarise,
 )
 from .core import CacheCore
 from .transport import AdminNode
@@ -67,21 +70,16 @@ class StatsMixin(CacheCore):
         total_keys: int | None = None
         exact = False
         info: RedisServerStats | None = None
+        nodes: tuple[NodeStats, ...] = ()
         transport = self._active()
         if transport is not None:
-            total_keys, exact = 0, True
-            for node in transport.primaries():
-                counted = self._call("get_cache_stats", self._count_keys, node)
-                if counted is FAILED:
-                    total_keys, exact = None, False
-                    break
-                total_keys += counted[0]
-                exact = exact and counted[1]
-            # One node's INFO (the first primary's) describes the server.
-            first = transport.primaries()[0]
-            raw_info = self._call("get_cache_stats", first.execute, "INFO")
-            if raw_info is not FAILED:
-                info = RedisServerStats.from_reply(raw_info)
+            transport.refresh()  # a cluster's primaries, learnt if unknown
+            nodes = tuple([self._node_stats(node) for node in transport.primaries()])
+            answered = [node for node in nodes if node.total_keys is not None]
+            if answered:
+                total_keys = sum(node.total_keys or 0 for node in answered)
+                exact = len(answered) == len(nodes) and all(n.total_keys_exact for n in nodes)
+            info = summarise([node.redis for node in nodes if node.redis is not None])
         stats = CacheStats(
             enabled=self.enabled,
             total_keys=total_keys,
@@ -96,6 +94,7 @@ class StatsMixin(CacheCore):
             ),
             circuit_breaker=self._breaker.snapshot(),
             topology=transport.topology.value if transport is not None else None,
+            nodes=nodes,
         )
         hits, misses = stats.hits, stats.misses
         logger.info(
@@ -120,6 +119,27 @@ class StatsMixin(CacheCore):
     def reset_stats(self) -> None:
         """Zero the local hit/miss and event counters."""
         self._stats.reset()
+
+    def _node_stats(self, node: AdminNode) -> NodeStats:
+        """One primary's key count and INFO (each through the breaker), or why not."""
+        reasons: list[str] = []
+
+        def asked(fn: Callable[..., Any], *args: Any) -> Any:  # noqa: ANN401
+            try:
+                return fn(*args)
+            except Exception as exc:
+                reasons.append(self._guard.describe(exc))
+                raise
+
+        counted = self._call("get_cache_stats", asked, self._count_keys, node)
+        raw_info = self._call("get_cache_stats", asked, node.execute, "INFO")
+        info = None if raw_info is FAILED else RedisServerStats.from_reply(raw_info)
+        error = None
+        if counted is FAILED or raw_info is FAILED:
+            error = reasons[0] if reasons else "not asked: the circuit breaker is open"
+        if counted is FAILED:
+            return NodeStats(node.address, None, False, info, error)
+        return NodeStats(node.address, counted[0], counted[1], info, error)
 
     def _count_keys(self, node: AdminNode) -> tuple[int, bool]:
         # SCAN in batches (never KEYS): Redis serves other clients between batches. Stop at
