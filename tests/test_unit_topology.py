@@ -26,9 +26,14 @@ def test_info_is_classified(server: bytes, replication: bytes, expected: Topolog
     assert classify(server, replication) is expected
 
 
-def test_only_standalone_and_unknown_are_servable() -> None:
-    """crmcache serves a standalone Redis or primary; it has nothing to say until it knows."""
-    assert {t for t in Topology if t.servable} == {Topology.UNKNOWN, Topology.STANDALONE}
+def test_only_standalone_cluster_and_unknown_are_servable() -> None:
+    """crmcache serves a standalone Redis or primary, and a whole cluster through
+    ``redis+cluster://``; it has nothing to say until it knows."""
+    assert {t for t in Topology if t.servable} == {
+        Topology.UNKNOWN,
+        Topology.STANDALONE,
+        Topology.CLUSTER,
+    }
 
 
 @pytest.mark.parametrize(
@@ -37,6 +42,7 @@ def test_only_standalone_and_unknown_are_servable() -> None:
         (Topology.SENTINEL, "Sentinel"),
         (Topology.CLUSTER_NODE, "Cluster node"),
         (Topology.REPLICA, "replica"),
+        (Topology.NOT_A_CLUSTER, "without cluster mode"),
     ],
 )
 def test_each_unservable_topology_is_explained(topology: Topology, words: str) -> None:
@@ -51,3 +57,10 @@ def test_servable_topologies_need_no_explanation() -> None:
     """Nothing is said about a standalone Redis or an unknown one."""
     assert explain(Topology.STANDALONE, "redis://cache") is None
     assert explain(Topology.UNKNOWN, "redis://cache") is None
+
+
+def test_a_cluster_node_behind_a_plain_url_points_at_the_cluster_url_form() -> None:
+    """The ERROR line for ``redis://`` on a cluster node says which URL form to use."""
+    message = explain(Topology.CLUSTER_NODE, "redis://cache:7000/0")
+    assert message is not None
+    assert "redis+cluster://" in message
