@@ -379,3 +379,39 @@ def test_rate_limit_overshoot_when_a_primary_is_killed(
         assert not any(degraded)
     else:
         assert all(degraded)
+
+
+def test_a_hung_primary_degrades_only_its_own_keys(caplog: pytest.LogCaptureFixture) -> None:
+    """A primary with no replica hangs: calls for its keys degrade (in microseconds once
+    its own breaker opens), every other primary keeps serving, and the manager's breaker
+    stays closed. When it answers again its keys are served again."""
+    caplog.set_level(logging.WARNING, logger="crmcache")
+    with RedisCluster(primaries=3) as lone:
+        ids = _ids_on_every_node(lone)
+        with CRMCacheManager(
+            redis_url=lone.url, socket_timeout=0.3, socket_connect_timeout=0.3
+        ) as cache:
+            for n, client_id in enumerate(ids):
+                assert cache.set_client_preferences(prefs(n + 1, client_id=client_id))
+            victim = lone.node_for_key(KEYS.prefs_key(ids[0]))
+            on_victim = [i for i in ids if lone.node_for_key(KEYS.prefs_key(i)) is victim]
+            elsewhere = [i for i in ids if i not in on_victim]
+            victim.pause_process()
+            try:
+                for _ in range(3):
+                    assert all(cache.get_client_preferences(i) is None for i in on_victim)
+                    assert all(cache.get_client_preferences(i) is not None for i in elsewhere)
+                assert cache.health_check() is False
+                stats = cache.get_stats()
+            finally:
+                victim.resume_process()
+            assert stats.circuit_breaker["state"] == "closed"
+            assert stats.counters["redis_errors"] > 0
+            poll(
+                lambda: cache.get_client_preferences(on_victim[0]) is not None,
+                timeout=10.0,
+                interval=0.05,
+                what="the primary's keys served again",
+            )
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(f"127.0.0.1:{victim.port}" in m and "keeps failing" in m for m in messages)

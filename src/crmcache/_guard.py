@@ -160,7 +160,7 @@ class CircuitBreaker:
         self._clock = clock
         self._lock = threading.Lock()
         self.state = BreakerState.CLOSED
-        self._failures = 0
+        self.failures = 0
         self._timeout = reset_timeout
         self._opened_at = 0.0
         self.trips = 0
@@ -187,12 +187,12 @@ class CircuitBreaker:
 
     def record_success(self) -> bool:
         """Note a successful call. Returns True if this closed an open breaker."""
-        if self.state is BreakerState.CLOSED and self._failures == 0:
+        if self.state is BreakerState.CLOSED and self.failures == 0:
             return False
         with self._lock:
             recovered = self.state is not BreakerState.CLOSED
             self.state = BreakerState.CLOSED
-            self._failures = 0
+            self.failures = 0
             self._timeout = self._base_timeout
             if recovered:
                 self.recoveries += 1
@@ -201,14 +201,14 @@ class CircuitBreaker:
     def record_failure(self) -> bool:
         """Note a connection failure. Returns True if this opened the breaker."""
         with self._lock:
-            self._failures += 1
+            self.failures += 1
             if self.state is BreakerState.HALF_OPEN:
                 # The probe failed: wait longer before the next one.
                 self._timeout = min(self._timeout * 2, self._max_timeout)
                 self.state = BreakerState.OPEN
                 self._opened_at = self._clock()
                 return False
-            if self.state is BreakerState.CLOSED and self._failures >= self._threshold:
+            if self.state is BreakerState.CLOSED and self.failures >= self._threshold:
                 self.state = BreakerState.OPEN
                 self._opened_at = self._clock()
                 self.trips += 1
@@ -236,8 +236,22 @@ class CircuitBreaker:
         """Close the breaker and forget past failures."""
         with self._lock:
             self.state = BreakerState.CLOSED
-            self._failures = 0
+            self.failures = 0
             self._timeout = self._base_timeout
+
+
+class NodeDownError(RedisConnectionError):
+    """One node of several (a cluster primary) could not be reached, or its own breaker
+    is open: only the keys it serves degrade. Counted and logged as an outage of that
+    node; the manager's breaker is left as it is, since the other nodes answer.
+
+    Attributes:
+        address: the node's ``host:port``.
+    """
+
+    def __init__(self, address: str, reason: str) -> None:
+        super().__init__(f"primary {address} unreachable: {reason}")
+        self.address = address
 
 
 def is_pool_exhausted(exc: BaseException) -> bool:
@@ -491,6 +505,7 @@ class Guard:
         self._unexpected_throttle = LogThrottle(log_interval, clock)
         self._topology_throttle = LogThrottle(log_interval, clock)
         self._protocol_throttle = LogThrottle(log_interval, clock)
+        self._node_throttle = LogThrottle(log_interval, clock)
         self._refusal_throttles: dict[str, LogThrottle] = {}
         self._lock = threading.Lock()
         self._failing = False
@@ -583,6 +598,17 @@ class Guard:
                 "Redis topology changed under %s (%s): the call degraded (%d more not "
                 "logged). A cluster node answers MOVED/ASK and a replica READONLY: point "
                 "redis_url at what serves the keys.",
+                op,
+                self.describe(exc),
+            )
+            return
+        if isinstance(exc, NodeDownError):
+            # One primary of a cluster is down: its keys degrade, the others are served.
+            self._neither(
+                self._node_throttle,
+                logging.WARNING,
+                "Redis node down during %s (%s): calls for its keys degrade, the other "
+                "nodes are served (%d more not logged)",
                 op,
                 self.describe(exc),
             )

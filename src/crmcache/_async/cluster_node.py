@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import NoScriptError, ResponseError
 
-from .._guard import PoolClosedError, PoolExhaustedError
+from .._guard import CircuitBreaker, PoolClosedError, PoolExhaustedError
 from .._replies import Check
 from .pool import AsyncLeanPool
 from .primitives import connected, dirty, send, within
@@ -42,7 +42,16 @@ _ASKING = ("ASKING",)
 
 
 class AsyncClusterNodePool(AsyncLeanPool):
-    """A cluster primary's lean pool (see the module docstring)."""
+    """A cluster primary's lean pool (see the module docstring).
+
+    Attributes:
+        breaker: this node's own circuit breaker: a primary that keeps failing is not
+            asked (its keys degrade in microseconds) while the others are served.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:  # noqa: ANN401 - AsyncLeanPool's
+        super().__init__(*args, **kwargs)
+        self.breaker = CircuitBreaker()
 
     async def lease(self) -> AbstractConnection:
         """A connection of this pool for a batch, its slot taken; give it back with

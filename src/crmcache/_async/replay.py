@@ -190,6 +190,7 @@ class AsyncInvalidationReplayer:
         if transport is None:
             return True
         scripts = transport.scripts
+        failed = False
         for entry in self.pending.snapshot():
             if entry.kind is PendingKind.PREFERENCES:
                 args = ["" if entry.version is None else entry.version, self._tombstone_ms]
@@ -205,10 +206,15 @@ class AsyncInvalidationReplayer:
                     "replay_invalidation", transport.execute, "DEL", entry.key
                 )
             if reply is FAILED:
-                return False
+                # On a cluster, another primary may answer: try every entry each round
+                # (on one node an outage opens the breaker, and the rest fail in µs).
+                failed = True
+                continue
             self.pending.done(entry)
             self._stats.count(Counter.INVALIDATIONS_REPLAYED)
             logger.info("replayed invalidation of %s", entry.key)
+        if failed:
+            return False
         if self.pending.prefs_overflowed:
             shortened = 0
             for node in transport.primaries():

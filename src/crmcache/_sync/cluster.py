@@ -26,24 +26,20 @@ nodes before any reply is read, so the nodes work concurrently and a batch costs
 round trip per node. A group that is redirected or fails is sent again through the
 keyed path above.
 
-The map is also checked about once a second while calls are made. When a slot changes
-primary (a failover or a resharding) it is logged once, the near cache is flushed and
-its listeners follow the new primaries, and the core replays the invalidations the
-former primaries confirmed since the map was last verified (replication is asynchronous:
-a primary that dies may not have passed them on). ``max_connections`` applies per node.
+Each primary has its own circuit breaker: a primary that keeps failing is not asked (its
+keys degrade in microseconds, as ``NodeDownError``) while the others are served, and the
+manager's breaker is left closed. The slot map (``cluster_map.py``) is also checked about
+once a second while calls are made. ``max_connections`` applies per node.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from typing import Any
 
-from redis import Redis
 from redis.exceptions import (
     AskError,
     ClusterDownError,
@@ -55,58 +51,29 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from .._cluster import SLOTS, BadSlotMapError, SlotMap, group_by_slot, parse_cluster_slots, slot_of
-from .._config import CacheSettings, cluster_target
-from .._guard import DEFAULT_LOG_INTERVAL, LogThrottle, PoolClosedError, PoolExhaustedError
-from .._scripts import ScriptLike, register_scripts
+from .._cluster import group_by_slot, slot_of
+from .._guard import BreakerState, NodeDownError, PoolClosedError, PoolExhaustedError
+from .._scripts import ScriptLike
 from .._stats import PoolAccounting
-from .._topology import Topology, classify, explain
+from .cluster_map import VERIFY_INTERVAL, ClusterMap, _address, _host_port, logger
 from .cluster_node import ClusterNodePool
-from .node import (
-    ADMIN_CONNECTIONS,
-    MAX_PREFERENCES_BYTES,
-    health_kwargs,
-    parse_node_url,
-    tracking_kwargs,
-)
-from .pool import LeanPool
-from .primitives import Background, Event, sleep, spawn, within
-from .transport import AdminNode, Transport
+from .node import tracking_kwargs
+from .primitives import sleep, within
+from .transport import Transport
 
-__all__ = ["MAX_REDIRECTS", "VERIFY_INTERVAL", "ClusterTransport"]
-
-logger = logging.getLogger("crmcache")
+__all__ = ["MAX_REDIRECTS", "ClusterTransport"]
 
 #: Redirections and retries one call follows at most.
 MAX_REDIRECTS = 5
 #: The first back-off after ``TRYAGAIN`` / ``CLUSTERDOWN`` (doubled each time).
 FIRST_BACKOFF = 0.01
-#: Seconds between background checks of the slot map while calls are made.
-VERIFY_INTERVAL = 1.0
-#: Seconds a map just learnt is not asked for again (a burst of MOVED asks once).
-RETRY_INTERVAL = 0.05
 #: Errors after which a call is routed again (the pool's own are not among them).
 _REROUTED = (MovedError, AskError, TryAgainError, ClusterDownError, RedisConnectionError)
 #: Stands for a batch command whose group failed: it is sent again on its own.
 _AGAIN = object()
 
 
-@dataclass(eq=False, slots=True)
-class _Node:
-    """One node's pools: data (keyed calls), admin (SCAN, INFO), health (PING, map)."""
-
-    address: str
-    data: ClusterNodePool
-    admin: LeanPool
-    health: LeanPool
-
-
-def _host_port(address: str) -> tuple[str, int]:
-    host, _, port = address.rpartition(":")
-    return host.strip("[]"), int(port)
-
-
-class ClusterTransport(Transport):
+class ClusterTransport(ClusterMap, Transport):
     """Every primary of a Redis Cluster, routed by slot (see the module docstring).
 
     Args:
@@ -120,103 +87,6 @@ class ClusterTransport(Transport):
     #: Slots can change primary under the transport (failover, resharding).
     may_fail_over = True
 
-    def __init__(self, settings: CacheSettings, scrub: Callable[[str], str]) -> None:
-        target = cluster_target(settings.redis_url)
-        parsed = parse_node_url(target.node_url, settings, scrub)
-        self.connection_class = parsed.connection_class
-        self.connection_kwargs = parsed.connection_kwargs
-        self.scripts = register_scripts(Redis(connection_pool=parsed))
-        self._settings = settings
-        self._masked_url = settings.masked_url
-        self._scrub = scrub
-        self._seeds = tuple(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in target.seeds)
-        self._nodes: dict[str, _Node] = {}
-        self._nodes_lock = threading.Lock()
-        #: The data pool of each slot's primary (None: not known yet, or not served).
-        self._owners: list[ClusterNodePool | None] = [None] * SLOTS
-        self._map: SlotMap | None = None
-        self._call_timeout = settings.socket_timeout
-        self._refreshing: Event | None = None
-        self._refresh_lock = threading.Lock()
-        self._asked_at = -RETRY_INTERVAL
-        self._verified_at = 0.0
-        self._checked_at = 0.0
-        self._verifier: Background | None = None
-        self._warnings = LogThrottle(DEFAULT_LOG_INTERVAL)
-        self._told: Topology | None = None
-        self._closed = False
-        self.topology = Topology.UNKNOWN
-
-    # -- nodes ------------------------------------------------------------------------
-
-    def _node(self, address: str) -> _Node:
-        """The pools of ``address``, made on first use (no connection is opened here)."""
-        node = self._nodes.get(address)
-        if node is not None:
-            return node
-        with self._nodes_lock:
-            node = self._nodes.get(address)
-            if node is None:
-                node = self._nodes[address] = self._make_node(address)
-            return node
-
-    def _make_node(self, address: str) -> _Node:
-        s, cls = self._settings, self.connection_class
-        host, port = _host_port(address)
-        kwargs = {**self.connection_kwargs, "host": host, "port": port}
-        health = health_kwargs(kwargs, s)
-        return _Node(
-            address=address,
-            data=ClusterNodePool(
-                lambda: cls(**kwargs),
-                max_connections=s.max_connections,
-                timeout=s.pool_timeout,
-                address=address,
-                on_info=self._learn,
-                call_timeout=s.socket_timeout,
-                connect_timeout=s.socket_connect_timeout,
-                max_value_bytes=max(s.max_template_bytes, MAX_PREFERENCES_BYTES),
-            ),
-            admin=LeanPool(
-                lambda: cls(**kwargs),
-                max_connections=ADMIN_CONNECTIONS,
-                timeout=s.pool_timeout,
-                address=address,
-                call_timeout=s.socket_timeout,
-                connect_timeout=s.socket_connect_timeout,
-            ),
-            health=LeanPool(
-                lambda: cls(**health),
-                max_connections=1,
-                timeout=s.socket_connect_timeout,
-                retry_dropped=False,
-                address=address,
-                call_timeout=s.socket_connect_timeout,
-                whole_call=True,
-                on_info=self._learn,
-            ),
-        )
-
-    def _learn(self, server: bytes, replication: bytes) -> None:
-        """A new connection's INFO: a node without cluster mode (or a Sentinel) cannot
-        serve a Cluster URL: one ERROR line, and health reports False."""
-        found = classify(server, replication)
-        if found is Topology.CLUSTER_NODE:
-            if self.topology is Topology.UNKNOWN:
-                self.topology = Topology.CLUSTER
-            return
-        sentinel = found is Topology.SENTINEL
-        self._unservable(Topology.SENTINEL if sentinel else Topology.NOT_A_CLUSTER)
-
-    def _unservable(self, topology: Topology) -> None:
-        self.topology = topology
-        if self._told is topology:
-            return
-        self._told = topology
-        message = explain(topology, self._masked_url)
-        if message is not None:
-            logger.error(message)
-
     # -- the data path ----------------------------------------------------------------
 
     def execute(self, *args: Any, check: Any = None) -> Any:  # noqa: ANN401 - a raw Redis reply
@@ -227,17 +97,19 @@ class ClusterTransport(Transport):
         if now - self._checked_at > VERIFY_INTERVAL:
             self._checked_at = now
             self._verify_soon()
-        if pool is not None:
-            try:
-                return pool.execute(*args, check=check)
-            except (PoolExhaustedError, PoolClosedError):
-                raise
-            except _REROUTED as exc:
-                return self._reroute(exc, slot, _command(args, check))
-            except (TimeoutError, RedisTimeoutError):
-                self._checked_at = 0.0  # a hung primary: the next call checks the map
-                raise
-        return self._reroute(None, slot, _command(args, check))
+        if pool is None or pool.breaker.state is not BreakerState.CLOSED:
+            return self._guarded(slot, _command(args, check))
+        try:
+            reply = pool.execute(*args, check=check)
+        except (PoolExhaustedError, PoolClosedError):
+            raise
+        except _REROUTED as exc:
+            return self._reroute(exc, slot, _command(args, check))
+        except (TimeoutError, RedisTimeoutError) as exc:
+            raise self._down(pool, exc) from exc
+        if pool.breaker.failures:
+            pool.breaker.record_success()
+        return reply
 
     def evalsha(self, script: ScriptLike, keys: Sequence[Any], args: Sequence[Any]) -> Any:  # noqa: ANN401
         """The script on the primary of ``keys[0]``'s slot, loaded there on ``NOSCRIPT``."""
@@ -247,17 +119,57 @@ class ClusterTransport(Transport):
         if now - self._checked_at > VERIFY_INTERVAL:
             self._checked_at = now
             self._verify_soon()
-        if pool is not None:
-            try:
-                return pool.evalsha(script, keys, args)
-            except (PoolExhaustedError, PoolClosedError):
-                raise
-            except _REROUTED as exc:
-                return self._reroute(exc, slot, _script(script, keys, args))
-            except (TimeoutError, RedisTimeoutError):
-                self._checked_at = 0.0
-                raise
-        return self._reroute(None, slot, _script(script, keys, args))
+        if pool is None or pool.breaker.state is not BreakerState.CLOSED:
+            return self._guarded(slot, _script(script, keys, args))
+        try:
+            reply = pool.evalsha(script, keys, args)
+        except (PoolExhaustedError, PoolClosedError):
+            raise
+        except _REROUTED as exc:
+            return self._reroute(exc, slot, _script(script, keys, args))
+        except (TimeoutError, RedisTimeoutError) as exc:
+            raise self._down(pool, exc) from exc
+        if pool.breaker.failures:
+            pool.breaker.record_success()
+        return reply
+
+    def _guarded(self, slot: int, run: Callable[[ClusterNodePool, bool], Any]) -> Any:  # noqa: ANN401
+        """A call whose slot has no known primary yet, or whose primary's breaker is not
+        closed: learn the map, or fail fast while the breaker is open (half open: this
+        call is the probe)."""
+        pool = self._owners[slot]
+        if pool is None:
+            return self._reroute(None, slot, run)
+        if not pool.breaker.allow():
+            raise NodeDownError(pool.address, "not asked while its circuit breaker is open")
+        try:
+            reply = run(pool, False)
+        except (PoolExhaustedError, PoolClosedError):
+            pool.breaker.release_probe()
+            raise
+        except _REROUTED as exc:
+            pool.breaker.release_probe()  # a failure is noted on it if it stays the owner
+            return self._reroute(exc, slot, run)
+        except (TimeoutError, RedisTimeoutError) as exc:
+            raise self._down(pool, exc) from exc
+        except BaseException:
+            pool.breaker.release_probe()
+            raise
+        pool.breaker.record_success()
+        return reply
+
+    def _down(self, pool: ClusterNodePool, exc: BaseException) -> NodeDownError:
+        """``pool``'s primary did not answer: note it on its breaker, check the map in
+        the background (a failover may be under way), and say which node it was."""
+        self._checked_at = 0.0
+        if pool.breaker.record_failure():
+            logger.warning(
+                "cluster %s: primary %s keeps failing; its keys degrade without asking it "
+                "until a probe succeeds",
+                self._masked_url,
+                pool.address,
+            )
+        return NodeDownError(pool.address, f"{type(exc).__name__}: {self._scrub(str(exc))}")
 
     def _reroute(
         self,
@@ -269,45 +181,54 @@ class ClusterTransport(Transport):
         until the call succeeds, within its one deadline and :data:`MAX_REDIRECTS`."""
         deadline = time.monotonic() + self._call_timeout
         for attempt in range(MAX_REDIRECTS + 1):
-            asking = False
-            if isinstance(exc, MovedError):
-                pool = self._moved(exc)
-            elif isinstance(exc, AskError):
-                pool, asking = self._node(_address(exc.host, exc.port)).data, True
-            elif exc is None or isinstance(exc, TryAgainError | ClusterDownError):
-                if exc is not None:
-                    left = max(0.0, deadline - time.monotonic())
-                    sleep(min(FIRST_BACKOFF * 2**attempt, left))
-                if exc is None or isinstance(exc, ClusterDownError):
-                    self._refresh(deadline, force=exc is not None)
-                found = self._owners[slot]
-                if found is None:
-                    raise exc or ClusterDownError(f"slot {slot} is served by no known primary")
-                pool = found
-            else:  # the connection dropped or was refused: is there a new primary?
-                before = self._owners[slot]
-                self._refresh(deadline, force=True)
-                found = self._owners[slot]
-                if found is None or found is before:
-                    raise exc
-                pool = found
+            pool, asking = self._next(exc, slot, attempt, deadline)
             if attempt == MAX_REDIRECTS or time.monotonic() >= deadline:
                 break
             try:
-                return run(pool, asking)
+                reply = run(pool, asking)
             except (PoolExhaustedError, PoolClosedError):
                 raise
             except _REROUTED as again:
                 exc = again
+            except (TimeoutError, RedisTimeoutError) as again:
+                raise self._down(pool, again) from again
+            else:
+                if pool.breaker.failures:
+                    pool.breaker.record_success()
+                return reply
         raise exc or ClusterDownError(f"slot {slot}: no primary answered")
 
-    def _moved(self, exc: MovedError) -> ClusterNodePool:
-        """Point the slot at the node ``MOVED`` named; learn the whole map soon."""
-        pool = self._node(_address(exc.host, exc.port)).data
-        if 0 <= exc.slot_id < SLOTS:
-            self._owners[exc.slot_id] = pool
-        self._checked_at = 0.0  # the next call checks the map in the background
-        return pool
+    def _next(
+        self, exc: BaseException | None, slot: int, attempt: int, deadline: float
+    ) -> tuple[ClusterNodePool, bool]:
+        """Where the call goes after ``exc``, and whether after ``ASKING``.
+
+        Raises:
+            the error itself, or ``NodeDownError``: no other primary serves the slot.
+        """
+        if isinstance(exc, MovedError):
+            return self._moved(exc), False
+        if isinstance(exc, AskError):
+            return self._node(_address(exc.host, exc.port)).data, True
+        before = self._owners[slot]
+        if exc is None or isinstance(exc, TryAgainError | ClusterDownError):
+            if exc is not None:
+                left = max(0.0, deadline - time.monotonic())
+                sleep(min(FIRST_BACKOFF * 2**attempt, left))
+            if not isinstance(exc, TryAgainError):
+                self._refresh(deadline, force=exc is not None)
+            found = self._owners[slot]
+            if found is None:
+                raise exc or ClusterDownError(f"slot {slot} is served by no known primary")
+            return found, False
+        # The connection dropped or was refused: is there a new primary?
+        self._refresh(deadline, force=True)
+        found = self._owners[slot]
+        if found is not None and found is not before:
+            return found, False
+        if before is None:
+            raise exc
+        raise self._down(before, exc) from exc
 
     # -- batches ----------------------------------------------------------------------
 
@@ -394,122 +315,7 @@ class ClusterTransport(Transport):
             for n, (pool, conn, _) in enumerate(leased):
                 pool.give_back(conn, intact=done[n])
 
-    # -- the slot map -------------------------------------------------------------------
-
-    def _verify_soon(self) -> None:
-        """Learn the map in the background (at most one such job at a time)."""
-        if self._closed:
-            return
-        with self._refresh_lock:
-            if self._refreshing is not None or (
-                self._verifier is not None and self._verifier.is_alive()
-            ):
-                return
-            self._verifier = spawn(self._verify, "crmcache-cluster-verify")
-
-    def _verify(self) -> None:
-        self._refresh(time.monotonic() + self._settings.socket_connect_timeout, force=True)
-
-    def refresh(self) -> bool:
-        """Learn the slot map if it is unknown; False if no node answered."""
-        if self._map is None:
-            self._refresh(time.monotonic() + self._settings.socket_connect_timeout)
-        return self._map is not None
-
-    def _refresh(self, deadline: float, *, force: bool = False) -> None:
-        """Ask the nodes for the slot map, or wait (until ``deadline``) for the request
-        in flight. Never raises a Redis error: a failure is logged."""
-        with self._refresh_lock:
-            running = self._refreshing
-            if running is None:
-                if not force and time.monotonic() - self._asked_at < RETRY_INTERVAL:
-                    return  # asked a moment ago: that answer stands
-                mine = self._refreshing = Event()
-        if running is not None:
-            running.wait(max(0.0, deadline - time.monotonic()))
-            return
-        try:
-            self._load(deadline)
-        finally:
-            with self._refresh_lock:
-                self._refreshing = None
-            mine.set()
-
-    def _load(self, deadline: float) -> None:
-        started = self._asked_at = time.monotonic()
-        known = self._map.primaries if self._map is not None else ()
-        failures: list[str] = []
-        for address in dict.fromkeys((*known, *self._seeds)):
-            if time.monotonic() >= deadline:
-                break
-            node = self._node(address)
-            try:
-                reply = node.health.execute("CLUSTER", "SLOTS")
-                found = parse_cluster_slots(reply, _host_port(address)[0])
-            except ResponseError as exc:
-                if "cluster support disabled" in str(exc):
-                    self._unservable(Topology.NOT_A_CLUSTER)
-                    return
-                failures.append(f"{address}: {self._scrub(str(exc))}")
-                continue
-            except (RedisError, OSError, BadSlotMapError) as exc:
-                failures.append(f"{address}: {type(exc).__name__}: {self._scrub(str(exc))}")
-                continue
-            if found.covered:
-                self._install(found, started)
-                return
-            failures.append(f"{address}: serves no slot")
-        suppressed = self._warnings.ready()
-        if suppressed is not None:
-            logger.warning(
-                "no node of %s answered CLUSTER SLOTS (%d more not logged): %s",
-                self._masked_url,
-                suppressed,
-                "; ".join(failures) or "the call's deadline passed",
-            )
-
-    def _install(self, found: SlotMap, started: float) -> None:
-        """Route by ``found``; log and announce a change of primaries."""
-        pools = [self._node(address).data for address in found.primaries]
-        previous, since = self._map, self._verified_at
-        self._owners = [pools[index] if index >= 0 else None for index in found.owners]
-        self._map, self._verified_at = found, started
-        if self.topology is Topology.UNKNOWN:
-            self.topology = Topology.CLUSTER
-        if previous is None:
-            logger.info(
-                "cluster %s: %d primaries serve %d of %d slots",
-                self._masked_url,
-                len(found.primaries),
-                found.covered,
-                SLOTS,
-            )
-            return
-        if found.owners == previous.owners and found.primaries == previous.primaries:
-            return
-        moved = found.moved_slots(previous)
-        if not moved:
-            return
-        logger.warning(
-            "cluster %s: %d slot(s) changed primary; primaries now %s",
-            self._masked_url,
-            moved,
-            ", ".join(found.primaries),
-        )
-        listener = self.on_primary_change
-        if listener is not None:
-            listener(since)
-
-    # -- admin, health, lifecycle ------------------------------------------------------
-
-    def primaries(self) -> Sequence[AdminNode]:
-        """Every primary of the map last learnt, on its admin pool (the seeds before)."""
-        addresses = self._map.primaries if self._map is not None else self._seeds[:1]
-        return [self._node(address).admin for address in addresses]
-
-    def nodes(self) -> list[str]:
-        """Every primary's ``host:port`` (the map last learnt)."""
-        return list(self._map.primaries) if self._map is not None else []
+    # -- admin, health, lifecycle
 
     def ping(self) -> bool:
         """PING every primary on its health connection; True if all answered ``PONG``.
@@ -564,10 +370,6 @@ class ClusterTransport(Transport):
         verifier = self._verifier
         if verifier is not None:
             verifier.join(timeout=self._settings.socket_connect_timeout)
-
-
-def _address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _command(
