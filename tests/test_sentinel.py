@@ -291,3 +291,37 @@ def test_a_primary_change_requeues_recent_invalidations(
         replayer.confirmed(PendingKind.PREFERENCES, f"crm:prefs:{key}", 1)
     replayer.requeue_confirmed(time.monotonic())
     assert replayer.pending.prefs_overflowed
+
+
+# -- crmcache.testing.SentinelGroup's own helpers -------------------------------------
+
+
+def test_group_kill_primary_waits_for_the_takeover(group: SentinelGroup) -> None:
+    """kill_primary() returns once every sentinel names the replica, now a primary."""
+    old = group.primary()
+    killed = group.kill_primary()
+    assert killed is old
+    assert not killed.running
+    new = group.primary()
+    assert new is not old
+    assert new.running
+    with group.node(new.port) as node:
+        assert node.execute_command("ROLE")[0] == b"master"
+    assert group.url.startswith(
+        f"redis+sentinel://:s3nt%21nel-pa55@127.0.0.1:{group.sentinel_ports[0]},"
+    )
+
+
+@pytest.mark.slow
+def test_group_failover_waits_until_settled(group: SentinelGroup) -> None:
+    """failover() returns with the new primary named by every sentinel and the former one
+    replicating it, in sync."""
+    old = group.primary()
+    new = group.failover()
+    assert new is not old
+    assert group.primary_port() == new.port
+    with group.node(old.port) as node:
+        info = node.info("replication")
+    assert info["role"] == "slave"
+    assert info["master_port"] == new.port
+    assert info["master_link_status"] == "up"

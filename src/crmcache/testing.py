@@ -411,6 +411,21 @@ class RedisCluster:
         """The primary serving ``key`` now."""
         return self.slot_owner(key_slot(key.encode() if isinstance(key, str) else key))
 
+    def key_counts(self, match: str = "*") -> dict[str, int]:
+        """Keys matching ``match`` on each primary (``SCAN MATCH``), by ``"host:port"``,
+        in slot order."""
+        counts: dict[str, int] = {}
+        for node in self.primaries():
+            cursor, found = 0, 0
+            while True:
+                cursor_raw, keys = self._ask(node, "SCAN", cursor, "MATCH", match, "COUNT", 1000)
+                found += len(keys)
+                cursor = int(cursor_raw)
+                if cursor == 0:
+                    break
+            counts[f"{node.host}:{node.port}"] = found
+        return counts
+
     # -- life cycle ---------------------------------------------------------------------
 
     def start(self, timeout: float = 30.0) -> None:
