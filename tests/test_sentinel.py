@@ -13,11 +13,8 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
-import redis
 
 from crmcache import ClientPreferences, ConfigurationError, CRMCacheManager, MessageChannel
 from crmcache._config import mask_url, resolve_settings, sentinel_target
@@ -26,108 +23,20 @@ from crmcache._pending import PendingKind
 from crmcache._stats import StatsRecorder
 from crmcache._sync import replay
 from crmcache._sync.primitives import Event
-from crmcache.testing import RedisServer, find_redis_server_binary, free_loopback_port
+from crmcache.testing import SentinelGroup, find_redis_server_binary, free_loopback_port
 from helpers import poll, prefs
 
 SERVICE = "crm"
 PASSWORD = "s3nt!nel-pa55"
 
 
-@dataclass
-class SentinelGroup:
-    """A primary, a replica and three sentinels monitoring them as ``SERVICE``."""
-
-    servers: list[RedisServer]
-    sentinel_ports: list[int]
-    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
-
-    @property
-    def url(self) -> str:
-        hosts = ",".join(f"127.0.0.1:{port}" for port in self.sentinel_ports)
-        return f"redis+sentinel://:{PASSWORD}@{hosts}/{SERVICE}/0"
-
-    def sentinel(self, index: int = 0) -> redis.Redis:
-        return redis.Redis(port=self.sentinel_ports[index], socket_timeout=1.0)
-
-    def primary_port(self) -> int:
-        with self.sentinel() as client:
-            _, port = client.sentinel_get_master_addr_by_name(SERVICE)
-        return int(port)
-
-    def node(self, port: int) -> redis.Redis:
-        return redis.Redis(port=port, password=PASSWORD, socket_timeout=1.0)
-
-
-def _answers(client: redis.Redis) -> bool:
-    try:
-        return bool(client.ping())
-    except redis.RedisError:
-        return False
-
-
-def _replica_known(group: SentinelGroup) -> bool:
-    """Every sentinel knows the replica (in sync) and the other two sentinels."""
-    for index in range(len(group.sentinel_ports)):
-        with group.sentinel(index) as client:
-            try:
-                replicas = client.sentinel_slaves(SERVICE)
-                others = client.sentinel_sentinels(SERVICE)
-            except redis.RedisError:
-                return False
-        if len(others) < 2 or not any(
-            r.get("master-link-status") == "ok" and not r.get("is_sdown") for r in replicas
-        ):
-            return False
-    return True
-
-
 @pytest.fixture
-def group(tmp_path: Path) -> Iterator[SentinelGroup]:
+def group() -> Iterator[SentinelGroup]:
     """Started, with every sentinel aware of the replica and of each other."""
-    binary = find_redis_server_binary()
-    if binary is None:
+    if find_redis_server_binary() is None:
         pytest.skip("needs a redis-server binary")
-    auth = ["--masterauth", PASSWORD]
-    primary = RedisServer(password=PASSWORD, extra_args=auth)
-    primary.start()
-    replica = RedisServer(
-        password=PASSWORD, extra_args=[*auth, "--replicaof", "127.0.0.1", str(primary.port)]
-    )
-    replica.start()
-    group = SentinelGroup(servers=[primary, replica], sentinel_ports=[])
-    try:
-        for index in range(3):
-            port = free_loopback_port()
-            folder = tmp_path / f"sentinel{index}"
-            folder.mkdir()
-            conf = folder / "sentinel.conf"
-            conf.write_text(
-                f"port {port}\nbind 127.0.0.1\ndir {folder}\n"
-                f"sentinel monitor {SERVICE} 127.0.0.1 {primary.port} 2\n"
-                f"sentinel auth-pass {SERVICE} {PASSWORD}\n"
-                f"sentinel down-after-milliseconds {SERVICE} 1000\n"
-                f"sentinel failover-timeout {SERVICE} 3000\n"
-            )
-            group.processes.append(
-                subprocess.Popen(
-                    [binary, str(conf), "--sentinel"],
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                )
-            )
-            group.sentinel_ports.append(port)
-        for index in range(3):
-            with group.sentinel(index) as client:
-                poll(lambda c=client: _answers(c), timeout=10.0, what="sentinel up")
-        poll(lambda: _replica_known(group), timeout=20.0, what="sentinels know the group")
-        yield group
-    finally:
-        for process in group.processes:
-            process.terminate()
-        for process in group.processes:
-            process.wait(timeout=10)
-        replica.stop()
-        primary.stop()
+    with SentinelGroup(service=SERVICE, password=PASSWORD) as started:
+        yield started
 
 
 def test_the_api_works_through_a_sentinel_url(group: SentinelGroup) -> None:
@@ -382,3 +291,37 @@ def test_a_primary_change_requeues_recent_invalidations(
         replayer.confirmed(PendingKind.PREFERENCES, f"crm:prefs:{key}", 1)
     replayer.requeue_confirmed(time.monotonic())
     assert replayer.pending.prefs_overflowed
+
+
+# -- crmcache.testing.SentinelGroup's own helpers -------------------------------------
+
+
+def test_group_kill_primary_waits_for_the_takeover(group: SentinelGroup) -> None:
+    """kill_primary() returns once every sentinel names the replica, now a primary."""
+    old = group.primary()
+    killed = group.kill_primary()
+    assert killed is old
+    assert not killed.running
+    new = group.primary()
+    assert new is not old
+    assert new.running
+    with group.node(new.port) as node:
+        assert node.execute_command("ROLE")[0] == b"master"
+    assert group.url.startswith(
+        f"redis+sentinel://:s3nt%21nel-pa55@127.0.0.1:{group.sentinel_ports[0]},"
+    )
+
+
+@pytest.mark.slow
+def test_group_failover_waits_until_settled(group: SentinelGroup) -> None:
+    """failover() returns with the new primary named by every sentinel and the former one
+    replicating it, in sync."""
+    old = group.primary()
+    new = group.failover()
+    assert new is not old
+    assert group.primary_port() == new.port
+    with group.node(old.port) as node:
+        info = node.info("replication")
+    assert info["role"] == "slave"
+    assert info["master_port"] == new.port
+    assert info["master_link_status"] == "up"

@@ -78,6 +78,8 @@ class DemoReport:
     redis_memory: str = ""
     redis_url: str = ""
     stopped_early: bool = False
+    #: Keys on each primary (``"host:port"``) of a Redis Cluster; ``None`` for one node.
+    node_keys: dict[str, int] | None = None
 
     @property
     def ops_per_second(self) -> float:
@@ -131,6 +133,7 @@ class DemoReport:
             "redis_memory": self.redis_memory,
             "redis_url": self.redis_url,
             "stopped_early": self.stopped_early,
+            "node_keys": self.node_keys,
         }
 
 

