@@ -100,6 +100,27 @@ def test_the_api_works_on_every_node(clean: RedisCluster) -> None:
     assert stats.counters["topology_errors"] == 0
 
 
+def test_a_batch_is_one_mget_per_slot_and_no_get(clean: RedisCluster) -> None:
+    """Fifty templates over every primary: one MGET per slot (a cluster refuses two slots
+    in one command), sent per node in one write; never a GET per key."""
+    pairs = [(f"t{i}", MessageChannel.EMAIL) for i in range(50)]
+    slots = {slot_of(template_key(channel, name)) for name, channel in pairs}
+    with CRMCacheManager(redis_url=clean.url) as cache:
+        assert cache.set_templates({pair: f"body {i}" for i, pair in enumerate(pairs)})
+        for node in clean.primaries():
+            with redis.Redis(port=node.port) as client:
+                client.config_resetstat()
+        result = cache.get_templates(pairs)
+    assert all(result[pair] == f"body {i}" for i, pair in enumerate(pairs))
+    mgets = gets = 0
+    for node in clean.primaries():
+        with redis.Redis(port=node.port) as client:
+            stats = client.info("commandstats")
+        mgets += stats.get("cmdstat_mget", {}).get("calls", 0)
+        gets += stats.get("cmdstat_get", {}).get("calls", 0)
+    assert (mgets, gets) == (len(slots), 0)
+
+
 def test_rate_limits_are_enforced_on_every_node(clean: RedisCluster) -> None:
     apis = [f"api-{i}" for i in range(12)]
     owners = {clean.node_for_key(KEYS.rate_limit_key(api, 60)).port for api in apis}
@@ -382,11 +403,12 @@ def test_rate_limit_overshoot_when_a_primary_is_killed(
 
 
 def test_a_hung_primary_degrades_only_its_own_keys(caplog: pytest.LogCaptureFixture) -> None:
-    """A primary with no replica hangs: calls for its keys degrade (in microseconds once
-    its own breaker opens), every other primary keeps serving, and the manager's breaker
-    stays closed. When it answers again its keys are served again."""
+    """A primary with no replica hangs (for less than the cluster's node timeout, so the
+    cluster itself stays up): calls for its keys degrade (in microseconds once its own
+    breaker opens), every other primary keeps serving, and the manager's breaker stays
+    closed. When it answers again its keys are served again."""
     caplog.set_level(logging.WARNING, logger="crmcache")
-    with RedisCluster(primaries=3) as lone:
+    with RedisCluster(primaries=3, node_timeout_ms=30_000) as lone:
         ids = _ids_on_every_node(lone)
         with CRMCacheManager(
             redis_url=lone.url, socket_timeout=0.3, socket_connect_timeout=0.3

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import redis
 
 from crmcache import CRMCacheManager, MessageChannel
@@ -56,6 +57,7 @@ def test_batched_fetch_returns_every_requested_pair(cache: CRMCacheManager) -> N
     assert (stats["templates"].hits, stats["templates"].misses) == (2, 1)
 
 
+@pytest.mark.single_only  # a cluster sends one MGET per slot: tests/test_cluster.py
 def test_batched_fetch_is_one_round_trip(cache: CRMCacheManager, raw: redis.Redis) -> None:
     """Fifty templates cost one MGET on the server, not fifty GETs."""
     pairs = [(f"t{i}", "email") for i in range(50)]

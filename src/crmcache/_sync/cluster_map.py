@@ -232,7 +232,10 @@ class ClusterMap:
         started = self._asked_at = time.monotonic()
         known = self._map.primaries if self._map is not None else ()
         failures: list[str] = []
-        for address in dict.fromkeys((*known, *self._seeds)):
+        candidates = list(dict.fromkeys((*known, *self._seeds)))
+        # A primary whose breaker is open is asked last: it is likely the one that hangs.
+        candidates.sort(key=lambda address: self._node(address).data.breaker.failures > 0)
+        for address in candidates:
             if time.monotonic() >= deadline:
                 break
             node = self._node(address)
