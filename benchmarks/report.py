@@ -17,6 +17,9 @@ then prints:
    same run): ops/s, p99 and their ratios to the sync figure, and failed calls;
 4. the Redis-side cost of each script (``extra_info`` of test_bench_redis_cost.py):
    ``INFO commandstats`` microseconds per call, beside GET and SET;
+5. the cluster throughput runs (``extra_info`` of test_bench_cluster.py): 16 threads on
+   one manager over 3 primaries beside 1 primary (and a single node, for reference):
+   ops/s, p99 and their ratios to the 1-primary figure, and failed calls;
 
 then the machine it ran on, the performance targets met or missed, and any failed test.
 The same text is written to ``benchmarks/results.md``, and a bar chart of the medians per
@@ -68,6 +71,19 @@ REDIS_COST_TABLE = "redis-cost"
 REDIS_COST_GROUP = "redis-cost"
 #: The operation the Redis-side costs are compared with.
 REDIS_COST_REFERENCE = "get"
+
+CLUSTER_TABLE = "cluster-throughput"
+#: The cluster table's rows, in order: ``extra_info["implementation"]`` and its label; the
+#: first is the baseline of the ratios.
+CLUSTER_IMPLEMENTATIONS = (
+    ("cluster_1_primary", "1 primary (baseline)"),
+    ("cluster_3_primaries", "3 primaries"),
+    ("single_node", "single node (reference)"),
+)
+#: The cluster row whose ops/s ratio has a target, and the target: the least ops/s it
+#: may reach, as a fraction of the baseline's (~ 1 / 1.10, the per-call bound).
+CLUSTER_MEASURED = "cluster_3_primaries"
+CLUSTER_MIN_OPS_RATIO = 0.90
 
 #: pytest's exit code when tests failed (the run itself completed).
 _TESTS_FAILED = 1
@@ -183,6 +199,18 @@ TARGETS = (
            "near_hit_template_crmcache_near_cache", 0.02, "near_hit_template_raw_get_decode"),
     Target("rate-limit script <= 10 µs per call on the server (INFO commandstats)",
            REDIS_COST_GROUP, "rate_limit", 10.0),
+    Target("cluster prefs hit (3 primaries) <= 1.10x single node", "cluster-prefs-hit",
+           "cluster_prefs_hit[cluster_3_primaries]", 1.10,
+           "cluster_prefs_hit[baseline_single_node]"),
+    Target("cluster rate limit (3 primaries) <= 1.10x single node", "cluster-rate-limit",
+           "cluster_rate_limit[cluster_3_primaries]", 1.10,
+           "cluster_rate_limit[baseline_single_node]"),
+    Target("cluster 50-template batch (3 primaries) <= 2.0x raw MGET on one node",
+           "cluster-templates-50", "cluster_templates_50_get_templates[cluster_3_primaries]",
+           2.0, "cluster_templates_50_raw_mget_single_node"),
+    Target("cluster 50-template batch (3 primaries) <= 1.5x get_templates on one node",
+           "cluster-templates-50", "cluster_templates_50_get_templates[cluster_3_primaries]",
+           1.5, "cluster_templates_50_get_templates[single_node]"),
 )  # fmt: skip
 
 
@@ -391,6 +419,50 @@ def build_async_rows(runs: Sequence[Sequence[Mapping[str, Any]]]) -> list[AsyncR
     return rows
 
 
+def build_cluster_rows(runs: Sequence[Sequence[Mapping[str, Any]]]) -> list[AsyncRow]:
+    """One row per CLUSTER_IMPLEMENTATIONS entry (those that ran, baseline always): best
+    ops/s and p99 over the runs and their ratios to the 1-primary baseline's, the most
+    failed calls in any run. Empty when no cluster throughput benchmark ran."""
+    extras = [e for e in _extras(runs, CLUSTER_TABLE) if "ops_per_s" in e]
+    if not extras:
+        return []
+
+    def best(implementation: str) -> tuple[float | None, float | None, int | None, str]:
+        found = [e for e in extras if e.get("implementation") == implementation]
+        counts = [
+            max(int(e.get("failed_calls", 0)), int(e.get("reads_failed") or 0)) for e in found
+        ]
+        threads = sorted({int(e.get("threads", 0)) for e in found})
+        return (
+            _best((float(e["ops_per_s"]) for e in found), highest=True),
+            _best((float(e["p99_us"]) for e in found), highest=False),
+            max(counts) if counts else None,
+            " / ".join(f"{t} threads" for t in threads) or "—",
+        )
+
+    base_name = CLUSTER_IMPLEMENTATIONS[0][0]
+    base_ops, base_p99, _, _ = best(base_name)
+    rows = []
+    for implementation, label in CLUSTER_IMPLEMENTATIONS:
+        ops, p99, failed, callers = best(implementation)
+        is_baseline = implementation == base_name
+        if ops is None and not is_baseline:
+            continue
+        rows.append(
+            AsyncRow(
+                label=label,
+                callers=callers,
+                ops=ops,
+                p99_us=p99,
+                failed=failed,
+                base_ops=base_ops,
+                base_p99_us=base_p99,
+                is_baseline=is_baseline,
+            )
+        )
+    return rows
+
+
 def build_cost_rows(runs: Sequence[Sequence[Mapping[str, Any]]]) -> list[CostRow]:
     """One row per operation, in run order: the lowest µs per call over the runs, and its
     ratio to GET's."""
@@ -441,6 +513,7 @@ def target_lines(
     costs: Sequence[CostRow] = (),
     throughput: Sequence[ThroughputRow] = (),
     async_rows: Sequence[AsyncRow] = (),
+    cluster_rows: Sequence[AsyncRow] = (),
 ) -> list[str]:
     """One line per target: met, missed, or not measured in this run."""
     figures = {(row.group, row.name): row.median_us for row in rows}
@@ -488,6 +561,35 @@ def target_lines(
         lines.append(
             f"- {verdict}: {description} ({arow.failed} failed calls or reads_failed; "
             "most in any run)"
+        )
+    if cluster_rows:
+        lines += _cluster_target_lines(cluster_rows)
+    return lines
+
+
+def _cluster_target_lines(rows: Sequence[AsyncRow]) -> list[str]:
+    """The cluster throughput targets: the ops/s ratio of 3 primaries, and no failed call
+    on any deployment that ran."""
+    labels = dict(CLUSTER_IMPLEMENTATIONS)
+    measured = next((row for row in rows if row.label == labels[CLUSTER_MEASURED]), None)
+    description = (
+        f"cluster throughput: {labels[CLUSTER_MEASURED]} >= "
+        f"{CLUSTER_MIN_OPS_RATIO:.2f}x the ops/s of {rows[0].label}"
+    )
+    ratio = None if measured is None else measured.ops_ratio
+    if ratio is None:
+        lines = [f"- not measured: {description}"]
+    else:
+        verdict = "met" if ratio >= CLUSTER_MIN_OPS_RATIO else "MISSED"
+        lines = [f"- {verdict}: {description} (ratio {_times(ratio)})"]
+    for row in rows:
+        what = f"cluster throughput, {row.label}, {row.callers} on one manager: no failed call"
+        if row.failed is None:
+            lines.append(f"- not measured: {what}")
+            continue
+        verdict = "met" if row.failed == 0 else "MISSED"
+        lines.append(
+            f"- {verdict}: {what} ({row.failed} failed calls or reads_failed; most in any run)"
         )
     return lines
 
@@ -564,6 +666,35 @@ def async_lines(rows: Sequence[AsyncRow], runs: int) -> list[str]:
     return [*lines, ""]
 
 
+def cluster_lines(rows: Sequence[AsyncRow], runs: int) -> list[str]:
+    """The cluster throughput table (empty when no cluster throughput benchmark ran)."""
+    if not rows:
+        return []
+    how = "one run" if runs == 1 else f"best of {runs} runs (highest ops/s, lowest p99)"
+    lines = [
+        "## Throughput: Redis Cluster, 3 primaries vs 1 primary (one manager, "
+        "max_connections=10 per node)",
+        "",
+        "Preferences hits (`get_client_preferences`, 100 clients' keys over every primary) "
+        "from every thread at once through one `CRMCacheManager` on a `redis+cluster://` "
+        "URL; the single node (`redis://`) for reference; no CPU pinning on either side; "
+        f"{how}. Ratio: to the 1-primary figure (ops/s: above 1 is faster; p99: above 1 "
+        "is slower). Failed calls: the most in any run.",
+        "",
+        "| deployment | callers | ops/s | p99 µs | ops/s ratio | p99 ratio | failed calls |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        p99 = "—" if row.p99_us is None else _us(row.p99_us)
+        ops_ratio = "—" if row.ops_ratio is None else _times(row.ops_ratio)
+        p99_ratio = "—" if row.p99_ratio is None else _times(row.p99_ratio)
+        lines.append(
+            f"| {row.label} | {row.callers} | {_fmt(row.ops, ',.0f')} | {p99} | {ops_ratio} "
+            f"| {p99_ratio} | {_fmt(row.failed, 'd')} |"
+        )
+    return [*lines, ""]
+
+
 def cost_lines(rows: Sequence[CostRow], runs: int) -> list[str]:
     """The Redis-side cost table (empty when no cost benchmark ran)."""
     if not rows:
@@ -606,6 +737,7 @@ def render(
     throughput = build_throughput_rows(benchmark_lists)
     costs = build_cost_rows(benchmark_lists)
     async_rows = build_async_rows(benchmark_lists)
+    cluster_rows = build_cluster_rows(benchmark_lists)
     data = runs[-1]
     how = "median" if len(runs) == 1 else f"lowest median of {len(runs)} runs"
     lines = [
@@ -625,9 +757,10 @@ def render(
     lines.append("")
     lines += throughput_lines(throughput, len(runs))
     lines += async_lines(async_rows, len(runs))
+    lines += cluster_lines(cluster_rows, len(runs))
     lines += cost_lines(costs, len(runs))
     lines += [machine_line(data.get("machine_info", {})), "", "Targets:", ""]
-    lines += target_lines(rows, costs, throughput, async_rows)
+    lines += target_lines(rows, costs, throughput, async_rows, cluster_rows)
     if chart_note:
         lines += ["", chart_note]
     if failed:

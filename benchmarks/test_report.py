@@ -236,3 +236,73 @@ def test_render_flags_failed_async_calls_and_slow_near_hits() -> None:
     text = report.render([data])
     assert "- MISSED: near-cache prefs hit <= 2 µs median" in text
     assert "- MISSED: async + near cache, 100 tasks on one manager: no failed call" in text
+
+
+def _cluster_tp(impl: str, ops: float, p99: float, failed: int = 0) -> Any:
+    return _bench(
+        f"cluster_throughput[{impl}]",
+        "cluster-throughput-16t",
+        1e6,
+        {
+            "report_table": "cluster-throughput",
+            "implementation": impl,
+            "threads": 16,
+            "ops_per_s": ops,
+            "p99_us": p99,
+            "failed_calls": failed,
+            "reads_failed": 0,
+        },
+    )
+
+
+def _cluster_run(*, prefs_3: float = 52.0, ops_3: float = 14_000.0) -> Any:
+    data = _run()
+    data["benchmarks"] += [
+        _bench("cluster_prefs_hit[baseline_single_node]", "cluster-prefs-hit", 50.0),
+        _bench("cluster_prefs_hit[cluster_3_primaries]", "cluster-prefs-hit", prefs_3),
+        _bench("cluster_templates_50_raw_mget_single_node", "cluster-templates-50", 100.0),
+        _bench("cluster_templates_50_get_templates[single_node]", "cluster-templates-50", 110.0),
+        _bench(
+            "cluster_templates_50_get_templates[cluster_3_primaries]",
+            "cluster-templates-50",
+            180.0,
+        ),
+        _cluster_tp("cluster_1_primary", 15_000.0, 2_000.0),
+        _cluster_tp("cluster_3_primaries", ops_3, 1_000.0),
+    ]
+    return data
+
+
+def test_cluster_rows_compare_with_one_primary() -> None:
+    runs = [_cluster_run()["benchmarks"], _cluster_run(ops_3=16_500.0)["benchmarks"]]
+    runs[0][-1]["extra_info"]["failed_calls"] = 4
+    rows = report.build_cluster_rows(runs)
+    assert [(r.label, r.is_baseline) for r in rows] == [
+        ("1 primary (baseline)", True),
+        ("3 primaries", False),
+    ]
+    assert rows[1].ops == 16_500.0
+    assert rows[1].ops_ratio == pytest.approx(16_500 / 15_000)
+    assert rows[1].p99_ratio == pytest.approx(0.5)
+    assert rows[1].failed == 4
+    assert report.build_cluster_rows([_run()["benchmarks"]]) == []
+
+
+def test_render_shows_the_cluster_ratios_and_targets() -> None:
+    text = report.render([_cluster_run()])
+    assert "| cluster-prefs-hit | cluster_prefs_hit[cluster_3_primaries] | 52.0 | 1.04 |" in text
+    assert "## Throughput: Redis Cluster, 3 primaries vs 1 primary" in text
+    assert "| 3 primaries | 16 threads | 14,000 | 1,000.0 | 0.93 | 0.50 | 0 |" in text
+    assert "- met: cluster prefs hit (3 primaries) <= 1.10x single node" in text
+    assert "- not measured: cluster rate limit (3 primaries) <= 1.10x single node" in text
+    assert "- met: cluster 50-template batch (3 primaries) <= 2.0x raw MGET on one node" in text
+    assert "- MISSED: cluster 50-template batch (3 primaries) <= 1.5x get_templates" in text
+    assert "- met: cluster throughput: 3 primaries >= 0.90x the ops/s of 1 primary" in text
+    assert "- met: cluster throughput, 3 primaries, 16 threads on one manager: no failed" in text
+
+
+def test_render_flags_a_slow_cluster() -> None:
+    text = report.render([_cluster_run(prefs_3=60.0, ops_3=12_000.0)])
+    assert "- MISSED: cluster prefs hit (3 primaries) <= 1.10x single node" in text
+    assert "- MISSED: cluster throughput: 3 primaries >= 0.90x the ops/s of 1 primary" in text
+    assert "(ratio 0.80)" in text
