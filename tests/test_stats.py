@@ -50,6 +50,7 @@ def test_hits_and_misses_per_kind(cache: CRMCacheManager) -> None:
     assert as_dict["local_hit_rate"] == 50.0
 
 
+@pytest.mark.single_only  # commandstats of one node; the cluster's sum: test_cluster.py
 def test_total_keys_counts_only_crm_keys_beyond_one_scan_batch(
     cache: CRMCacheManager, raw: redis.Redis
 ) -> None:
@@ -69,6 +70,7 @@ def test_total_keys_counts_only_crm_keys_beyond_one_scan_batch(
     assert commands["cmdstat_scan"]["calls"] >= 2
 
 
+@pytest.mark.single_only  # one pool's internals
 def test_pool_in_use_and_idle(cache: CRMCacheManager, raw: redis.Redis) -> None:
     """A connection busy with a command shows as in use; returned, as idle."""
     cache.get_template("warm", "email")
