@@ -84,6 +84,32 @@ def test_writes_to_a_replica_are_topology_errors(
     assert "Point redis_url at the primary" in told[0].getMessage()
 
 
+def test_a_replay_that_cannot_succeed_says_so_once(
+    replica: tuple[RedisServer, RedisServer], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Invalidations a replica refused are kept for the replay, which does not send them
+    while the URL points at a replica: one ERROR says why, the stats show them pending."""
+    _, follower = replica
+    caplog.set_level(logging.ERROR, logger="crmcache")
+    with CRMCacheManager(redis_url=follower.url) as cache:
+        assert cache.invalidate_client_preferences("c1") is False
+        assert cache.invalidate_template("welcome", "email") is False
+
+        def said() -> list[str]:
+            return [
+                r.getMessage() for r in caplog.records if "cannot be replayed" in r.getMessage()
+            ]
+
+        poll(said, timeout=10.0, what="the replay says it cannot succeed")
+        stats = cache.get_stats()
+        assert stats.pending_invalidations == 2
+        assert stats.counters["invalidations_replayed"] == 0
+        assert said() == [
+            "2 invalidation(s) cannot be replayed: redis_url points at a replica; they are "
+            "kept (up to the cap) until it points at what serves the keys"
+        ]
+
+
 def test_a_cluster_node_without_slots_is_a_topology_error() -> None:
     """A cluster node that serves no slot answers CLUSTERDOWN: reads miss, rate limits
     follow the policy, and the breaker stays closed (the node is up)."""

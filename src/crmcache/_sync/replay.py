@@ -74,6 +74,7 @@ class InvalidationReplayer:
         self._lock = threading.Lock()
         self._task: Background | None = None
         self._warnings = LogThrottle(_WARNING_INTERVAL)
+        self._unservable = LogThrottle(REPLAY_MAX_DELAY * 10)
         self._recent: deque[tuple[float, PendingKind, str, int | None]] | None = None
         self._recent_lock = threading.Lock()
 
@@ -191,6 +192,18 @@ class InvalidationReplayer:
         transport = self._transport
         if transport is None:
             return True
+        if not transport.topology.servable:
+            # Every send would be refused (a replica's READONLY, a Sentinel's unknown
+            # command): keep them, say so (the topology itself was logged at ERROR).
+            suppressed = self._unservable.ready()
+            if suppressed is not None:
+                logger.error(
+                    "%d invalidation(s) cannot be replayed: redis_url points at a %s; they "
+                    "are kept (up to the cap) until it points at what serves the keys",
+                    len(self.pending),
+                    transport.topology.value,
+                )
+            return False
         scripts = transport.scripts
         failed = False
         for entry in self.pending.snapshot():
