@@ -266,7 +266,9 @@ class ClusterTransport(ClusterMap, Transport):
         by_pool: dict[ClusterNodePool, list[int]] = {}
         for index, slot in enumerate(slots):
             pool = self._owners[slot]
-            if pool is not None:
+            # A primary whose breaker is not closed is left to the keyed path (which
+            # fails fast, or probes it once).
+            if pool is not None and pool.breaker.state is BreakerState.CLOSED:
                 by_pool.setdefault(pool, []).append(index)
         replies: list[Any] = [_AGAIN] * len(commands)
         self._send_groups(by_pool, commands, replies)
