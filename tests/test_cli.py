@@ -135,6 +135,7 @@ def test_stats_json(redis_url: str, raw: redis.Redis) -> None:
     assert stats["connection_pool"]["max_connections"] == 10
 
 
+@pytest.mark.single_only
 def test_stats_table_masks_password(redis_url: str) -> None:
     """The stats table names the Redis without its password."""
     url = redis_url.replace("redis://", "redis://user:hunter2@")

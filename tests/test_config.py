@@ -579,6 +579,7 @@ BAD_URL_VALUES = [
 
 @pytest.mark.parametrize("query", REFUSED_URL_PARAMETERS)
 @pytest.mark.parametrize("enabled", [True, False])
+@pytest.mark.single_only
 def test_refused_url_parameter_raises_at_construction(
     redis_url: str, query: str, enabled: bool
 ) -> None:
@@ -595,6 +596,7 @@ def test_refused_url_parameter_raises_at_construction(
 
 
 @pytest.mark.parametrize(("query", "name"), BAD_URL_VALUES)
+@pytest.mark.single_only
 def test_bad_url_parameter_value_raises_naming_it(redis_url: str, query: str, name: str) -> None:
     """A known parameter whose value does not parse is refused, named, password masked."""
     url = with_query(redis_url, query, password=SECRET)
@@ -629,6 +631,7 @@ def test_url_parameter_refused_for_its_scheme_or_value(url: str, name: str) -> N
         CRMCacheManager(url)
 
 
+@pytest.mark.single_only
 def test_refused_url_parameter_raises_from_env_and_get_cache_manager(
     monkeypatch: pytest.MonkeyPatch, redis_url: str
 ) -> None:
@@ -640,6 +643,7 @@ def test_refused_url_parameter_raises_from_env_and_get_cache_manager(
         get_cache_manager()
 
 
+@pytest.mark.single_only
 def test_url_parameter_error_never_shows_a_password_in_the_query(redis_url: str) -> None:
     """A ?password= (or ?ssl_password=) next to a refused parameter stays hidden."""
     for query in (f"password={SECRET}&foo=bar", f"foo=bar&ssl_password={SECRET}"):
@@ -669,6 +673,7 @@ def test_url_parameter_error_never_shows_a_password_in_the_query(redis_url: str)
         "socket_read_size=16777216",
     ],
 )
+@pytest.mark.single_only
 def test_accepted_url_parameters_work_against_a_real_server(
     redis_url: str, raw: redis.Redis, query: str
 ) -> None:
@@ -677,6 +682,7 @@ def test_accepted_url_parameters_work_against_a_real_server(
         run_every_call(manager)
 
 
+@pytest.mark.single_only
 def test_url_db_parameter_selects_the_database(redis_url: str, raw: redis.Redis) -> None:
     """?db=1 (with no database in the path) writes to database 1."""
     other = redis.Redis.from_url(with_db(redis_url, 1), protocol=2)
@@ -691,6 +697,7 @@ def test_url_db_parameter_selects_the_database(redis_url: str, raw: redis.Redis)
         other.close()
 
 
+@pytest.mark.single_only
 def test_url_timeouts_win_over_the_arguments(redis_url: str) -> None:
     """A timeout in the URL overrides the argument (redis-py's rule), and the settings
     show the value in force."""
@@ -703,6 +710,7 @@ def test_url_timeouts_win_over_the_arguments(redis_url: str) -> None:
         assert manager._transport.connection_kwargs["socket_connect_timeout"] == 1.5
 
 
+@pytest.mark.single_only
 def test_url_client_name_names_the_data_connections(redis_url: str, raw: redis.Redis) -> None:
     """?client_name= names the data-path connections; health checks keep their own name."""
     with CRMCacheManager(with_query(redis_url, "client_name=orders-service")) as manager:
@@ -846,6 +854,7 @@ def test_rediss_url_uses_tls_and_degrades_without_a_server() -> None:
         manager.close()
 
 
+@pytest.mark.single_only
 def test_rediss_url_against_plain_server_never_downgrades(redis_url: str) -> None:
     """rediss:// to a non-TLS server fails the handshake (bounded) instead of talking plain."""
     parts = urlsplit(redis_url)
@@ -947,6 +956,7 @@ def test_get_cache_manager_uses_env_url(monkeypatch: pytest.MonkeyPatch, redis_u
     assert get_cache_manager() is get_cache_manager(redis_url)
 
 
+@pytest.mark.single_only
 def test_get_cache_manager_different_urls_differ(redis_url: str, raw: redis.Redis) -> None:
     """Different URLs (db 0 vs db 1) get different managers that write to their own db."""
     url_db1 = with_db(redis_url, 1)

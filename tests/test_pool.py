@@ -47,6 +47,7 @@ def wait_blocked(raw: redis.Redis, n: int) -> None:
     poll(lambda: blocked_clients(raw) >= n, what=f"{n} client(s) blocked", interval=0.01)
 
 
+@pytest.mark.single_only
 def test_commands_round_trip(pool: LeanPool) -> None:
     """SET, GET and MGET go through and come back as redis-py would return them."""
     assert pool.execute("SET", "k", b"v") == b"OK"
@@ -54,6 +55,7 @@ def test_commands_round_trip(pool: LeanPool) -> None:
     assert pool.execute("MGET", "k", "missing") == [b"v", None]
 
 
+@pytest.mark.single_only
 def test_connections_are_reused_lifo(pool: LeanPool) -> None:
     """Sequential calls use one connection; it is idle between calls."""
     for _ in range(50):
@@ -61,6 +63,7 @@ def test_connections_are_reused_lifo(pool: LeanPool) -> None:
     assert (pool.accounting().created, pool.accounting().idle) == (1, 1)
 
 
+@pytest.mark.single_only
 def test_error_reply_keeps_the_connection(pool: LeanPool) -> None:
     """An error reply (WRONGTYPE) is raised and the connection stays in the pool."""
     pool.execute("HSET", "h", "f", "v")
@@ -70,6 +73,7 @@ def test_error_reply_keeps_the_connection(pool: LeanPool) -> None:
     assert (pool.accounting().created, pool.accounting().idle) == (1, 1)
 
 
+@pytest.mark.single_only
 def test_exhausted_pool_waits_then_says_so(redis_url: str, raw: redis.Redis) -> None:
     """With every connection busy a caller waits up to the timeout, then gets
     ConnectionError("No connection available.")."""
@@ -90,6 +94,7 @@ def test_exhausted_pool_waits_then_says_so(redis_url: str, raw: redis.Redis) -> 
     assert (lean.accounting().created, lean.accounting().idle) == (0, 0)
 
 
+@pytest.mark.single_only
 def test_timeout_mid_reply_drops_the_connection(redis_url: str, raw: redis.Redis) -> None:
     """A reply that arrives after the socket timeout never reaches the next caller."""
     lean = make_pool(redis_url, size=1, read=0.2)
