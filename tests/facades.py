@@ -48,7 +48,7 @@ def run(coro: Coroutine[Any, Any, Any]) -> Any:
 
 
 def _wrap(value: Any) -> Any:
-    if type(value).__module__.startswith("crmcache._async"):
+    if type(value).__module__.startswith(("crmcache._async", "crmcache._mux")):
         return Proxy(value)
     return value
 

@@ -295,6 +295,7 @@ def test_the_longest_durations_work(redis_url: str, raw: redis.Redis) -> None:
         redis_url,
         max_connections=1,
         near_cache=True,
+        pipelining=False,  # callers queue for the one pooled connection
         **longest,  # type: ignore[arg-type]
     ) as manager:
         manager.set_template("t", "email", "x")

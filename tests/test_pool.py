@@ -110,7 +110,9 @@ def test_timeout_mid_reply_drops_the_connection(redis_url: str, raw: redis.Redis
 
 def test_saturation_does_not_open_the_breaker(redis_url: str, raw: redis.Redis) -> None:
     """A full pool degrades the call but is not an outage: the breaker stays closed."""
-    with CRMCacheManager(redis_url=redis_url, max_connections=1, pool_timeout=0.05) as cache:
+    with CRMCacheManager(
+        redis_url=redis_url, max_connections=1, pool_timeout=0.05, pipelining=False
+    ) as cache:
         lean = cache._transport
         assert lean is not None
         holder = threading.Thread(target=lean.execute, args=("BLPOP", "test:wake", 10))
@@ -191,7 +193,9 @@ def test_saturation_is_logged_as_saturation(
     redis_url: str, raw: redis.Redis, crm_logs: pytest.LogCaptureFixture
 ) -> None:
     """A full pool logs "saturated" once, never "Redis unavailable" or a recovery."""
-    with CRMCacheManager(redis_url=redis_url, max_connections=1, pool_timeout=0.05) as cache:
+    with CRMCacheManager(
+        redis_url=redis_url, max_connections=1, pool_timeout=0.05, pipelining=False
+    ) as cache:
         lean = cache._transport
         assert lean is not None
         holder = threading.Thread(target=lean.execute, args=("BLPOP", "test:wake", 10))

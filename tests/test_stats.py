@@ -71,8 +71,9 @@ def test_total_keys_counts_only_crm_keys_beyond_one_scan_batch(
 
 
 @pytest.mark.single_only  # one pool's internals
-def test_pool_in_use_and_idle(cache: CRMCacheManager, raw: redis.Redis) -> None:
+def test_pool_in_use_and_idle(redis_url: str, raw: redis.Redis) -> None:
     """A connection busy with a command shows as in use; returned, as idle."""
+    cache = CRMCacheManager(redis_url=redis_url, pipelining=False)  # the lean pool's books
     cache.get_template("warm", "email")
     lean = cache._transport
     assert lean is not None
@@ -91,6 +92,7 @@ def test_pool_in_use_and_idle(cache: CRMCacheManager, raw: redis.Redis) -> None:
         holder.join(timeout=10)
     after = cache.get_cache_stats()["connection_pool"]
     assert (after["in_use"], after["idle"]) == (0, 1)
+    cache.close()
 
 
 def test_low_hit_rate_is_logged(

@@ -55,6 +55,7 @@ __all__ = [
     "DEFAULT_MAX_TEMPLATE_BYTES",
     "DEFAULT_NEAR_CACHE_SIZE",
     "DEFAULT_NEAR_CACHE_TTL",
+    "DEFAULT_PIPELINE_CONNECTIONS",
     "DEFAULT_POOL_TIMEOUT",
     "DEFAULT_RATE_LIMIT_WINDOW",
     "DEFAULT_REDIS_URL",
@@ -62,6 +63,7 @@ __all__ = [
     "DEFAULT_SOCKET_TIMEOUT",
     "DEFAULT_TOMBSTONE_TTL",
     "MAX_DURATION",
+    "MAX_PIPELINE_CONNECTIONS",
     "MAX_SOCKET_READ_SIZE",
     "MAX_TTL",
     "URL_PARAMETERS",
@@ -78,6 +80,10 @@ __all__ = [
 ]
 
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
+#: Shared connections per node when the data path is auto-pipelined.
+DEFAULT_PIPELINE_CONNECTIONS = 2
+#: More shared connections than this buy nothing (each already carries every caller).
+MAX_PIPELINE_CONNECTIONS = 64
 DEFAULT_ENABLED = True
 #: Client preferences live one hour (spec: "good balance between freshness and performance").
 DEFAULT_CACHE_TTL = 3600
@@ -189,6 +195,11 @@ class CacheSettings:
     near_cache_ttl: float = 30.0
     near_cache_protocol: int = 2
     key_prefix: str = DEFAULT_KEY_PREFIX
+    #: Auto-pipelined shared connections for the data path (async facade); None: the
+    #: facade's default (async: on, sync: off).
+    pipelining: bool | None = None
+    #: Shared connections per node when pipelining.
+    pipeline_connections: int = DEFAULT_PIPELINE_CONNECTIONS
 
     @property
     def masked_url(self) -> str:
@@ -205,7 +216,8 @@ class CacheSettings:
             f"rate_limit_policy={self.rate_limit_policy!r}, "
             f"rate_limit_policies={dict(self.rate_limit_policies)!r}, "
             f"rate_limit_local_share={self.rate_limit_local_share}, "
-            f"near_cache={self.near_cache}, key_prefix={self.key_prefix!r})"
+            f"near_cache={self.near_cache}, key_prefix={self.key_prefix!r}, "
+            f"pipelining={self.pipelining}, pipeline_connections={self.pipeline_connections})"
         )
 
 
@@ -680,6 +692,15 @@ def _positive_seconds(name: str, value: object) -> float:
     return seconds
 
 
+def _check_pipeline_connections(value: object) -> int:
+    count = _positive_int("pipeline_connections", value)
+    if count > MAX_PIPELINE_CONNECTIONS:
+        raise ConfigurationError(
+            f"pipeline_connections must be at most {MAX_PIPELINE_CONNECTIONS}, got {count}"
+        )
+    return count
+
+
 def _check_bool(name: str, value: object) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, not {type(value).__name__}")
@@ -761,6 +782,8 @@ def resolve_settings(
     near_cache_ttl: float = DEFAULT_NEAR_CACHE_TTL,
     near_cache_protocol: int = 2,
     key_prefix: str | None = None,
+    pipelining: bool | None = None,
+    pipeline_connections: int = DEFAULT_PIPELINE_CONNECTIONS,
 ) -> CacheSettings:
     """Combine arguments, environment and defaults into validated settings.
 
@@ -826,4 +849,6 @@ def resolve_settings(
         near_cache_ttl=_positive_seconds("near_cache_ttl", near_cache_ttl),
         near_cache_protocol=_check_protocol(near_cache_protocol),
         key_prefix=check_key_prefix(key_prefix, error=ConfigurationError),
+        pipelining=None if pipelining is None else _check_bool("pipelining", pipelining),
+        pipeline_connections=_check_pipeline_connections(pipeline_connections),
     )

@@ -11,6 +11,7 @@ invalidation replayer; and the one way to call Redis, :meth:`AsyncCacheCore._cal
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Awaitable, Callable
@@ -20,6 +21,7 @@ from typing import Any, Self
 from redis.exceptions import RedisError
 
 from .._config import CacheSettings, is_cluster_url, is_sentinel_url, url_password
+from .._errors import ConfigurationError
 from .._guard import (
     DEFAULT_LOG_INTERVAL,
     FAILED,
@@ -38,7 +40,7 @@ from .._stats import Counter, StatsRecorder
 from .cluster import AsyncClusterTransport
 from .listener import AsyncNearCacheListener
 from .node import AsyncNodeTransport
-from .primitives import Event, finish
+from .primitives import PIPELINING_DEFAULT, Event, finish, multiplexer
 from .replay import AsyncInvalidationReplayer
 from .sentinel import AsyncSentinelTransport
 from .transport import AsyncTransport
@@ -49,16 +51,36 @@ logger = logging.getLogger("crmcache")
 
 
 def open_transport(settings: CacheSettings, scrub: Callable[[str], str]) -> AsyncTransport:
-    """The transport for ``settings.redis_url``, chosen by its scheme.
+    """The transport for ``settings.redis_url``, chosen by its scheme, with its data path
+    on the lean pool or, when pipelining, on shared auto-pipelined connections.
 
     Raises:
-        ConfigurationError: the URL cannot be used.
+        ConfigurationError: the URL cannot be used, or pipelining was asked of a facade
+            that has none.
     """
-    if is_sentinel_url(settings.redis_url):
+    pipelining = PIPELINING_DEFAULT if settings.pipelining is None else settings.pipelining
+    mux = multiplexer() if pipelining else None
+    if pipelining and mux is None:
+        raise ConfigurationError(
+            "pipelining=True needs the async facade (AsyncCRMCacheManager): threads "
+            "share the lean pool, measured faster (README, Pipelining)"
+        )
+    url = settings.redis_url
+    if is_cluster_url(url):
+        if mux is None:
+            return AsyncClusterTransport(settings, scrub)
+        # One set of shared connections per primary (a duck-typed cluster node pool).
+        node_pool = functools.partial(
+            mux.AsyncMuxClusterNodePool, connections=settings.pipeline_connections
+        )
+        return AsyncClusterTransport(settings, scrub, node_pool=node_pool)
+    if is_sentinel_url(url):
+        if mux is not None:
+            return mux.AsyncMuxSentinelTransport(settings, scrub)  # type: ignore[no-any-return]
         return AsyncSentinelTransport(settings, scrub)
-    if is_cluster_url(settings.redis_url):
-        return AsyncClusterTransport(settings, scrub)
     # redis://, rediss:// and unix:// (validated by the settings) name one node.
+    if mux is not None:
+        return mux.AsyncMuxNodeTransport(settings, scrub)  # type: ignore[no-any-return]
     return AsyncNodeTransport(settings, scrub)
 
 

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 from collections import deque
 from collections.abc import Awaitable, Callable
+from types import ModuleType
 from typing import Any, TypeVar
 
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -17,12 +18,14 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 T = TypeVar("T")
 
 __all__ = [
+    "PIPELINING_DEFAULT",
     "Background",
     "Event",
     "FairSlots",
     "connected",
     "dirty",
     "finish",
+    "multiplexer",
     "receive",
     "send",
     "sleep",
@@ -219,3 +222,18 @@ def dirty(conn: Any) -> bool:  # noqa: ANN401
     parser = conn._parser
     stream = parser._stream
     return bool(parser._reader.has_data() or stream._buffer or stream.at_eof())
+
+
+# -- auto-pipelining (asyncio only) ----------------------------------------------------
+
+#: The async facade pipelines its data path unless told otherwise (measured: README,
+#: "Pipelining").
+PIPELINING_DEFAULT = True
+
+
+def multiplexer() -> ModuleType | None:
+    """The auto-pipelining transports (``crmcache._mux``), or None where the facade has
+    none (the sync twin)."""
+    from .. import _mux  # noqa: PLC0415 - imported only when a manager pipelines
+
+    return _mux

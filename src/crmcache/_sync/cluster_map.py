@@ -82,7 +82,14 @@ class ClusterMap:
     #: Told when slots changed primary (set by the core; see ``Transport``).
     on_primary_change: Callable[[float], None] | None = None
 
-    def __init__(self, settings: CacheSettings, scrub: Callable[[str], str]) -> None:
+    def __init__(
+        self,
+        settings: CacheSettings,
+        scrub: Callable[[str], str],
+        *,
+        node_pool: Callable[..., ClusterNodePool] = ClusterNodePool,
+    ) -> None:
+        self._node_pool = node_pool
         target = cluster_target(settings.redis_url)
         parsed = parse_node_url(target.node_url, settings, scrub)
         self.connection_class = parsed.connection_class
@@ -129,7 +136,7 @@ class ClusterMap:
         health = health_kwargs(kwargs, s)
         return _Node(
             address=address,
-            data=ClusterNodePool(
+            data=self._node_pool(
                 lambda: cls(**kwargs),
                 max_connections=s.max_connections,
                 timeout=s.pool_timeout,

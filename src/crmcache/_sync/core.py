@@ -13,6 +13,7 @@ invalidation replayer; and the one way to call Redis, :meth:`CacheCore._call`.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from typing import Any, Self
 from redis.exceptions import RedisError
 
 from .._config import CacheSettings, is_cluster_url, is_sentinel_url, url_password
+from .._errors import ConfigurationError
 from .._guard import (
     DEFAULT_LOG_INTERVAL,
     FAILED,
@@ -40,7 +42,7 @@ from .._stats import Counter, StatsRecorder
 from .cluster import ClusterTransport
 from .listener import NearCacheListener
 from .node import NodeTransport
-from .primitives import Event, finish
+from .primitives import PIPELINING_DEFAULT, Event, finish, multiplexer
 from .replay import InvalidationReplayer
 from .sentinel import SentinelTransport
 from .transport import Transport
@@ -51,16 +53,36 @@ logger = logging.getLogger("crmcache")
 
 
 def open_transport(settings: CacheSettings, scrub: Callable[[str], str]) -> Transport:
-    """The transport for ``settings.redis_url``, chosen by its scheme.
+    """The transport for ``settings.redis_url``, chosen by its scheme, with its data path
+    on the lean pool or, when pipelining, on shared auto-pipelined connections.
 
     Raises:
-        ConfigurationError: the URL cannot be used.
+        ConfigurationError: the URL cannot be used, or pipelining was asked of a facade
+            that has none.
     """
-    if is_sentinel_url(settings.redis_url):
+    pipelining = PIPELINING_DEFAULT if settings.pipelining is None else settings.pipelining
+    mux = multiplexer() if pipelining else None
+    if pipelining and mux is None:
+        raise ConfigurationError(
+            "pipelining=True needs the async facade (CRMCacheManager): threads "
+            "share the lean pool, measured faster (README, Pipelining)"
+        )
+    url = settings.redis_url
+    if is_cluster_url(url):
+        if mux is None:
+            return ClusterTransport(settings, scrub)
+        # One set of shared connections per primary (a duck-typed cluster node pool).
+        node_pool = functools.partial(
+            mux.MuxClusterNodePool, connections=settings.pipeline_connections
+        )
+        return ClusterTransport(settings, scrub, node_pool=node_pool)
+    if is_sentinel_url(url):
+        if mux is not None:
+            return mux.MuxSentinelTransport(settings, scrub)  # type: ignore[no-any-return]
         return SentinelTransport(settings, scrub)
-    if is_cluster_url(settings.redis_url):
-        return ClusterTransport(settings, scrub)
     # redis://, rediss:// and unix:// (validated by the settings) name one node.
+    if mux is not None:
+        return mux.MuxNodeTransport(settings, scrub)  # type: ignore[no-any-return]
     return NodeTransport(settings, scrub)
 
 

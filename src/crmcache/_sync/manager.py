@@ -22,6 +22,7 @@ from .._config import (
     DEFAULT_MAX_TEMPLATE_BYTES,
     DEFAULT_NEAR_CACHE_SIZE,
     DEFAULT_NEAR_CACHE_TTL,
+    DEFAULT_PIPELINE_CONNECTIONS,
     DEFAULT_POOL_TIMEOUT,
     DEFAULT_SOCKET_CONNECT_TIMEOUT,
     DEFAULT_SOCKET_TIMEOUT,
@@ -91,6 +92,11 @@ class CRMCacheManager(
             environments and tenants can share a Redis (or a cluster, which has no
             database numbers) without sharing keys; default ``$CACHE_KEY_PREFIX`` or
             ``crm``. 1 to 64 printable characters, no whitespace, ``*?[]\\`` or ``{}``.
+        pipelining: auto-pipeline the data path: concurrent calls share
+            ``pipeline_connections`` connections per node and are written together once
+            per event-loop turn (``crmcache._mux``). Async facade only; default on
+            there, off (and refused) on the sync facade. ``False`` keeps the lean pool.
+        pipeline_connections: shared connections per node when pipelining (1 to 64).
 
     Raises:
         ConfigurationError: a setting is out of range or malformed (never shows a
@@ -119,6 +125,8 @@ class CRMCacheManager(
         near_cache_ttl: float = DEFAULT_NEAR_CACHE_TTL,
         near_cache_protocol: int = 2,
         key_prefix: str | None = None,
+        pipelining: bool | None = None,
+        pipeline_connections: int = DEFAULT_PIPELINE_CONNECTIONS,
     ) -> None:
         settings = resolve_settings(
             redis_url=redis_url,
@@ -139,6 +147,8 @@ class CRMCacheManager(
             near_cache_ttl=near_cache_ttl,
             near_cache_protocol=near_cache_protocol,
             key_prefix=key_prefix,
+            pipelining=pipelining,
+            pipeline_connections=pipeline_connections,
         )
         super().__init__(settings)
         logger.info(

@@ -14,6 +14,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from types import ModuleType
 from typing import Any, TypeVar
 
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -22,12 +23,14 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 T = TypeVar("T")
 
 __all__ = [
+    "PIPELINING_DEFAULT",
     "Background",
     "Event",
     "FairSlots",
     "connected",
     "dirty",
     "finish",
+    "multiplexer",
     "receive",
     "send",
     "sleep",
@@ -256,3 +259,15 @@ def dirty(conn: Any) -> bool:  # noqa: ANN401
         return True
     readable, _, _ = select.select([sock], [], [], 0)
     return bool(readable)
+
+
+# -- auto-pipelining (asyncio only) ----------------------------------------------------
+
+#: Threads keep the lean pool: a multiplexed sync mode was measured slower (README,
+#: "Pipelining").
+PIPELINING_DEFAULT = False
+
+
+def multiplexer() -> ModuleType | None:
+    """None: the sync facade has no auto-pipelined transport (see the async twin)."""
+    return None

@@ -1,0 +1,495 @@
+"""Auto-pipelining for the async facade: many concurrent callers, a few shared
+connections, one write per event-loop turn (asyncio only; the sync facade keeps the lean
+pool, see README "Pipelining").
+
+Each :class:`AsyncMuxPool` keeps ``connections`` redis-py connections open (opened, TLS,
+``AUTH``/``INFO``/``SELECT``/``CLIENT SETNAME`` handshake and Sentinel ``locate`` exactly
+as the lean pool opens them) and takes their sockets over:
+
+* a call packs its command, appends it to the next connection's outbox (round robin)
+  with a future, and awaits the future. The first call of an event-loop turn schedules
+  one flush (``loop.call_soon``): every command queued in that turn goes out in one
+  ``write``;
+* one reader task per connection feeds hiredis and hands each reply to the oldest
+  waiting future, in order, after checking it against its command's contract
+  (``crmcache._replies``) and its size budget;
+* **cancellation-safe by construction**: a caller that is cancelled (or gives up) leaves
+  its future behind; its reply is still read, in its turn, and dropped. No reply can
+  reach another caller (the bug behind CVE-2023-28858/28859 was a cancelled reader
+  leaving a reply on a shared connection);
+* **one deadline per call** (``socket_timeout``) without a timer per call: a watchdog
+  fires at the oldest waiting call's deadline; if that call still has no reply, the
+  connection is closed and every call on it fails (Redis hangs, or the network
+  stalled), as the lean pool closes a connection whose call timed out. The next call
+  opens a new connection;
+* a connection that drops fails its calls with ``ConnectionError``; a call sent on it is
+  retried once on a new connection (the lean pool's rule: how a restarted Redis is
+  reconnected). ``NOSCRIPT`` reloads as on the pool (``evalsha`` is inherited).
+
+The reader handles replies as they arrive, so a large value delays only the replies
+queued behind it on the same connection, by its transfer time (README, "Pipelining",
+has the measurement).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from redis._parsers.hiredis import NOT_ENOUGH_DATA
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import InvalidResponse, NoScriptError, ResponseError
+
+from ._async.node import AsyncNodeTransport
+from ._async.pool import AsyncLeanPool
+from ._async.sentinel import AsyncSentinelTransport
+from ._config import CacheSettings
+from ._guard import CircuitBreaker, PoolClosedError
+from ._replies import Check, ProtocolError, check_reply, huge_array_header, reply_budget
+from ._stats import PoolAccounting
+
+if TYPE_CHECKING:
+    from redis.asyncio.connection import AbstractConnection
+
+    from ._scripts import ScriptLike
+
+__all__ = [
+    "DEFAULT_PIPELINE_CONNECTIONS",
+    "AsyncMuxClusterNodePool",
+    "AsyncMuxNodeTransport",
+    "AsyncMuxPool",
+    "AsyncMuxSentinelTransport",
+]
+
+#: Shared connections per node by default (two keep a write and a read in flight).
+DEFAULT_PIPELINE_CONNECTIONS = 2
+#: Replies up to this size skip the budget check.
+_SMALL = 64 * 1024
+#: Bytes read from a socket at once.
+_READ_SIZE = 65536
+
+
+class _MuxConnection:
+    """One shared connection: its outbox, its waiting calls (oldest first), its reader."""
+
+    __slots__ = (
+        "alive",
+        "conn",
+        "failure",
+        "host",
+        "outbox",
+        "pending",
+        "pool",
+        "reader",
+        "scheduled",
+        "task",
+        "watchdog",
+        "writer",
+    )
+
+    def __init__(self, pool: AsyncMuxPool, conn: AbstractConnection) -> None:
+        self.pool = pool
+        self.conn = conn
+        tcp: Any = conn
+        self.host = (getattr(tcp, "host", None), getattr(tcp, "port", None))
+        parser: Any = conn._parser
+        self.reader: Any = parser._reader
+        self.writer: Any = conn._writer
+        self.pending: deque[tuple[asyncio.Future[Any], tuple[Any, ...], Check | None, float]]
+        self.pending = deque()
+        self.outbox: list[bytes] = []
+        self.scheduled = False
+        self.alive = True
+        self.failure: BaseException | None = None
+        self.watchdog: asyncio.TimerHandle | None = None
+        self.task = asyncio.get_running_loop().create_task(
+            self._read_loop(parser._stream), name=f"crmcache-mux-{pool.address}"
+        )
+
+    def submit(
+        self, args: tuple[Any, ...], check: Check | None, future: asyncio.Future[Any]
+    ) -> None:
+        """Queue one command; the turn's first queues the flush."""
+        pending = self.pending
+        if not pending:
+            self._arm(time.monotonic() + self.pool.call_timeout)
+        pending.append((future, args, check, time.monotonic()))
+        self.outbox.extend(self.conn.pack_command(*args))
+        self.pool.commands += 1
+        if not self.scheduled:
+            self.scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self.scheduled = False
+        if not self.alive or not self.outbox:
+            return
+        data = b"".join(self.outbox)
+        self.outbox.clear()
+        self.writer.write(data)
+        self.pool.writes += 1
+
+    def _arm(self, when: float) -> None:
+        loop = asyncio.get_running_loop()
+        self.watchdog = loop.call_at(loop.time() + max(0.0, when - time.monotonic()), self._check)
+
+    def _check(self) -> None:
+        """The oldest waiting call's deadline: still unanswered, the connection is dead."""
+        self.watchdog = None
+        if not self.alive or not self.pending:
+            return
+        deadline = self.pending[0][3] + self.pool.call_timeout
+        if time.monotonic() >= deadline:
+            self.kill(TimeoutError("no reply within socket_timeout: the connection is closed"))
+        else:
+            self._arm(deadline)
+
+    async def _read_loop(self, stream: asyncio.StreamReader) -> None:
+        # Bytes read since a reply last completed: what the oldest call's reply has
+        # taken so far (give or take one chunk).
+        since = 0
+        tail = b""
+        try:
+            while True:
+                chunk = await stream.read(_READ_SIZE)
+                since += len(chunk)
+                self._screen(chunk, since, tail)
+                self.reader.feed(chunk)
+                if self._dispatch():
+                    since = 0
+                tail = bytes(chunk[-24:])
+        except asyncio.CancelledError:
+            self.kill(PoolClosedError())
+            raise
+        except BaseException as exc:  # noqa: BLE001 - every ending fails the waiting calls
+            self.kill(exc)
+
+    def _screen(self, chunk: bytes, since: int, tail: bytes) -> None:
+        """Refuse a chunk before hiredis sees it: the end of the stream, a huge aggregate
+        header (hiredis allocates at the header), a reply over its call's budget."""
+        if not chunk:
+            raise RedisConnectionError("Connection closed by server.")
+        if huge_array_header(chunk, at_start=not self.reader.has_data()) or (
+            tail and huge_array_header(tail + chunk[:24], at_start=False)
+        ):
+            raise ProtocolError("a reply announces a huge aggregate")
+        pending = self.pending
+        if (
+            since > _SMALL
+            and pending
+            and since > reply_budget(pending[0][1], self.pool.max_value_bytes)
+        ):
+            raise ProtocolError(f"reply to {pending[0][1][0]} larger than the call can use")
+
+    def _dispatch(self) -> bool:
+        """Hand every complete reply to the oldest waiting call, checked; True if there
+        was at least one."""
+        reader, pending = self.reader, self.pending
+        answered = False
+        while True:
+            try:
+                reply = reader.gets()
+            except InvalidResponse as exc:  # bytes that are not RESP at all
+                raise ProtocolError(f"a reply is not RESP: {exc}") from None
+            if reply is NOT_ENOUGH_DATA:
+                return answered
+            answered = True
+            if not pending:
+                raise ProtocolError("a reply nobody asked for")
+            future, args, check, _ = pending.popleft()
+            if future.done():
+                continue  # its caller was cancelled or gave up: dropped, in its turn
+            if isinstance(reply, ResponseError | RedisConnectionError):
+                future.set_exception(reply)
+                continue
+            try:
+                check_reply(reply, args, check)
+            except ProtocolError as exc:
+                future.set_exception(exc)
+                raise  # the stream is not to be trusted: the connection closes
+            future.set_result(reply)
+
+    def kill(self, reason: BaseException) -> None:
+        """Close the connection; every call still waiting on it fails."""
+        if not self.alive:
+            return
+        self.alive = False
+        self.failure = reason
+        if self.watchdog is not None:
+            self.watchdog.cancel()
+        self.outbox.clear()
+        conn: Any = self.conn
+        with contextlib.suppress(Exception):  # closing a broken socket: nothing to do
+            conn._close()  # the writer closed, the connection marked closed
+        # A new exception for each call: one instance raised in many tasks would gather
+        # every task's traceback.
+        text = f"connection to {self.pool.address} closed: {type(reason).__name__}: {reason}"
+        while self.pending:
+            future = self.pending.popleft()[0]
+            if future.done():
+                continue
+            if isinstance(reason, PoolClosedError):
+                future.set_exception(PoolClosedError())
+            elif isinstance(reason, TimeoutError):
+                future.set_exception(TimeoutError(str(reason)))
+            else:
+                future.set_exception(RedisConnectionError(text))
+        self.pool.discarded += 1
+        task = self.task
+        if task is not asyncio.current_task() and not task.done():
+            task.cancel()
+
+
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
+class AsyncMuxPool(AsyncLeanPool):
+    """The lean pool's interface (``execute``, ``evalsha``, ``drop_idle``, ``close``,
+    ``accounting``) on ``connections`` shared, auto-pipelined connections.
+
+    Args:
+        factory: makes a new (unconnected) redis-py connection.
+        connections: shared connections (round robin).
+        kwargs: the lean pool's (``call_timeout``, ``connect_timeout``, ``on_info``,
+            ``locate``, ``max_value_bytes``, ``address``, ``retry_dropped``...).
+    """
+
+    #: Shared connections, unless given to the constructor (a subclass sets it first).
+    pipeline_connections = DEFAULT_PIPELINE_CONNECTIONS
+
+    def __init__(
+        self,
+        factory: Callable[[], AbstractConnection],
+        *,
+        connections: int | None = None,
+        **kwargs: Any,  # noqa: ANN401 - the lean pool's keyword arguments
+    ) -> None:
+        super().__init__(factory, **kwargs)
+        if connections is None:
+            connections = self.pipeline_connections
+        self.call_timeout = self._call_timeout
+        self.max_value_bytes = self._max_value
+        self._muxes: list[_MuxConnection | None] = [None] * connections
+        self._opening: list[asyncio.Future[_MuxConnection] | None] = [None] * connections
+        self._turn = 0
+        #: Connections closed after a failure; commands queued; socket writes made.
+        self.discarded = 0
+        self.commands = 0
+        self.writes = 0
+
+    async def execute(self, *args: Any, check: Check | None = None) -> Any:  # noqa: ANN401 - a raw Redis reply
+        """Queue one command on a shared connection and await its reply (checked)."""
+        if self._closed:
+            raise PoolClosedError
+        try:
+            return await self._send(args, check)
+        except RedisConnectionError:
+            if self._closed or not self._retry_dropped:
+                raise
+            # The connection dropped (a restarted Redis, a proxy): once more, on a new one.
+            return await self._send(args, check)
+
+    async def _send(self, args: tuple[Any, ...], check: Check | None) -> Any:  # noqa: ANN401
+        index = self._turn
+        self._turn = (index + 1) % len(self._muxes)
+        mux = self._muxes[index]
+        if mux is None or not mux.alive:
+            mux = await self._open(index)
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        mux.submit(args, check, future)
+        return await future
+
+    async def _open(self, index: int) -> _MuxConnection:
+        """The shared connection ``index``, opened if needed: one opening at a time, in a
+        task of its own (a caller cancelled while it waits does not cancel it)."""
+        opening = self._opening[index]
+        if opening is None:
+            opening = self._opening[index] = asyncio.get_running_loop().create_task(
+                self._open_now(index), name=f"crmcache-mux-open-{self.address}"
+            )
+            # Its failure reaches every caller waiting; none may be left (all cancelled).
+            opening.add_done_callback(_retrieve)
+        return await asyncio.shield(opening)
+
+    async def _open_now(self, index: int) -> _MuxConnection:
+        try:
+            conn = self._factory()
+            try:
+                # The socket, TLS and the handshake within one call's deadline.
+                async with asyncio.timeout(self._call_timeout):
+                    await self._connect(conn, time.monotonic() + self._call_timeout)
+            except BaseException:
+                await conn.disconnect(nowait=True)
+                raise
+            if self._closed:
+                await conn.disconnect(nowait=True)
+                raise PoolClosedError
+            mux = self._muxes[index] = _MuxConnection(self, conn)
+            return mux
+        finally:
+            self._opening[index] = None
+
+    async def drop_idle(self, keep: Callable[[AbstractConnection], bool]) -> int:
+        """Close the shared connections ``keep`` rejects (those to a former primary)."""
+        dropped = 0
+        for mux in self._muxes:
+            if mux is not None and mux.alive and not keep(mux.conn):
+                mux.kill(RedisConnectionError("the primary changed"))
+                dropped += 1
+        return dropped
+
+    def accounting(self) -> PoolAccounting:
+        """Calls in flight (as slots held) and the shared connections open (as idle)."""
+        live = [mux for mux in self._muxes if mux is not None and mux.alive]
+        in_flight = sum(len(mux.pending) for mux in live)
+        return PoolAccounting(
+            slots_held=in_flight,
+            checked_out=0,
+            idle=len(live),
+            created=len(live),
+            waiting=0,
+            waits=0,
+            timeouts=0,
+            discarded=self.discarded,
+        )
+
+    async def close(self, grace: float) -> None:
+        """New calls fail at once; calls in flight get ``grace`` seconds for their
+        replies; then every shared connection is closed."""
+        self._closed = True
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and any(
+            mux is not None and mux.alive and mux.pending for mux in self._muxes
+        ):
+            await asyncio.sleep(0.005)  # shutdown only: a poll is simpler than a wake-up
+        for mux in self._muxes:
+            if mux is not None:
+                mux.kill(PoolClosedError())
+
+
+class _Batch:
+    """A batch handed out by :meth:`AsyncMuxClusterNodePool.lease`: the futures of the
+    commands it sent (no connection is held: the shared ones carry it)."""
+
+    __slots__ = ("futures",)
+
+    def __init__(self) -> None:
+        self.futures: list[asyncio.Future[Any]] = []
+
+
+class AsyncMuxClusterNodePool(AsyncMuxPool):
+    """A cluster primary on shared connections, with the cluster node pool's interface
+    (``crmcache._async.cluster_node``): batches are queued on one shared connection in one
+    turn, so they go out in one write like any other calls, and ``ASKING`` travels right
+    before its command on the same connection."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:  # noqa: ANN401 - AsyncMuxPool's
+        super().__init__(*args, **kwargs)
+        self.breaker = CircuitBreaker()
+
+    async def lease(self) -> _Batch:
+        """A batch to send commands with (see :meth:`send_batch`)."""
+        if self._closed:
+            raise PoolClosedError
+        return _Batch()
+
+    async def give_back(self, batch: _Batch, *, intact: bool) -> None:
+        """Nothing to return: an unread reply is dropped by the reader in its turn."""
+
+    async def send_batch(
+        self, batch: _Batch, commands: Sequence[tuple[Any, ...]], deadline: float
+    ) -> None:
+        """Queue ``commands`` on one shared connection, in this turn."""
+        batch.futures = await self._submit_all(commands, [None] * len(commands))
+
+    async def read_batch(
+        self,
+        batch: _Batch,
+        commands: Sequence[tuple[Any, ...]],
+        checks: Sequence[Check | None],
+        deadline: float,
+    ) -> list[Any]:
+        """The replies, in order; an error reply in its place as a ``ResponseError``."""
+        replies: list[Any] = []
+        for future in batch.futures:
+            try:
+                replies.append(await future)
+            except ResponseError as exc:
+                replies.append(exc)
+        return replies
+
+    async def batch(
+        self, commands: Sequence[tuple[Any, ...]], checks: Sequence[Check | None]
+    ) -> list[Any]:
+        """Queue ``commands`` together on one shared connection and await their replies
+        (an error reply in its place)."""
+        futures = await self._submit_all(commands, checks)
+        replies: list[Any] = []
+        for future in futures:
+            try:
+                replies.append(await future)
+            except ResponseError as exc:
+                replies.append(exc)
+        return replies
+
+    async def _submit_all(
+        self, commands: Sequence[tuple[Any, ...]], checks: Sequence[Check | None]
+    ) -> list[asyncio.Future[Any]]:
+        index = self._turn
+        self._turn = (index + 1) % len(self._muxes)
+        mux = self._muxes[index]
+        if mux is None or not mux.alive:
+            mux = await self._open(index)
+        loop = asyncio.get_running_loop()
+        futures = []
+        for command, check in zip(commands, checks, strict=True):
+            future: asyncio.Future[Any] = loop.create_future()
+            mux.submit(command, check, future)
+            futures.append(future)
+        return futures
+
+    async def asking(self, args: tuple[Any, ...], check: Check | None = None) -> Any:  # noqa: ANN401 - a raw Redis reply
+        """``ASKING`` then ``args``, adjacent on one shared connection."""
+        replies = await self.batch((("ASKING",), args), (None, check))
+        for reply in replies:
+            if isinstance(reply, ResponseError):
+                raise reply
+        return replies[1]
+
+    async def asking_evalsha(
+        self, script: ScriptLike, keys: Sequence[Any], args: Sequence[Any]
+    ) -> Any:  # noqa: ANN401 - a raw Redis reply
+        """A script run after ``ASKING``, loaded first on ``NOSCRIPT``."""
+        command = ("EVALSHA", script.sha, len(keys), *keys, *args)
+        try:
+            return await self.asking(command, script.check)
+        except NoScriptError:
+            await self.execute("SCRIPT", "LOAD", script.script)
+            return await self.asking(command, script.check)
+
+
+def _pipeline_connections(settings: CacheSettings) -> int:
+    return settings.pipeline_connections
+
+
+class AsyncMuxNodeTransport(AsyncNodeTransport, AsyncMuxPool):
+    """The single-node transport with its data path on shared, auto-pipelined
+    connections (admin and health keep their lean pools)."""
+
+    def __init__(self, settings: CacheSettings, scrub: Callable[[str], str]) -> None:
+        self.pipeline_connections = _pipeline_connections(settings)
+        super().__init__(settings, scrub)
+
+
+class AsyncMuxSentinelTransport(AsyncSentinelTransport, AsyncMuxPool):
+    """The Sentinel transport with its data path on shared, auto-pipelined connections."""
+
+    def __init__(self, settings: CacheSettings, scrub: Callable[[str], str]) -> None:
+        self.pipeline_connections = _pipeline_connections(settings)
+        super().__init__(settings, scrub)
