@@ -206,3 +206,26 @@ def test_a_restarted_redis_is_reconnected_without_a_failed_call(own_server: Redi
             assert stats.counters["redis_errors"] == 0
 
     asyncio.run(main())
+
+
+def test_one_watchdog_per_connection_however_bursty(own_server: RedisServer) -> None:
+    """Bursts of calls separated by idle moments keep at most one deadline timer per
+    shared connection (not one per burst, which would pile up for socket_timeout)."""
+
+    async def main() -> None:
+        async with AsyncCRMCacheManager(redis_url=own_server.url) as cache:
+            await seeded(cache)
+            loop = asyncio.get_running_loop()
+            for burst in range(50):
+                await asyncio.gather(
+                    *[cache.get_template(f"t{(burst + i) % KEYS}", "email") for i in range(20)]
+                )
+            scheduled = getattr(loop, "_scheduled", [])
+            watchdogs = [
+                handle
+                for handle in scheduled
+                if not handle.cancelled() and getattr(handle._callback, "__name__", "") == "_check"
+            ]
+            assert len(watchdogs) <= cache.settings.pipeline_connections
+
+    asyncio.run(main())

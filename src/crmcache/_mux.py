@@ -114,10 +114,10 @@ class _MuxConnection:
         self, args: tuple[Any, ...], check: Check | None, future: asyncio.Future[Any]
     ) -> None:
         """Queue one command; the turn's first queues the flush."""
-        pending = self.pending
-        if not pending:
-            self._arm(time.monotonic() + self.pool.call_timeout)
-        pending.append((future, args, check, time.monotonic()))
+        now = time.monotonic()
+        if self.watchdog is None:  # one watchdog per connection, at the oldest deadline
+            self._arm(now + self.pool.call_timeout)
+        self.pending.append((future, args, check, now))
         self.outbox.extend(self.conn.pack_command(*args))
         self.pool.commands += 1
         if not self.scheduled:
@@ -138,7 +138,8 @@ class _MuxConnection:
         self.watchdog = loop.call_at(loop.time() + max(0.0, when - time.monotonic()), self._check)
 
     def _check(self) -> None:
-        """The oldest waiting call's deadline: still unanswered, the connection is dead."""
+        """The oldest waiting call's deadline: still unanswered, the connection is dead.
+        With nobody waiting the watchdog rests until the next call arms it."""
         self.watchdog = None
         if not self.alive or not self.pending:
             return
