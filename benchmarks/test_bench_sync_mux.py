@@ -2,7 +2,7 @@
 
 sync_mux_prototype.py's ``SyncMux`` (one socket, callers hand packed commands to a writer,
 a reader thread matches replies in order) beside the sync manager's lean pool and raw
-redis-py's pooled client, at 4 and 16 threads, every call a preferences hit (the keys of
+redis-py's pooled client, at 1, 4 and 16 threads, every call a preferences hit (the keys of
 test_bench_threads.py, whose ``run_threaded`` times the runs):
 
 * ``lean-pool``: ``CRMCacheManager.get_client_preferences`` (``max_connections=10``):
@@ -33,7 +33,7 @@ from sync_mux_prototype import SyncMux
 from test_bench_threads import CLIENT_IDS, KEYS, PREFS, ThreadedRun, run_threaded
 
 REPORT_TABLE = "sync-mux"
-THREADS = (4, 16)
+THREADS = (1, 4, 16)
 TOTAL_CALLS = 24_000
 WARMUP_CALLS = 1_600
 SMOKE_CALLS = 160
