@@ -176,6 +176,7 @@ def pytest_benchmark_update_machine_info(
     machine_info["redis_py"] = _package_version("redis")
     machine_info["hiredis"] = _package_version("hiredis")
     machine_info["limits"] = _package_version("limits")
+    machine_info["valkey_glide"] = _package_version("valkey-glide")
     machine_info["redis_server"] = config.stash.get(_SERVER_VERSION, "unknown")
     machine_info["cpu_pinning"] = config.stash.get(_PINNING, "unknown")
 

@@ -20,6 +20,14 @@ then prints:
 5. the cluster throughput runs (``extra_info`` of test_bench_cluster.py): 16 threads on
    one manager over 3 primaries beside 1 primary (and a single node, for reference):
    ops/s, p99 and their ratios to the 1-primary figure, and failed calls;
+6. auto-pipelining (``extra_info`` of test_bench_mux.py and test_bench_glide.py): 100
+   tasks on the pipelined async manager, on its lean pool, on raw ``redis.asyncio`` and
+   on valkey-glide ("not installed" where it is not) beside the sync manager at 16
+   threads, for preference hits and rate-limit checks; one sequential caller, pipelined
+   beside pool; the head-of-line figures (small calls with and without concurrent 1 MiB
+   template reads);
+7. the sync multiplexing prototype (``extra_info`` of test_bench_sync_mux.py): ops/s at 4
+   and 16 threads and the ratios to the lean pool and to raw redis-py;
 
 then the machine it ran on, the performance targets met or missed, and any failed test.
 The same text is written to ``benchmarks/results.md``, and a bar chart of the medians per
@@ -44,7 +52,7 @@ import subprocess
 import sys
 import tempfile
 import xml.etree.ElementTree as ET
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,6 +92,41 @@ CLUSTER_IMPLEMENTATIONS = (
 #: may reach, as a fraction of the baseline's (~ 1 / 1.10, the per-call bound).
 CLUSTER_MEASURED = "cluster_3_primaries"
 CLUSTER_MIN_OPS_RATIO = 0.90
+
+MUX_TABLE = "mux"
+#: The auto-pipelining comparisons: workload, its title, its rows
+#: (``extra_info["implementation"]`` and label). The baseline row comes first: for
+#: ``prefs`` test_bench_threads.py's crmcache figure at ASYNC_BASELINE_THREADS threads,
+#: for ``ratelimit`` test_bench_mux.py's ``sync-16t``.
+MUX_WORKLOADS = (
+    ("prefs", "preferences hits (`get_client_preferences`)", (
+        ("pipelined", "async, pipelined (default)"),
+        ("pool", "async, pipelining=False (lean pool)"),
+        ("raw-redis-py", "raw redis.asyncio, pool of 10 (GET + orjson)"),
+        ("glide-async", "valkey-glide async (GET + orjson)"),
+        ("glide-sync", "valkey-glide sync, 16 threads (GET + orjson)"),
+    )),
+    ("ratelimit", "rate-limit checks (`check_rate_limit`, EVALSHA)", (
+        ("pipelined", "async, pipelined (default)"),
+        ("pool", "async, pipelining=False (lean pool)"),
+    )),
+)  # fmt: skip
+MUX_SYNC_BASELINE = "sync-16t"
+#: Implementations that are other libraries: reported, never held to crmcache's targets.
+MUX_GLIDE = ("glide-async", "glide-sync")
+#: Targets of the pipelined rows against the sync baseline.
+MUX_MIN_OPS_RATIO = 5.0
+MUX_MAX_P99_RATIO = 1.0
+#: One sequential caller: pipelined time over pool time, at most.
+MUX_SINGLE_MAX_TIME_RATIO = 1.05
+SYNC_MUX_TABLE = "sync-mux"
+SYNC_MUX_IMPLEMENTATIONS = (
+    ("lean-pool", "CRMCacheManager, lean pool (GET + pydantic decode)"),
+    ("raw-redis-py", "raw redis-py, pool of 10 (GET + orjson)"),
+    ("mux-thread", "prototype, writer thread (GET + orjson)"),
+    ("mux-inline", "prototype, callers write under a lock (GET + orjson)"),
+    ("mux-thread-decode", "prototype, writer thread (GET + pydantic decode)"),
+)
 
 #: pytest's exit code when tests failed (the run itself completed).
 _TESTS_FAILED = 1
@@ -145,6 +188,91 @@ class AsyncRow:
     def p99_ratio(self) -> float | None:
         """p99 over the sync manager's (above 1: slower tail)."""
         return _ratio(self.p99_us, self.base_p99_us)
+
+
+@dataclass(frozen=True)
+class MuxRow:
+    """One row of an auto-pipelining table: best figures over the runs (None: not
+    measured; ``note`` then says why)."""
+
+    implementation: str
+    label: str
+    callers: str
+    ops: float | None
+    p50_us: float | None
+    p99_us: float | None
+    failed: int | None
+    base_ops: float | None
+    base_p99_us: float | None
+    is_baseline: bool = False
+    note: str = "not measured"
+
+    @property
+    def ops_ratio(self) -> float | None:
+        """ops/s over the baseline's (above 1: faster)."""
+        return _ratio(self.ops, self.base_ops)
+
+    @property
+    def p99_ratio(self) -> float | None:
+        """p99 over the baseline's (above 1: slower tail)."""
+        return _ratio(self.p99_us, self.base_p99_us)
+
+    @property
+    def time_ratio(self) -> float | None:
+        """Time for the same calls over the baseline's (above 1: slower)."""
+        return _ratio(self.base_ops, self.ops)
+
+
+@dataclass(frozen=True)
+class HolRow:
+    """Head-of-line: the small calls' latency without and with concurrent 1 MiB reads."""
+
+    label: str
+    without_p50_us: float | None
+    without_p99_us: float | None
+    with_p50_us: float | None
+    with_p99_us: float | None
+    big_reads: int | None
+    big_p50_us: float | None
+    big_p99_us: float | None
+    failed: int | None
+
+    @property
+    def added_p50_us(self) -> float | None:
+        if self.with_p50_us is None or self.without_p50_us is None:
+            return None
+        return self.with_p50_us - self.without_p50_us
+
+    @property
+    def added_p99_us(self) -> float | None:
+        if self.with_p99_us is None or self.without_p99_us is None:
+            return None
+        return self.with_p99_us - self.without_p99_us
+
+
+@dataclass(frozen=True)
+class SyncMuxRow:
+    """One implementation at one thread count in the sync multiplexing table."""
+
+    threads: int
+    implementation: str
+    label: str
+    ops: float | None
+    p50_us: float | None
+    p99_us: float | None
+    failed: int | None
+    lean_ops: float | None
+    raw_ops: float | None
+
+    @property
+    def lean_ratio(self) -> float | None:
+        """ops/s over the lean pool's (above 1: faster)."""
+        return _ratio(self.ops, self.lean_ops)
+
+    @property
+    def raw_ratio(self) -> float | None:
+        """ops/s over raw redis-py's (above 1: faster)."""
+        return _ratio(self.ops, self.raw_ops)
 
 
 @dataclass(frozen=True)
@@ -460,6 +588,189 @@ def build_cluster_rows(runs: Sequence[Sequence[Mapping[str, Any]]]) -> list[Asyn
     return rows
 
 
+def _failed_count(found: Sequence[Mapping[str, Any]]) -> int | None:
+    """The most failed calls in any run (a manager's reads_failed counted too)."""
+    counts = [
+        max(
+            int(e.get("failed_calls", 0)),
+            int(e.get("reads_failed") or 0),
+            int(e.get("rate_limit_degraded") or 0),
+        )
+        for e in found
+    ]
+    return max(counts) if counts else None
+
+
+def _best_of(found: Sequence[Mapping[str, Any]], key: str, *, highest: bool) -> float | None:
+    return _best((float(e[key]) for e in found if e.get(key) is not None), highest=highest)
+
+
+def build_mux_rows(
+    runs: Sequence[Sequence[Mapping[str, Any]]], glide_version: str | None = None
+) -> dict[str, list[MuxRow]]:
+    """For each MUX_WORKLOADS workload that ran: its sync baseline row, then each of its
+    implementations (valkey-glide's always, "not installed" when ``glide_version`` says
+    so); the ``single`` workload too (pool first, as the baseline). Best ops/s, p50 and
+    p99 over the runs; the most failed calls in any run. Empty when nothing ran."""
+    extras = [e for e in _extras(runs, MUX_TABLE) if "ops_per_s" in e]
+    if not extras:
+        return {}
+    glide_note = "not installed" if glide_version == "not installed" else "not measured"
+
+    def found(workload: str, implementation: str) -> list[dict[str, Any]]:
+        return [
+            e
+            for e in extras
+            if e.get("workload") == workload and e.get("implementation") == implementation
+        ]
+
+    def row(
+        implementation: str,
+        label: str,
+        entries: Sequence[Mapping[str, Any]],
+        base: tuple[float | None, float | None],
+        *,
+        is_baseline: bool = False,
+        note: str = "not measured",
+    ) -> MuxRow:
+        callers = sorted({str(e.get("callers", "")) for e in entries})
+        return MuxRow(
+            implementation=implementation,
+            label=label,
+            callers=" / ".join(callers) or "—",
+            ops=_best_of(entries, "ops_per_s", highest=True),
+            p50_us=_best_of(entries, "p50_us", highest=False),
+            p99_us=_best_of(entries, "p99_us", highest=False),
+            failed=_failed_count(entries),
+            base_ops=base[0],
+            base_p99_us=base[1],
+            is_baseline=is_baseline,
+            note=note,
+        )
+
+    tables: dict[str, list[MuxRow]] = {}
+    for workload, _title, implementations in MUX_WORKLOADS:
+        if not any(e.get("workload") == workload for e in extras):
+            continue
+        if workload == "prefs":
+            base_entries = [
+                e
+                for e in _extras(runs, THROUGHPUT_TABLE)
+                if "ops_per_s" in e
+                and e.get("implementation") == "crmcache"
+                and int(e.get("threads", 0)) == ASYNC_BASELINE_THREADS
+            ]
+            base_entries = [{**e, "callers": f"{e.get('threads')} threads"} for e in base_entries]
+        else:
+            base_entries = found(workload, MUX_SYNC_BASELINE)
+        base = (
+            _best_of(base_entries, "ops_per_s", highest=True),
+            _best_of(base_entries, "p99_us", highest=False),
+        )
+        rows = [
+            row(
+                MUX_SYNC_BASELINE,
+                f"sync CRMCacheManager, {ASYNC_BASELINE_THREADS} threads (baseline)",
+                base_entries,
+                base,
+                is_baseline=True,
+            )
+        ]
+        for implementation, label in implementations:
+            entries = found(workload, implementation)
+            if not entries and implementation not in MUX_GLIDE:
+                continue
+            note = glide_note if implementation in MUX_GLIDE else "not measured"
+            rows.append(row(implementation, label, entries, base, note=note))
+        tables[workload] = rows
+    single = {impl: found("single", impl) for impl in ("pool", "pipelined")}
+    if any(single.values()):
+        base = (
+            _best_of(single["pool"], "ops_per_s", highest=True),
+            _best_of(single["pool"], "p99_us", highest=False),
+        )
+        tables["single"] = [
+            row("pool", "async, pipelining=False (lean pool; baseline)", single["pool"], base,
+                is_baseline=True),
+            row("pipelined", "async, pipelined (default)", single["pipelined"], base),
+        ]  # fmt: skip
+    return tables
+
+
+def build_hol_rows(runs: Sequence[Sequence[Mapping[str, Any]]]) -> list[HolRow]:
+    """Head-of-line rows, pipelined then pool (those that ran): the small calls' best
+    p50/p99 without and with the concurrent 1 MiB reads, the big reads' figures."""
+    extras = [e for e in _extras(runs, MUX_TABLE) if e.get("workload") == "hol" and "p99_us" in e]
+    rows = []
+    for implementation, label in (
+        ("pipelined", "async, pipelined (default)"),
+        ("pool", "async, pipelining=False (lean pool)"),
+    ):
+        without = [
+            e
+            for e in extras
+            if e.get("implementation") == implementation and e.get("big_reads") == "without"
+        ]
+        with_big = [
+            e
+            for e in extras
+            if e.get("implementation") == implementation and e.get("big_reads") == "with"
+        ]
+        if not without and not with_big:
+            continue
+        counts = [int(e.get("big_read_count", 0)) for e in with_big]
+        rows.append(
+            HolRow(
+                label=label,
+                without_p50_us=_best_of(without, "p50_us", highest=False),
+                without_p99_us=_best_of(without, "p99_us", highest=False),
+                with_p50_us=_best_of(with_big, "p50_us", highest=False),
+                with_p99_us=_best_of(with_big, "p99_us", highest=False),
+                big_reads=max(counts) if counts else None,
+                big_p50_us=_best_of(with_big, "big_p50_us", highest=False),
+                big_p99_us=_best_of(with_big, "big_p99_us", highest=False),
+                failed=_failed_count([*without, *with_big]),
+            )
+        )
+    return rows
+
+
+def build_sync_mux_rows(runs: Sequence[Sequence[Mapping[str, Any]]]) -> list[SyncMuxRow]:
+    """The sync multiplexing prototype beside the lean pool and raw redis-py, per thread
+    count (ascending): best ops/s, p50, p99; the most failed calls in any run."""
+    extras = [e for e in _extras(runs, SYNC_MUX_TABLE) if "ops_per_s" in e]
+    rows = []
+    for threads in sorted({int(e["threads"]) for e in extras}):
+
+        def found(implementation: str, threads: int = threads) -> list[dict[str, Any]]:
+            return [
+                e
+                for e in extras
+                if int(e["threads"]) == threads and e.get("implementation") == implementation
+            ]
+
+        lean = _best_of(found("lean-pool"), "ops_per_s", highest=True)
+        raw = _best_of(found("raw-redis-py"), "ops_per_s", highest=True)
+        for implementation, label in SYNC_MUX_IMPLEMENTATIONS:
+            entries = found(implementation)
+            if not entries:
+                continue
+            rows.append(
+                SyncMuxRow(
+                    threads=threads,
+                    implementation=implementation,
+                    label=label,
+                    ops=_best_of(entries, "ops_per_s", highest=True),
+                    p50_us=_best_of(entries, "p50_us", highest=False),
+                    p99_us=_best_of(entries, "p99_us", highest=False),
+                    failed=_failed_count(entries),
+                    lean_ops=lean,
+                    raw_ops=raw,
+                )
+            )
+    return rows
+
+
 def build_cost_rows(runs: Sequence[Sequence[Mapping[str, Any]]]) -> list[CostRow]:
     """One row per operation, in run order: the lowest µs per call over the runs, and its
     ratio to GET's."""
@@ -692,6 +1003,181 @@ def cluster_lines(rows: Sequence[AsyncRow], runs: int) -> list[str]:
     return [*lines, ""]
 
 
+def _cell(value: float | None, fmt: Callable[[float], str], note: str = "—") -> str:
+    return note if value is None else fmt(value)
+
+
+def mux_lines(
+    tables: Mapping[str, Sequence[MuxRow]], hol: Sequence[HolRow], runs: int
+) -> list[str]:
+    """The auto-pipelining tables (empty when none of their benchmarks ran)."""
+    if not tables and not hol:
+        return []
+    how = "one run" if runs == 1 else f"best of {runs} runs (highest ops/s, lowest p50/p99)"
+    lines: list[str] = []
+    titles = {workload: title for workload, title, _ in MUX_WORKLOADS}
+    for workload in (w for w, _, _ in MUX_WORKLOADS if w in tables):
+        lines += [
+            f"## Auto-pipelining: 100 tasks, {titles[workload]}",
+            "",
+            "100 asyncio tasks on one event loop sharing one client, beside the sync "
+            f"`CRMCacheManager` shared by {ASYNC_BASELINE_THREADS} threads (same run); "
+            f"{how}. p50/p99 per call. Ratios: to the sync baseline (ops/s: above 1 is "
+            f"faster; p99: above 1 is slower). Targets for the pipelined row: ops/s ratio "
+            f">= {MUX_MIN_OPS_RATIO:g}, p99 ratio <= {MUX_MAX_P99_RATIO:g}. With every "
+            "caller always in flight, the mean latency is callers / ops/s (Little's law): "
+            f"100 tasks match the p99 of {ASYNC_BASELINE_THREADS} threads only at about "
+            f"100/{ASYNC_BASELINE_THREADS} times their ops/s or more. Failed calls: "
+            "the most in any run.",
+            "",
+            "| client | callers | ops/s | p50 µs | p99 µs | ops/s ratio | p99 ratio "
+            "| failed calls |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for row in tables[workload]:
+            if row.ops is None:
+                lines.append(f"| {row.label} | — | {row.note} | — | — | — | — | — |")
+                continue
+            lines.append(
+                f"| {row.label} | {row.callers} | {row.ops:,.0f} "
+                f"| {_cell(row.p50_us, _us)} | {_cell(row.p99_us, _us)} "
+                f"| {_cell(row.ops_ratio, _times)} | {_cell(row.p99_ratio, _times)} "
+                f"| {_fmt(row.failed, 'd')} |"
+            )
+        if tables[workload][0].ops is None:
+            lines += [
+                "",
+                "(The sync baseline was not measured in this run: run "
+                + (
+                    f"test_bench_threads.py's test_throughput_crmcache[{ASYNC_BASELINE_THREADS}]"
+                    if workload == "prefs"
+                    else "test_bench_mux.py's test_mux_ratelimit_sync_16_threads"
+                )
+                + " too.)",
+            ]
+        lines.append("")
+    if "single" in tables:
+        lines += [
+            "## Auto-pipelining: one sequential caller",
+            "",
+            "One task calling `get_client_preferences` one call after another; "
+            f"{how}. Time ratio: pipelined time over pool time for the same calls (target "
+            f"<= {MUX_SINGLE_MAX_TIME_RATIO:.2f}).",
+            "",
+            "| client | ops/s | p50 µs | p99 µs | time ratio | failed calls |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for row in tables["single"]:
+            lines.append(
+                f"| {row.label} | {_fmt(row.ops, ',.0f')} | {_cell(row.p50_us, _us)} "
+                f"| {_cell(row.p99_us, _us)} | {_cell(row.time_ratio, _times)} "
+                f"| {_fmt(row.failed, 'd')} |"
+            )
+        lines.append("")
+    if hol:
+        lines += [
+            "## Auto-pipelining: head-of-line blocking behind 1 MiB reads",
+            "",
+            "100 tasks doing preference hits on one async manager, without and with one "
+            "more task reading a 1 MiB template (`get_template`) in a loop meanwhile; p50 "
+            "and p99 are the small calls' only; added: with minus without. No target: how "
+            f"much the big transfers add to the small calls queued behind them; {how}.",
+            "",
+            "| manager | small p50 µs (without / with / added) "
+            "| small p99 µs (without / with / added) | 1 MiB reads | 1 MiB p50 / p99 µs "
+            "| failed calls |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for h in hol:
+            lines.append(
+                f"| {h.label} | {_cell(h.without_p50_us, _us)} / {_cell(h.with_p50_us, _us)} "
+                f"/ {_cell(h.added_p50_us, _us)} | {_cell(h.without_p99_us, _us)} / "
+                f"{_cell(h.with_p99_us, _us)} / {_cell(h.added_p99_us, _us)} "
+                f"| {_fmt(h.big_reads, ',d')} | {_cell(h.big_p50_us, _us)} / "
+                f"{_cell(h.big_p99_us, _us)} | {_fmt(h.failed, 'd')} |"
+            )
+        lines.append("")
+    return lines
+
+
+def sync_mux_lines(rows: Sequence[SyncMuxRow], runs: int) -> list[str]:
+    """The sync multiplexing prototype's table (empty when it did not run)."""
+    if not rows:
+        return []
+    how = "one run" if runs == 1 else f"best of {runs} runs (highest ops/s, lowest p50/p99)"
+    lines = [
+        "## Sync multiplexing prototype (benchmarks/sync_mux_prototype.py)",
+        "",
+        "Threads reading preferences through one shared socket (callers hand packed "
+        "commands to a writer, a reader thread matches replies in order), beside the sync "
+        f"manager's lean pool and raw redis-py's pooled client; {how}. Ratios: ops/s over "
+        "the lean pool's and over raw redis-py's (above 1: faster).",
+        "",
+        "| threads | client | ops/s | p50 µs | p99 µs | vs lean pool | vs raw redis-py "
+        "| failed calls |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row.threads} | {row.label} | {_fmt(row.ops, ',.0f')} "
+            f"| {_cell(row.p50_us, _us)} | {_cell(row.p99_us, _us)} "
+            f"| {_cell(row.lean_ratio, _times)} | {_cell(row.raw_ratio, _times)} "
+            f"| {_fmt(row.failed, 'd')} |"
+        )
+    return [*lines, ""]
+
+
+def mux_target_lines(tables: Mapping[str, Sequence[MuxRow]], hol: Sequence[HolRow]) -> list[str]:
+    """The auto-pipelining targets: ops/s and p99 of the pipelined rows against the sync
+    baseline, one caller's time against the pool's, and no failed crmcache call."""
+    lines = []
+    for workload, _title, _rows in MUX_WORKLOADS:
+        rows = tables.get(workload)
+        if rows is None:
+            continue
+        pipelined = next((r for r in rows if r.implementation == "pipelined"), None)
+        what = f"pipelined {workload}, 100 tasks"
+        checks = (
+            (f"ops/s >= {MUX_MIN_OPS_RATIO:g}x sync at {ASYNC_BASELINE_THREADS} threads",
+             None if pipelined is None else pipelined.ops_ratio,
+             lambda r: r >= MUX_MIN_OPS_RATIO, MUX_MIN_OPS_RATIO),
+            (f"p99 <= sync's at {ASYNC_BASELINE_THREADS} threads",
+             None if pipelined is None else pipelined.p99_ratio,
+             lambda r: r <= MUX_MAX_P99_RATIO, MUX_MAX_P99_RATIO),
+        )  # fmt: skip
+        for description, ratio, ok, bound in checks:
+            if ratio is None:
+                lines.append(f"- not measured: {what}: {description}")
+                continue
+            verdict = "met" if ok(ratio) else "MISSED"
+            lines.append(
+                f"- {verdict}: {what}: {description} (ratio {_times(ratio)}, "
+                f"bound {_times(bound)})"
+            )
+    single = tables.get("single")
+    description = f"one caller: pipelined time <= {MUX_SINGLE_MAX_TIME_RATIO:.2f}x pool time"
+    ratio = None if single is None else single[-1].time_ratio
+    if ratio is None:
+        lines.append(f"- not measured: {description}")
+    else:
+        verdict = "met" if ratio <= MUX_SINGLE_MAX_TIME_RATIO else "MISSED"
+        lines.append(f"- {verdict}: {description} (ratio {_times(ratio)})")
+    measured: list[tuple[str, int | None]] = [
+        (f"{workload}: {row.label}", row.failed)
+        for workload, rows in tables.items()
+        for row in rows
+        if row.implementation in ("pipelined", "pool") and row.ops is not None
+    ]
+    measured += [(f"head-of-line: {h.label}", h.failed) for h in hol]
+    for what, failed in measured:
+        verdict = "met" if failed == 0 else "MISSED"
+        lines.append(
+            f"- {verdict}: auto-pipelining, {what}: no failed call ({failed} failed calls or "
+            "reads_failed; most in any run)"
+        )
+    return lines
+
+
 def cost_lines(rows: Sequence[CostRow], runs: int) -> list[str]:
     """The Redis-side cost table (empty when no cost benchmark ran)."""
     if not rows:
@@ -736,6 +1222,10 @@ def render(
     async_rows = build_async_rows(benchmark_lists)
     cluster_rows = build_cluster_rows(benchmark_lists)
     data = runs[-1]
+    glide = data.get("machine_info", {}).get("valkey_glide")
+    mux_tables = build_mux_rows(benchmark_lists, None if glide is None else str(glide))
+    hol_rows = build_hol_rows(benchmark_lists)
+    sync_mux = build_sync_mux_rows(benchmark_lists)
     how = "median" if len(runs) == 1 else f"lowest median of {len(runs)} runs"
     lines = [
         "# crmcache benchmarks",
@@ -755,9 +1245,12 @@ def render(
     lines += throughput_lines(throughput, len(runs))
     lines += async_lines(async_rows, len(runs))
     lines += cluster_lines(cluster_rows, len(runs))
+    lines += mux_lines(mux_tables, hol_rows, len(runs))
+    lines += sync_mux_lines(sync_mux, len(runs))
     lines += cost_lines(costs, len(runs))
     lines += [machine_line(data.get("machine_info", {})), "", "Targets:", ""]
     lines += target_lines(rows, costs, throughput, async_rows, cluster_rows)
+    lines += mux_target_lines(mux_tables, hol_rows)
     if chart_note:
         lines += ["", chart_note]
     if failed:

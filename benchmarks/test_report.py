@@ -306,3 +306,141 @@ def test_render_flags_a_slow_cluster() -> None:
     assert "- MISSED: cluster prefs hit (3 primaries) <= 1.10x single node" in text
     assert "- MISSED: cluster throughput: 3 primaries >= 0.90x the ops/s of 1 primary" in text
     assert "(ratio 0.80)" in text
+
+
+def _mux(
+    workload: str,
+    impl: str,
+    ops: float,
+    p99: float,
+    *,
+    p50: float = 100.0,
+    callers: str = "100 tasks",
+    failed: int = 0,
+    **extra: Any,
+) -> Any:
+    return _bench(
+        f"mux[{workload}-{impl}]",
+        f"mux-{workload}",
+        1e6,
+        {
+            "report_table": "mux",
+            "workload": workload,
+            "implementation": impl,
+            "callers": callers,
+            "ops_per_s": ops,
+            "p50_us": p50,
+            "p99_us": p99,
+            "failed_calls": failed,
+            "reads_failed": 0,
+            **extra,
+        },
+    )
+
+
+def _sync_mux(impl: str, threads: int, ops: float) -> Any:
+    return _bench(
+        f"sync_mux[{impl}-{threads}]",
+        f"sync-mux-{threads}t",
+        1e6,
+        {
+            "report_table": "sync-mux",
+            "implementation": impl,
+            "threads": threads,
+            "ops_per_s": ops,
+            "p50_us": 50.0,
+            "p99_us": 200.0,
+            "failed_calls": 0,
+        },
+    )
+
+
+def _mux_run(*, pipelined_ops: float = 80_000.0, glide: str = "not installed") -> Any:
+    data = _run()  # sync crmcache at 16 threads: 15,000 ops/s, p99 2,000 µs
+    data["machine_info"]["valkey_glide"] = glide
+    data["benchmarks"] += [
+        _mux("prefs", "pipelined", pipelined_ops, 1_500.0),
+        _mux("prefs", "pool", 16_000.0, 9_000.0),
+        _mux("prefs", "raw-redis-py", 10_000.0, 1_600.0, failed=60),
+        _mux("ratelimit", "sync-16t", 20_000.0, 1_400.0, callers="16 threads"),
+        _mux("ratelimit", "pipelined", 42_000.0, 4_200.0),
+        _mux("single", "pool", 15_000.0, 120.0, callers="1 tasks"),
+        _mux("single", "pipelined", 15_300.0, 110.0, callers="1 tasks"),
+        _mux("hol", "pipelined", 52_000.0, 3_000.0, p50=1_900.0, big_reads="without",
+             big_read_count=0),
+        _mux("hol", "pipelined", 31_000.0, 6_300.0, p50=2_600.0, big_reads="with",
+             big_read_count=150, big_p50_us=5_400.0, big_p99_us=7_700.0),
+        _sync_mux("lean-pool", 16, 20_000.0),
+        _sync_mux("raw-redis-py", 16, 16_000.0),
+        _sync_mux("mux-thread", 16, 80_000.0),
+    ]  # fmt: skip
+    return data
+
+
+def test_mux_rows_compare_with_the_sync_baselines() -> None:
+    runs = [_mux_run()["benchmarks"], _mux_run(pipelined_ops=90_000.0)["benchmarks"]]
+    tables = report.build_mux_rows(runs, "not installed")
+    prefs = tables["prefs"]
+    assert [r.implementation for r in prefs] == [
+        "sync-16t",
+        "pipelined",
+        "pool",
+        "raw-redis-py",
+        "glide-async",
+        "glide-sync",
+    ]
+    assert prefs[0].ops == 15_000.0  # test_bench_threads.py's crmcache[16]
+    assert prefs[1].ops == 90_000.0
+    assert prefs[1].ops_ratio == pytest.approx(6.0)
+    assert prefs[1].p99_ratio == pytest.approx(0.75)
+    assert prefs[3].failed == 60
+    assert prefs[4].ops is None
+    assert prefs[4].note == "not installed"
+    assert [r.implementation for r in tables["ratelimit"]] == ["sync-16t", "pipelined"]
+    assert tables["ratelimit"][1].ops_ratio == pytest.approx(2.1)
+    assert tables["single"][1].time_ratio == pytest.approx(15_000 / 15_300)
+    assert report.build_mux_rows([_run()["benchmarks"]]) == {}
+    assert report.build_mux_rows(runs, "1.3.0")["prefs"][4].note == "not measured"
+
+
+def test_hol_and_sync_mux_rows() -> None:
+    benchmarks = _mux_run()["benchmarks"]
+    (hol,) = report.build_hol_rows([benchmarks])
+    assert (hol.without_p50_us, hol.with_p50_us) == (1_900.0, 2_600.0)
+    assert hol.added_p50_us == pytest.approx(700.0)
+    assert hol.added_p99_us == pytest.approx(3_300.0)
+    assert (hol.big_reads, hol.big_p50_us) == (150, 5_400.0)
+    rows = report.build_sync_mux_rows([benchmarks])
+    by_impl = {r.implementation: r for r in rows}
+    assert by_impl["mux-thread"].lean_ratio == pytest.approx(4.0)
+    assert by_impl["mux-thread"].raw_ratio == pytest.approx(5.0)
+
+
+def test_render_shows_the_mux_tables_and_targets() -> None:
+    text = report.render([_mux_run()])
+    assert "## Auto-pipelining: 100 tasks, preferences hits" in text
+    assert (
+        "| async, pipelined (default) | 100 tasks | 80,000 | 100.0 | 1,500.0 | 5.33 | 0.75 | 0 |"
+        in text
+    )
+    assert "| valkey-glide async (GET + orjson) | — | not installed |" in text
+    assert "## Auto-pipelining: one sequential caller" in text
+    assert "## Auto-pipelining: head-of-line blocking behind 1 MiB reads" in text
+    assert "| 1,900.0 / 2,600.0 / 700.0 | 3,000.0 / 6,300.0 / 3,300.0 | 150 |" in text
+    assert "## Sync multiplexing prototype" in text
+    assert "| 16 | prototype, writer thread (GET + orjson) | 80,000 |" in text
+    assert "- met: pipelined prefs, 100 tasks: ops/s >= 5x sync at 16 threads" in text
+    assert "- met: pipelined prefs, 100 tasks: p99 <= sync's at 16 threads" in text
+    assert "- MISSED: pipelined ratelimit, 100 tasks: ops/s >= 5x sync at 16 threads" in text
+    assert "- MISSED: pipelined ratelimit, 100 tasks: p99 <= sync's at 16 threads" in text
+    assert "- met: one caller: pipelined time <= 1.05x pool time (ratio 0.98)" in text
+    assert "- met: auto-pipelining, head-of-line: async, pipelined (default): no failed" in text
+    assert "raw redis.asyncio" not in "\n".join(
+        line for line in text.splitlines() if line.startswith("- ")
+    )
+
+
+def test_render_flags_a_slow_pipelined_manager() -> None:
+    text = report.render([_mux_run(pipelined_ops=50_000.0)])
+    assert "- MISSED: pipelined prefs, 100 tasks: ops/s >= 5x sync at 16 threads" in text
+    assert "(ratio 3.33, bound 5.00)" in text
