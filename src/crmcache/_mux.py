@@ -50,6 +50,7 @@ from ._async.sentinel import AsyncSentinelTransport
 from ._config import CacheSettings
 from ._guard import CircuitBreaker, PoolClosedError
 from ._replies import Check, ProtocolError, check_reply, huge_array_header, reply_budget
+from ._resp import pack
 from ._stats import PoolAccounting
 
 if TYPE_CHECKING:
@@ -118,7 +119,10 @@ class _MuxConnection:
         if self.watchdog is None:  # one watchdog per connection, at the oldest deadline
             self._arm(now + self.pool.call_timeout)
         self.pending.append((future, args, check, now))
-        self.outbox.extend(self.conn.pack_command(*args))
+        try:
+            self.outbox.append(pack(args))
+        except TypeError:  # an argument only redis-py knows how to send
+            self.outbox.extend(self.conn.pack_command(*args))
         self.pool.commands += 1
         if not self.scheduled:
             self.scheduled = True

@@ -7,6 +7,7 @@ MessageChannel``.
 from __future__ import annotations
 
 from enum import StrEnum
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -68,9 +69,6 @@ class ClientPreferences(BaseModel):
     @field_validator("timezone")
     @classmethod
     def _known_timezone(cls, value: str) -> str:
-        # Imported lazily: zoneinfo reads tzdata from disk on first use.
-        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError  # noqa: PLC0415
-
         try:
             ZoneInfo(value)
         except (ZoneInfoNotFoundError, ValueError):

@@ -33,6 +33,7 @@ from redis.exceptions import InvalidResponse, NoScriptError, ResponseError
 
 from .._guard import PoolClosedError, PoolExhaustedError
 from .._replies import Check, ProtocolError, check_reply, huge_array_header, reply_budget
+from .._resp import pack
 from .._stats import PoolAccounting
 from .primitives import FairSlots, connected, dirty, receive, send, sleep, within
 
@@ -195,7 +196,11 @@ class AsyncLeanPool:
     ) -> Any:  # noqa: ANN401
         if not connected(conn):
             await self._connect(conn, deadline)
-        await send(conn, conn.pack_command(*args), deadline)
+        try:
+            packed = [pack(args)]
+        except TypeError:  # an argument only redis-py knows how to send
+            packed = conn.pack_command(*args)
+        await send(conn, packed, deadline)
         return await self._read(conn, args, check, deadline)
 
     async def _connect(self, conn: AbstractConnection, deadline: float) -> None:

@@ -35,6 +35,7 @@ from redis.exceptions import InvalidResponse, NoScriptError, ResponseError
 
 from .._guard import PoolClosedError, PoolExhaustedError
 from .._replies import Check, ProtocolError, check_reply, huge_array_header, reply_budget
+from .._resp import pack
 from .._stats import PoolAccounting
 from .primitives import FairSlots, connected, dirty, receive, send, sleep, within
 
@@ -197,7 +198,11 @@ class LeanPool:
     ) -> Any:  # noqa: ANN401
         if not connected(conn):
             self._connect(conn, deadline)
-        send(conn, conn.pack_command(*args), deadline)
+        try:
+            packed = [pack(args)]
+        except TypeError:  # an argument only redis-py knows how to send
+            packed = conn.pack_command(*args)
+        send(conn, packed, deadline)
         return self._read(conn, args, check, deadline)
 
     def _connect(self, conn: AbstractConnection, deadline: float) -> None:
