@@ -42,8 +42,9 @@ from typing import TYPE_CHECKING, Any
 
 from redis._parsers.hiredis import NOT_ENOUGH_DATA
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import InvalidResponse, NoScriptError, ResponseError
+from redis.exceptions import InvalidResponse, ResponseError
 
+from ._async.cluster_node import AsyncAskingMixin
 from ._async.node import AsyncNodeTransport
 from ._async.pool import AsyncLeanPool
 from ._async.sentinel import AsyncSentinelTransport
@@ -56,7 +57,6 @@ from ._stats import PoolAccounting
 if TYPE_CHECKING:
     from redis.asyncio.connection import AbstractConnection
 
-    from ._scripts import ScriptLike
 
 __all__ = [
     "DEFAULT_PIPELINE_CONNECTIONS",
@@ -378,6 +378,17 @@ class AsyncMuxPool(AsyncLeanPool):
                 mux.kill(PoolClosedError())
 
 
+async def _in_place(futures: list[asyncio.Future[Any]]) -> list[Any]:
+    """The futures' results in order, an error reply in its place."""
+    replies: list[Any] = []
+    for future in futures:
+        try:
+            replies.append(await future)
+        except ResponseError as exc:
+            replies.append(exc)
+    return replies
+
+
 class _Batch:
     """A batch handed out by :meth:`AsyncMuxClusterNodePool.lease`: the futures of the
     commands it sent (no connection is held: the shared ones carry it)."""
@@ -388,7 +399,7 @@ class _Batch:
         self.futures: list[asyncio.Future[Any]] = []
 
 
-class AsyncMuxClusterNodePool(AsyncMuxPool):
+class AsyncMuxClusterNodePool(AsyncMuxPool, AsyncAskingMixin):
     """A cluster primary on shared connections, with the cluster node pool's interface
     (``crmcache._async.cluster_node``): batches are queued on one shared connection in one
     turn, so they go out in one write like any other calls, and ``ASKING`` travels right
@@ -421,27 +432,14 @@ class AsyncMuxClusterNodePool(AsyncMuxPool):
         deadline: float,
     ) -> list[Any]:
         """The replies, in order; an error reply in its place as a ``ResponseError``."""
-        replies: list[Any] = []
-        for future in batch.futures:
-            try:
-                replies.append(await future)
-            except ResponseError as exc:
-                replies.append(exc)
-        return replies
+        return await _in_place(batch.futures)
 
     async def batch(
         self, commands: Sequence[tuple[Any, ...]], checks: Sequence[Check | None]
     ) -> list[Any]:
         """Queue ``commands`` together on one shared connection and await their replies
         (an error reply in its place)."""
-        futures = await self._submit_all(commands, checks)
-        replies: list[Any] = []
-        for future in futures:
-            try:
-                replies.append(await future)
-            except ResponseError as exc:
-                replies.append(exc)
-        return replies
+        return await _in_place(await self._submit_all(commands, checks))
 
     async def _submit_all(
         self, commands: Sequence[tuple[Any, ...]], checks: Sequence[Check | None]
@@ -458,25 +456,6 @@ class AsyncMuxClusterNodePool(AsyncMuxPool):
             mux.submit(command, check, future)
             futures.append(future)
         return futures
-
-    async def asking(self, args: tuple[Any, ...], check: Check | None = None) -> Any:  # noqa: ANN401 - a raw Redis reply
-        """``ASKING`` then ``args``, adjacent on one shared connection."""
-        replies = await self.batch((("ASKING",), args), (None, check))
-        for reply in replies:
-            if isinstance(reply, ResponseError):
-                raise reply
-        return replies[1]
-
-    async def asking_evalsha(
-        self, script: ScriptLike, keys: Sequence[Any], args: Sequence[Any]
-    ) -> Any:  # noqa: ANN401 - a raw Redis reply
-        """A script run after ``ASKING``, loaded first on ``NOSCRIPT``."""
-        command = ("EVALSHA", script.sha, len(keys), *keys, *args)
-        try:
-            return await self.asking(command, script.check)
-        except NoScriptError:
-            await self.execute("SCRIPT", "LOAD", script.script)
-            return await self.asking(command, script.check)
 
 
 def _pipeline_connections(settings: CacheSettings) -> int:

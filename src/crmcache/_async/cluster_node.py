@@ -36,12 +36,49 @@ if TYPE_CHECKING:
 
     from .._scripts import ScriptLike
 
-__all__ = ["AsyncClusterNodePool"]
+__all__ = ["AsyncAskingMixin", "AsyncClusterNodePool"]
 
 _ASKING = ("ASKING",)
 
 
-class AsyncClusterNodePool(AsyncLeanPool):
+class AsyncAskingMixin:
+    """``ASKING`` before a command (or a script) on the same connection, for any pool
+    whose :meth:`batch` keeps commands adjacent on one connection (this module's, and
+    the shared connections' of ``crmcache._mux``). It comes after the pool in the bases:
+    its ``batch`` and ``execute`` only declare what it needs."""
+
+    async def batch(
+        self, commands: Sequence[tuple[Any, ...]], checks: Sequence[Check | None]
+    ) -> list[Any]:
+        """The commands' replies (an error reply in its place), sent together."""
+        raise NotImplementedError
+
+    async def execute(self, *args: Any, check: Check | None = None) -> Any:  # noqa: ANN401 - a raw Redis reply
+        """One command's reply."""
+        raise NotImplementedError
+
+    async def asking(self, args: tuple[Any, ...], check: Check | None = None) -> Any:  # noqa: ANN401 - a raw Redis reply
+        """``ASKING`` then ``args`` on one connection (a key of a slot being migrated
+        here); the command's reply, or its error raised."""
+        replies = await self.batch((_ASKING, args), (None, check))
+        for reply in replies:
+            if isinstance(reply, ResponseError):
+                raise reply
+        return replies[1]
+
+    async def asking_evalsha(
+        self, script: ScriptLike, keys: Sequence[Any], args: Sequence[Any]
+    ) -> Any:  # noqa: ANN401 - a raw Redis reply
+        """A script run after ``ASKING``, loaded first on ``NOSCRIPT``."""
+        command = ("EVALSHA", script.sha, len(keys), *keys, *args)
+        try:
+            return await self.asking(command, script.check)
+        except NoScriptError:
+            await self.execute("SCRIPT", "LOAD", script.script)
+            return await self.asking(command, script.check)
+
+
+class AsyncClusterNodePool(AsyncLeanPool, AsyncAskingMixin):
     """A cluster primary's lean pool (see the module docstring).
 
     Attributes:
@@ -136,23 +173,3 @@ class AsyncClusterNodePool(AsyncLeanPool):
         finally:
             await self.give_back(conn, intact=intact)
         return replies
-
-    async def asking(self, args: tuple[Any, ...], check: Check | None = None) -> Any:  # noqa: ANN401 - a raw Redis reply
-        """``ASKING`` then ``args`` on one connection (a key of a slot being migrated
-        here); the command's reply, or its error raised."""
-        replies = await self.batch((_ASKING, args), (None, check))
-        for reply in replies:
-            if isinstance(reply, ResponseError):
-                raise reply
-        return replies[1]
-
-    async def asking_evalsha(
-        self, script: ScriptLike, keys: Sequence[Any], args: Sequence[Any]
-    ) -> Any:  # noqa: ANN401 - a raw Redis reply
-        """A script run after ``ASKING``, loaded first on ``NOSCRIPT``."""
-        command = ("EVALSHA", script.sha, len(keys), *keys, *args)
-        try:
-            return await self.asking(command, script.check)
-        except NoScriptError:
-            await self.execute("SCRIPT", "LOAD", script.script)
-            return await self.asking(command, script.check)

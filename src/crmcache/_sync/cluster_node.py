@@ -38,12 +38,47 @@ if TYPE_CHECKING:
 
     from .._scripts import ScriptLike
 
-__all__ = ["ClusterNodePool"]
+__all__ = ["AskingMixin", "ClusterNodePool"]
 
 _ASKING = ("ASKING",)
 
 
-class ClusterNodePool(LeanPool):
+class AskingMixin:
+    """``ASKING`` before a command (or a script) on the same connection, for any pool
+    whose :meth:`batch` keeps commands adjacent on one connection (this module's, and
+    the shared connections' of ``crmcache._mux``). It comes after the pool in the bases:
+    its ``batch`` and ``execute`` only declare what it needs."""
+
+    def batch(
+        self, commands: Sequence[tuple[Any, ...]], checks: Sequence[Check | None]
+    ) -> list[Any]:
+        """The commands' replies (an error reply in its place), sent together."""
+        raise NotImplementedError
+
+    def execute(self, *args: Any, check: Check | None = None) -> Any:  # noqa: ANN401 - a raw Redis reply
+        """One command's reply."""
+        raise NotImplementedError
+
+    def asking(self, args: tuple[Any, ...], check: Check | None = None) -> Any:  # noqa: ANN401 - a raw Redis reply
+        """``ASKING`` then ``args`` on one connection (a key of a slot being migrated
+        here); the command's reply, or its error raised."""
+        replies = self.batch((_ASKING, args), (None, check))
+        for reply in replies:
+            if isinstance(reply, ResponseError):
+                raise reply
+        return replies[1]
+
+    def asking_evalsha(self, script: ScriptLike, keys: Sequence[Any], args: Sequence[Any]) -> Any:  # noqa: ANN401 - a raw Redis reply
+        """A script run after ``ASKING``, loaded first on ``NOSCRIPT``."""
+        command = ("EVALSHA", script.sha, len(keys), *keys, *args)
+        try:
+            return self.asking(command, script.check)
+        except NoScriptError:
+            self.execute("SCRIPT", "LOAD", script.script)
+            return self.asking(command, script.check)
+
+
+class ClusterNodePool(LeanPool, AskingMixin):
     """A cluster primary's lean pool (see the module docstring).
 
     Attributes:
@@ -138,21 +173,3 @@ class ClusterNodePool(LeanPool):
         finally:
             self.give_back(conn, intact=intact)
         return replies
-
-    def asking(self, args: tuple[Any, ...], check: Check | None = None) -> Any:  # noqa: ANN401 - a raw Redis reply
-        """``ASKING`` then ``args`` on one connection (a key of a slot being migrated
-        here); the command's reply, or its error raised."""
-        replies = self.batch((_ASKING, args), (None, check))
-        for reply in replies:
-            if isinstance(reply, ResponseError):
-                raise reply
-        return replies[1]
-
-    def asking_evalsha(self, script: ScriptLike, keys: Sequence[Any], args: Sequence[Any]) -> Any:  # noqa: ANN401 - a raw Redis reply
-        """A script run after ``ASKING``, loaded first on ``NOSCRIPT``."""
-        command = ("EVALSHA", script.sha, len(keys), *keys, *args)
-        try:
-            return self.asking(command, script.check)
-        except NoScriptError:
-            self.execute("SCRIPT", "LOAD", script.script)
-            return self.asking(command, script.check)
