@@ -80,8 +80,6 @@ class _MuxConnection:
     __slots__ = (
         "alive",
         "conn",
-        "failure",
-        "host",
         "outbox",
         "pending",
         "pool",
@@ -95,8 +93,6 @@ class _MuxConnection:
     def __init__(self, pool: AsyncMuxPool, conn: AbstractConnection) -> None:
         self.pool = pool
         self.conn = conn
-        tcp: Any = conn
-        self.host = (getattr(tcp, "host", None), getattr(tcp, "port", None))
         parser: Any = conn._parser
         self.reader: Any = parser._reader
         self.writer: Any = conn._writer
@@ -105,7 +101,6 @@ class _MuxConnection:
         self.outbox: list[bytes] = []
         self.scheduled = False
         self.alive = True
-        self.failure: BaseException | None = None
         self.watchdog: asyncio.TimerHandle | None = None
         self.task = asyncio.get_running_loop().create_task(
             self._read_loop(parser._stream), name=f"crmcache-mux-{pool.address}"
@@ -223,7 +218,6 @@ class _MuxConnection:
         if not self.alive:
             return
         self.alive = False
-        self.failure = reason
         if self.watchdog is not None:
             self.watchdog.cancel()
         self.outbox.clear()
