@@ -1,25 +1,26 @@
-"""Would a multiplexed mode pay for the sync facade? (issue 13, item 3)
+"""The sync facade's auto-pipelining (``pipelining=True``, ``crmcache._mux_sync``): does it
+pay, and from how many threads? (issue 13, item 3)
 
-sync_mux_prototype.py's ``SyncMux`` (one socket, callers hand packed commands to a writer,
-a reader thread matches replies in order) beside the sync manager's lean pool and raw
-redis-py's pooled client, at 1, 4 and 16 threads, every call a preferences hit (the keys of
-test_bench_threads.py, whose ``run_threaded`` times the runs):
+Every call a preferences hit (the keys of test_bench_threads.py, whose ``run_threaded``
+times the runs), at 1, 4 and 16 worker threads:
 
-* ``lean-pool``: ``CRMCacheManager.get_client_preferences`` (``max_connections=10``):
-  ``GET`` + the library's decoder (pydantic);
+* ``lean-pool``: ``CRMCacheManager.get_client_preferences`` on the lean pool
+  (``max_connections=10``, the default data path);
+* ``pipelined``: the same manager call with ``pipelining=True`` (2 shared connections);
 * ``raw-redis-py``: ``redis.Redis`` on a ``BlockingConnectionPool(max_connections=10)``:
-  ``GET`` + ``orjson.loads`` of the JSON after its ``<version>:`` prefix;
-* ``mux-thread``: the prototype with a writer thread: ``GET`` + ``orjson.loads``;
-* ``mux-inline``: the prototype with callers writing under a lock: ``GET`` + ``orjson.loads``;
-* ``mux-thread-decode``: ``mux-thread`` with the library's decoder, so that its ratio to
-  ``lean-pool`` compares transports only.
+  ``GET`` + ``orjson.loads`` of the JSON after its ``<version>:`` prefix.
 
-``report.py`` shows them in the table "sync multiplexing prototype" (``report_table =
+Threads 0 is the main thread alone: there the pipelined manager hands each call to a
+writer thread (a signal handler's exception can land in the main thread at any bytecode
+and must never cut a write in half), so it pays a thread hop the worker threads do not.
+
+``report.py`` shows them in the table "sync auto-pipelining" (``report_table =
 "sync-mux"``) with each one's ratio to the lean pool and to raw redis-py.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 
 import orjson
@@ -28,17 +29,23 @@ import redis
 from pytest_benchmark.fixture import BenchmarkFixture
 
 from crmcache import ClientPreferences, CRMCacheManager
-from crmcache._codec import decode_preferences
-from sync_mux_prototype import SyncMux
-from test_bench_threads import CLIENT_IDS, KEYS, PREFS, ThreadedRun, run_threaded
+from test_bench_threads import (
+    CLIENT_IDS,
+    KEYS,
+    PREFS,
+    ThreadedRun,
+    percentile,
+    run_threaded,
+)
 
 REPORT_TABLE = "sync-mux"
-THREADS = (1, 4, 16)
+#: 0: the main thread alone (no worker thread).
+THREADS = (0, 1, 4, 16)
 TOTAL_CALLS = 24_000
 WARMUP_CALLS = 1_600
 SMOKE_CALLS = 160
 KEY_OF = dict(zip(CLIENT_IDS, KEYS, strict=True))
-IMPLEMENTATIONS = ("lean-pool", "raw-redis-py", "mux-thread", "mux-inline", "mux-thread-decode")
+IMPLEMENTATIONS = ("lean-pool", "pipelined", "raw-redis-py")
 
 
 @pytest.fixture
@@ -67,17 +74,34 @@ def reader(
     if implementation == "raw-redis-py":
         yield lambda client_id: _json(raw.get(KEY_OF[client_id]))  # type: ignore[arg-type]
         return
-    writer = "inline" if implementation == "mux-inline" else "thread"
-    with SyncMux(bench_redis_url, writer=writer) as mux:
-        if implementation == "mux-thread-decode":
+    with CRMCacheManager(redis_url=bench_redis_url, pipelining=True) as piped:
+        yield piped.get_client_preferences
 
-            def read(client_id: str) -> object:
-                value = mux.get(KEY_OF[client_id])
-                return None if value is None else decode_preferences(value, client_id)
 
-            yield read
-        else:
-            yield lambda client_id: _json(mux.get(KEY_OF[client_id]))
+def run_main(read: Callable[[str], object], calls: int) -> ThreadedRun:
+    """Call ``read`` ``calls`` times from the main thread, timing each call."""
+    samples: list[int] = []
+    perf = time.perf_counter_ns
+    count = len(CLIENT_IDS)
+    missed = 0
+    began = time.perf_counter()
+    for i in range(calls):
+        start = perf()
+        value = read(CLIENT_IDS[i % count])
+        samples.append(perf() - start)
+        missed += value is None
+    wall = time.perf_counter() - began
+    samples.sort()
+    return ThreadedRun(
+        threads=0,
+        calls=calls,
+        misses=missed,
+        errors=0,
+        first_error=None,
+        wall_s=wall,
+        p50_us=percentile(samples, 0.50),
+        p99_us=percentile(samples, 0.99),
+    )
 
 
 @pytest.mark.parametrize("threads", THREADS)
@@ -95,9 +119,15 @@ def test_sync_mux(
     smoke = benchmark.disabled
     run_threaded(reader, max(THREADS), SMOKE_CALLS if smoke else WARMUP_CALLS)
     calls = SMOKE_CALLS if smoke else TOTAL_CALLS
-    result: ThreadedRun = benchmark.pedantic(  # type: ignore[no-untyped-call]
-        run_threaded, args=(reader, threads, calls), rounds=1, iterations=1
-    )
+    if threads:
+        result: ThreadedRun = benchmark.pedantic(  # type: ignore[no-untyped-call]
+            run_threaded, args=(reader, threads, calls), rounds=1, iterations=1
+        )
+    else:
+        calls //= 4  # one caller: a quarter of the calls is as many samples as it needs
+        result = benchmark.pedantic(  # type: ignore[no-untyped-call]
+            run_main, args=(reader, calls), rounds=1, iterations=1
+        )
     benchmark.extra_info.update(
         report_table=REPORT_TABLE,
         implementation=implementation,

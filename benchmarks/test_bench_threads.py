@@ -97,7 +97,7 @@ class ThreadedRun:
         return self.misses + self.errors
 
 
-def _percentile(ordered: list[int], fraction: float) -> float:
+def percentile(ordered: list[int], fraction: float) -> float:
     """Nearest-rank percentile of sorted nanosecond samples, in microseconds."""
     rank = max(math.ceil(fraction * len(ordered)), 1)
     return ordered[rank - 1] / 1000
@@ -160,8 +160,8 @@ def run_threaded(read: Callable[[str], object], threads: int, calls: int) -> Thr
         if not first_errors
         else f"{type(first_errors[0]).__name__}: {first_errors[0]}",
         wall_s=wall,
-        p50_us=_percentile(ordered, 0.50),
-        p99_us=_percentile(ordered, 0.99),
+        p50_us=percentile(ordered, 0.50),
+        p99_us=percentile(ordered, 0.99),
     )
 
 

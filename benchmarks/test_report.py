@@ -372,7 +372,7 @@ def _mux_run(*, pipelined_ops: float = 80_000.0, glide: str = "not installed") -
              big_read_count=150, big_p50_us=5_400.0, big_p99_us=7_700.0),
         _sync_mux("lean-pool", 16, 20_000.0),
         _sync_mux("raw-redis-py", 16, 16_000.0),
-        _sync_mux("mux-thread", 16, 80_000.0),
+        _sync_mux("pipelined", 16, 80_000.0),
     ]  # fmt: skip
     return data
 
@@ -412,8 +412,8 @@ def test_hol_and_sync_mux_rows() -> None:
     assert (hol.big_reads, hol.big_p50_us) == (150, 5_400.0)
     rows = report.build_sync_mux_rows([benchmarks])
     by_impl = {r.implementation: r for r in rows}
-    assert by_impl["mux-thread"].lean_ratio == pytest.approx(4.0)
-    assert by_impl["mux-thread"].raw_ratio == pytest.approx(5.0)
+    assert by_impl["pipelined"].lean_ratio == pytest.approx(4.0)
+    assert by_impl["pipelined"].raw_ratio == pytest.approx(5.0)
 
 
 def test_render_shows_the_mux_tables_and_targets() -> None:
@@ -427,8 +427,8 @@ def test_render_shows_the_mux_tables_and_targets() -> None:
     assert "## Auto-pipelining: one sequential caller" in text
     assert "## Auto-pipelining: head-of-line blocking behind 1 MiB reads" in text
     assert "| 1,900.0 / 2,600.0 / 700.0 | 3,000.0 / 6,300.0 / 3,300.0 | 150 |" in text
-    assert "## Sync multiplexing prototype" in text
-    assert "| 16 | prototype, writer thread (GET + orjson) | 80,000 |" in text
+    assert "## Sync auto-pipelining" in text
+    assert "| 16 | CRMCacheManager, pipelining=True | 80,000 |" in text
     assert "- met: pipelined prefs, 100 tasks: ops/s >= 5x sync at 16 threads" in text
     assert "- met: pipelined prefs, 100 tasks: p99 <= sync's at 16 threads" in text
     assert "- MISSED: pipelined ratelimit, 100 tasks: ops/s >= 5x sync at 16 threads" in text

@@ -52,7 +52,7 @@ TOPOLOGIES = ("single", "cluster", "sentinel")
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     """``--facade=async`` runs the suite against the async facade (see tests/facades.py);
-    ``--topology`` says what Redis the session runs on."""
+    ``--topology`` says what Redis the session runs on; ``--pipelining`` what data path."""
     parser.addoption(
         "--facade",
         choices=("sync", "async"),
@@ -67,14 +67,32 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "(3 primaries, 1 replica each) or a Sentinel group; single_only tests are skipped "
         "in the other two",
     )
+    parser.addoption(
+        "--pipelining",
+        choices=("default", "on", "off"),
+        default="default",
+        help="the data path of managers that do not choose one: each facade's default "
+        "(async: shared auto-pipelined connections; sync: the lean pool), or on / off "
+        "for both",
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Install the async stand-ins before any test module imports crmcache names."""
+    """Install the async stand-ins before any test module imports crmcache names; with
+    ``--pipelining``, switch both facades' default data path."""
     if config.getoption("--facade") == "async":
         import facades  # noqa: PLC0415 - only for the async run
 
         facades.install()
+    pipelining = config.getoption("--pipelining")
+    if pipelining != "default":
+        # The default a manager uses when not told (``pipelining=None``): a test that
+        # passes pipelining=... keeps what it asked for.
+        import crmcache._async.core  # noqa: PLC0415
+        import crmcache._sync.core  # noqa: PLC0415
+
+        for core in (crmcache._async.core, crmcache._sync.core):
+            core.PIPELINING_DEFAULT = pipelining == "on"  # type: ignore[attr-defined]
 
 
 #: Fixtures that start or reach a Redis server; unit-test modules must use none of them.

@@ -4,8 +4,9 @@ calls share a few connections and are written together once per event-loop turn.
 On real servers: every caller gets its own reply through thousands of random
 cancellations and timeouts; commands go out in far fewer writes than calls; a hung
 server fails the calls within their deadline and a new connection serves the next ones;
-a restart is reconnected; scripts reload; the lean pool stays selectable; the sync facade
-refuses the option. The rest of the suite runs on it too (``pytest --facade=async``)."""
+a restart is reconnected; scripts reload; the lean pool stays selectable. The rest of the
+suite runs on it too (``pytest --facade=async``). The sync facade's opt-in twin
+(``crmcache._mux_sync``) is tested in test_pipelining_sync.py."""
 
 from __future__ import annotations
 
@@ -49,15 +50,13 @@ def test_it_is_the_async_default_and_the_pool_stays_selectable(own_server: Redis
     asyncio.run(main())
 
 
-def test_the_sync_facade_refuses_it_by_name() -> None:
-    with pytest.raises(ConfigurationError, match="pipelining=True needs the async facade"):
-        SyncCRMCacheManager(redis_url="redis://127.0.0.1:1/0", pipelining=True)
+def test_the_settings_are_checked_by_name() -> None:
     with pytest.raises(TypeError, match="pipelining must be a bool"):
         CRMCacheManager(redis_url="redis://127.0.0.1:1/0", pipelining="yes")  # type: ignore[arg-type]
     with pytest.raises(ConfigurationError, match="pipeline_connections"):
         AsyncCRMCacheManager(redis_url="redis://127.0.0.1:1/0", pipeline_connections=0)
     with pytest.raises(ConfigurationError, match="at most 64"):
-        AsyncCRMCacheManager(redis_url="redis://127.0.0.1:1/0", pipeline_connections=65)
+        SyncCRMCacheManager(redis_url="redis://127.0.0.1:1/0", pipeline_connections=65)
 
 
 def test_concurrent_calls_share_writes(own_server: RedisServer) -> None:

@@ -36,13 +36,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from redis._parsers.hiredis import NOT_ENOUGH_DATA
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import InvalidResponse, ResponseError
+from redis.exceptions import ResponseError
 
 from ._async.cluster_node import AsyncAskingMixin
 from ._async.node import AsyncNodeTransport
@@ -50,9 +48,9 @@ from ._async.pool import AsyncLeanPool
 from ._async.sentinel import AsyncSentinelTransport
 from ._config import CacheSettings
 from ._guard import CircuitBreaker, PoolClosedError
-from ._replies import Check, ProtocolError, check_reply, huge_array_header, reply_budget
+from ._muxcore import DEFAULT_PIPELINE_CONNECTIONS, READ_SIZE, MuxBooks, MuxReplies
+from ._replies import Check
 from ._resp import pack
-from ._stats import PoolAccounting
 
 if TYPE_CHECKING:
     from redis.asyncio.connection import AbstractConnection
@@ -66,41 +64,21 @@ __all__ = [
     "AsyncMuxSentinelTransport",
 ]
 
-#: Shared connections per node by default (two keep a write and a read in flight).
-DEFAULT_PIPELINE_CONNECTIONS = 2
-#: Replies up to this size skip the budget check.
-_SMALL = 64 * 1024
-#: Bytes read from a socket at once.
-_READ_SIZE = 65536
 
+class _MuxConnection(MuxReplies):
+    """One shared connection: its outbox, its waiting calls (oldest first), its reader
+    task."""
 
-class _MuxConnection:
-    """One shared connection: its outbox, its waiting calls (oldest first), its reader."""
-
-    __slots__ = (
-        "alive",
-        "conn",
-        "outbox",
-        "pending",
-        "pool",
-        "reader",
-        "scheduled",
-        "task",
-        "watchdog",
-        "writer",
-    )
+    __slots__ = ("conn", "outbox", "pool", "scheduled", "task", "watchdog", "writer")
 
     def __init__(self, pool: AsyncMuxPool, conn: AbstractConnection) -> None:
+        parser: Any = conn._parser
+        super().__init__(parser._reader, pool.address, pool.max_value_bytes)
         self.pool = pool
         self.conn = conn
-        parser: Any = conn._parser
-        self.reader: Any = parser._reader
         self.writer: Any = conn._writer
-        self.pending: deque[tuple[asyncio.Future[Any], tuple[Any, ...], Check | None, float]]
-        self.pending = deque()
         self.outbox: list[bytes] = []
         self.scheduled = False
-        self.alive = True
         self.watchdog: asyncio.TimerHandle | None = None
         self.task = asyncio.get_running_loop().create_task(
             self._read_loop(parser._stream), name=f"crmcache-mux-{pool.address}"
@@ -155,11 +133,11 @@ class _MuxConnection:
         tail = b""
         try:
             while True:
-                chunk = await stream.read(_READ_SIZE)
+                chunk = await stream.read(READ_SIZE)
                 since += len(chunk)
-                self._screen(chunk, since, tail)
+                self.screen(chunk, since, tail)
                 self.reader.feed(chunk)
-                if self._dispatch():
+                if self.dispatch():
                     since = 0
                 tail = bytes(chunk[-24:])
         except asyncio.CancelledError:
@@ -167,51 +145,6 @@ class _MuxConnection:
             raise
         except BaseException as exc:  # noqa: BLE001 - every ending fails the waiting calls
             self.kill(exc)
-
-    def _screen(self, chunk: bytes, since: int, tail: bytes) -> None:
-        """Refuse a chunk before hiredis sees it: the end of the stream, a huge aggregate
-        header (hiredis allocates at the header), a reply over its call's budget."""
-        if not chunk:
-            raise RedisConnectionError("Connection closed by server.")
-        if huge_array_header(chunk, at_start=not self.reader.has_data()) or (
-            tail and huge_array_header(tail + chunk[:24], at_start=False)
-        ):
-            raise ProtocolError("a reply announces a huge aggregate")
-        pending = self.pending
-        if (
-            since > _SMALL
-            and pending
-            and since > reply_budget(pending[0][1], self.pool.max_value_bytes)
-        ):
-            raise ProtocolError(f"reply to {pending[0][1][0]} larger than the call can use")
-
-    def _dispatch(self) -> bool:
-        """Hand every complete reply to the oldest waiting call, checked; True if there
-        was at least one."""
-        reader, pending = self.reader, self.pending
-        answered = False
-        while True:
-            try:
-                reply = reader.gets()
-            except InvalidResponse as exc:  # bytes that are not RESP at all
-                raise ProtocolError(f"a reply is not RESP: {exc}") from None
-            if reply is NOT_ENOUGH_DATA:
-                return answered
-            answered = True
-            if not pending:
-                raise ProtocolError("a reply nobody asked for")
-            future, args, check, _ = pending.popleft()
-            if future.done():
-                continue  # its caller was cancelled or gave up: dropped, in its turn
-            if isinstance(reply, ResponseError | RedisConnectionError):
-                future.set_exception(reply)
-                continue
-            try:
-                check_reply(reply, args, check)
-            except ProtocolError as exc:
-                future.set_exception(exc)
-                raise  # the stream is not to be trusted: the connection closes
-            future.set_result(reply)
 
     def kill(self, reason: BaseException) -> None:
         """Close the connection; every call still waiting on it fails."""
@@ -224,19 +157,7 @@ class _MuxConnection:
         conn: Any = self.conn
         with contextlib.suppress(Exception):  # closing a broken socket: nothing to do
             conn._close()  # the writer closed, the connection marked closed
-        # A new exception for each call: one instance raised in many tasks would gather
-        # every task's traceback.
-        text = f"connection to {self.pool.address} closed: {type(reason).__name__}: {reason}"
-        while self.pending:
-            future = self.pending.popleft()[0]
-            if future.done():
-                continue
-            if isinstance(reason, PoolClosedError):
-                future.set_exception(PoolClosedError())
-            elif isinstance(reason, TimeoutError):
-                future.set_exception(TimeoutError(str(reason)))
-            else:
-                future.set_exception(RedisConnectionError(text))
+        self.fail_all(reason)
         self.pool.discarded += 1
         task = self.task
         if task is not asyncio.current_task() and not task.done():
@@ -248,7 +169,7 @@ def _retrieve(task: asyncio.Task[Any]) -> None:
         task.exception()
 
 
-class AsyncMuxPool(AsyncLeanPool):
+class AsyncMuxPool(MuxBooks, AsyncLeanPool):
     """The lean pool's interface (``execute``, ``evalsha``, ``drop_idle``, ``close``,
     ``accounting``) on ``connections`` shared, auto-pipelined connections.
 
@@ -343,20 +264,9 @@ class AsyncMuxPool(AsyncLeanPool):
                 dropped += 1
         return dropped
 
-    def accounting(self) -> PoolAccounting:
-        """Calls in flight (as slots held) and the shared connections open (as idle)."""
-        live = [mux for mux in self._muxes if mux is not None and mux.alive]
-        in_flight = sum(len(mux.pending) for mux in live)
-        return PoolAccounting(
-            slots_held=in_flight,
-            checked_out=0,
-            idle=len(live),
-            created=len(live),
-            waiting=0,
-            waits=0,
-            timeouts=0,
-            discarded=self.discarded,
-        )
+    def live_connections(self) -> list[MuxReplies]:
+        """The shared connections open now."""
+        return [mux for mux in self._muxes if mux is not None and mux.alive]
 
     async def close(self, grace: float) -> None:
         """New calls fail at once; calls in flight get ``grace`` seconds for their

@@ -21,7 +21,6 @@ from typing import Any, Self
 from redis.exceptions import RedisError
 
 from .._config import CacheSettings, is_cluster_url, is_sentinel_url, url_password
-from .._errors import ConfigurationError
 from .._guard import (
     DEFAULT_LOG_INTERVAL,
     FAILED,
@@ -55,16 +54,10 @@ def open_transport(settings: CacheSettings, scrub: Callable[[str], str]) -> Asyn
     on the lean pool or, when pipelining, on shared auto-pipelined connections.
 
     Raises:
-        ConfigurationError: the URL cannot be used, or pipelining was asked of a facade
-            that has none.
+        ConfigurationError: the URL cannot be used.
     """
     pipelining = PIPELINING_DEFAULT if settings.pipelining is None else settings.pipelining
     mux = multiplexer() if pipelining else None
-    if pipelining and mux is None:
-        raise ConfigurationError(
-            "pipelining=True needs the async facade (AsyncCRMCacheManager): threads "
-            "share the lean pool, measured faster (README, Pipelining)"
-        )
     url = settings.redis_url
     if is_cluster_url(url):
         if mux is None:

@@ -224,16 +224,16 @@ def dirty(conn: Any) -> bool:  # noqa: ANN401
     return bool(parser._reader.has_data() or stream._buffer or stream.at_eof())
 
 
-# -- auto-pipelining (asyncio only) ----------------------------------------------------
+# -- auto-pipelining ----------------------------------------------------------------------
 
 #: The async facade pipelines its data path unless told otherwise (measured: README,
 #: "Pipelining").
 PIPELINING_DEFAULT = True
 
 
-def multiplexer() -> ModuleType | None:
-    """The auto-pipelining transports (``crmcache._mux``), or None where the facade has
-    none (the sync twin)."""
+def multiplexer() -> ModuleType:
+    """The auto-pipelining transports (``crmcache._mux``; the sync twin's are
+    ``crmcache._mux_sync``)."""
     from .. import _mux  # noqa: PLC0415 - imported only when a manager pipelines
 
     return _mux

@@ -93,9 +93,11 @@ class CRMCacheManager(
             database numbers) without sharing keys; default ``$CACHE_KEY_PREFIX`` or
             ``crm``. 1 to 64 printable characters, no whitespace, ``*?[]\\`` or ``{}``.
         pipelining: auto-pipeline the data path: concurrent calls share
-            ``pipeline_connections`` connections per node and are written together once
-            per event-loop turn (``crmcache._mux``). Async facade only; default on
-            there, off (and refused) on the sync facade. ``False`` keeps the lean pool.
+            ``pipeline_connections`` connections per node and their commands are written
+            together (``crmcache._mux``: once per event-loop turn; ``crmcache._mux_sync``:
+            whatever threads queued while one was writing). Default on for the async
+            facade, off for the sync facade (faster from 4 threads on, a little slower
+            for one: README, "Pipelining"). ``False`` keeps the lean pool.
         pipeline_connections: shared connections per node when pipelining (1 to 64).
 
     Raises:

@@ -261,13 +261,15 @@ def dirty(conn: Any) -> bool:  # noqa: ANN401
     return bool(readable)
 
 
-# -- auto-pipelining (asyncio only) ----------------------------------------------------
+# -- auto-pipelining (opt-in for threads) ----------------------------------------------
 
-#: Threads keep the lean pool: a multiplexed sync mode was measured slower (README,
-#: "Pipelining").
+#: Threads keep the lean pool unless asked: shared connections win from 4 threads on but
+#: lose a little for one (README, "Pipelining").
 PIPELINING_DEFAULT = False
 
 
-def multiplexer() -> ModuleType | None:
-    """None: the sync facade has no auto-pipelined transport (see the async twin)."""
-    return None
+def multiplexer() -> ModuleType:
+    """The auto-pipelining transports for threads (``crmcache._mux_sync``)."""
+    from .. import _mux_sync  # noqa: PLC0415 - imported only when a manager pipelines
+
+    return _mux_sync
