@@ -7,10 +7,10 @@ test_bench_mux.py's raw redis-py baseline:
   asyncio tasks, one ``asyncio.run`` per scenario;
 * ``glide-sync``: ``glide_sync.GlideClient`` (package ``valkey-glide-sync``), 16 threads.
 
-valkey-glide is not a dependency: where it cannot be imported each test skips, saying so,
+valkey-glide is not a dependency of the library: the ``bench`` extra installs it
+(``pip install -e '.[bench]'``); where it cannot be imported each test skips, saying so,
 and the report shows "not installed" (conftest.py records its version, or "not
-installed", in the machine info). Not run on the machine these benchmarks were written
-on (no wheel reachable there): the client calls follow valkey-glide's documented API.
+installed", in the machine info).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from crmcache import ClientPreferences
 from test_bench_async import CLIENT_IDS, KEYS, TASKS, run_tasks
 from test_bench_mux import SYNC_THREADS, Outcome, _assert_clean, _pedantic, _record, _sizes
 from test_bench_mux import prefilled as prefilled  # noqa: PLC0414 - the fixture, re-exported
+from test_bench_threads import CLIENT_IDS as THREAD_CLIENT_IDS
 from test_bench_threads import run_threaded
 
 NOT_INSTALLED = "valkey-glide is not installed (pip install valkey-glide valkey-glide-sync)"
@@ -85,7 +86,8 @@ def test_mux_prefs_glide_sync(
         [glide_sync.NodeAddress(host, port)], database_id=database
     )
     client = glide_sync.GlideClient.create(config)
-    key_of = dict(zip(CLIENT_IDS, KEYS, strict=True))
+    # run_threaded hands out test_bench_threads.py's client ids: read the keys prefilled here.
+    key_of = dict(zip(THREAD_CLIENT_IDS, KEYS, strict=True))
 
     def read(client_id: str) -> object:
         return _decode(client.get(key_of[client_id]))
