@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -352,3 +353,22 @@ def repo(
 ) -> crmcache.repository.CommunicationRepository:
     """The read-through repository: ``store`` behind the session's (flushed) Redis."""
     return crmcache.repository.CommunicationRepository(db_manager=store, cache_manager=cache)
+
+
+@pytest.fixture
+def interrupt_after() -> Iterator[Callable[[float], None]]:
+    """Arm SIGALRM to raise KeyboardInterrupt in the main thread after ``seconds``."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, handler)
+
+    def arm(seconds: float) -> None:
+        signal.setitimer(signal.ITIMER_REAL, seconds)
+
+    try:
+        yield arm
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)

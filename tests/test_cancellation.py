@@ -11,10 +11,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import signal
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -585,25 +584,6 @@ def test_cancelled_aclose_still_closes(redis_url: str, raw: redis.Redis) -> None
 # -- the sync facade: KeyboardInterrupt is its cancellation ----------------------------------
 
 
-@pytest.fixture
-def interrupt_after() -> Iterator[Callable[[float], None]]:
-    """Arm SIGALRM to raise KeyboardInterrupt in the main thread after ``seconds``."""
-
-    def handler(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGALRM, handler)
-
-    def arm(seconds: float) -> None:
-        signal.setitimer(signal.ITIMER_REAL, seconds)
-
-    try:
-        yield arm
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-
-
 @pytest.mark.sync_only
 @pytest.mark.parametrize("pipelining", [False, True], ids=["pool", "pipelined"])
 def test_keyboard_interrupt_mid_reply_never_misdelivers(
@@ -625,8 +605,11 @@ def test_keyboard_interrupt_mid_reply_never_misdelivers(
         finally:
             own_server.resume_process()
         assert cache.get_template("b", "email") == "value-of-b"
-        books = cache._transport.accounting()  # type: ignore[union-attr]
-        assert books.discarded == (0 if pipelining else 1)
+        transport: Any = cache._transport
+        # Pipelined, the interrupted call's late reply comes in on its own connection
+        # (the next call went to the other): dropped when it arrives.
+        poll(lambda: transport.accounting().slots_held == 0, what="the late reply dropped")
+        assert transport.accounting().discarded == (0 if pipelining else 1)
         assert_at_rest(cache)
         assert cache.get_stats().counters["cancelled"] == 1
 

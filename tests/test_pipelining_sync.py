@@ -17,7 +17,7 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 
@@ -102,25 +102,6 @@ def test_threads_get_their_own_replies_in_fewer_writes(own_server: RedisServer) 
         assert stats.counters["redis_errors"] == 0
         assert stats.counters["protocol_errors"] == 0
         assert mux.discarded == 0
-
-
-@pytest.fixture
-def interrupt_after() -> Iterator[Callable[[float], None]]:
-    """Arm SIGALRM to raise KeyboardInterrupt in the main thread after ``seconds``."""
-
-    def handler(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGALRM, handler)
-
-    def arm(seconds: float) -> None:
-        signal.setitimer(signal.ITIMER_REAL, seconds)
-
-    try:
-        yield arm
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 @pytest.mark.parametrize("seed", [21, 22])

@@ -48,7 +48,7 @@ from ._async.pool import AsyncLeanPool
 from ._async.sentinel import AsyncSentinelTransport
 from ._config import CacheSettings
 from ._guard import CircuitBreaker, PoolClosedError
-from ._muxcore import DEFAULT_PIPELINE_CONNECTIONS, READ_SIZE, MuxBooks, MuxReplies
+from ._muxcore import READ_SIZE, MuxBooks, MuxReplies
 from ._replies import Check
 from ._resp import pack
 
@@ -57,7 +57,6 @@ if TYPE_CHECKING:
 
 
 __all__ = [
-    "DEFAULT_PIPELINE_CONNECTIONS",
     "AsyncMuxClusterNodePool",
     "AsyncMuxNodeTransport",
     "AsyncMuxPool",
@@ -180,8 +179,7 @@ class AsyncMuxPool(MuxBooks, AsyncLeanPool):
             ``locate``, ``max_value_bytes``, ``address``, ``retry_dropped``...).
     """
 
-    #: Shared connections, unless given to the constructor (a subclass sets it first).
-    pipeline_connections = DEFAULT_PIPELINE_CONNECTIONS
+    _muxes: list[_MuxConnection | None]
 
     def __init__(
         self,
@@ -191,17 +189,9 @@ class AsyncMuxPool(MuxBooks, AsyncLeanPool):
         **kwargs: Any,  # noqa: ANN401 - the lean pool's keyword arguments
     ) -> None:
         super().__init__(factory, **kwargs)
-        if connections is None:
-            connections = self.pipeline_connections
-        self.call_timeout = self._call_timeout
-        self.max_value_bytes = self._max_value
-        self._muxes: list[_MuxConnection | None] = [None] * connections
-        self._opening: list[asyncio.Future[_MuxConnection] | None] = [None] * connections
+        count = self.open_books(connections)
+        self._opening: list[asyncio.Future[_MuxConnection] | None] = [None] * count
         self._turn = 0
-        #: Connections closed after a failure; commands queued; socket writes made.
-        self.discarded = 0
-        self.commands = 0
-        self.writes = 0
 
     async def execute(self, *args: Any, check: Check | None = None) -> Any:  # noqa: ANN401 - a raw Redis reply
         """Queue one command on a shared connection and await its reply (checked)."""
@@ -257,29 +247,16 @@ class AsyncMuxPool(MuxBooks, AsyncLeanPool):
 
     async def drop_idle(self, keep: Callable[[AbstractConnection], bool]) -> int:
         """Close the shared connections ``keep`` rejects (those to a former primary)."""
-        dropped = 0
-        for mux in self._muxes:
-            if mux is not None and mux.alive and not keep(mux.conn):
-                mux.kill(RedisConnectionError("the primary changed"))
-                dropped += 1
-        return dropped
-
-    def live_connections(self) -> list[MuxReplies]:
-        """The shared connections open now."""
-        return [mux for mux in self._muxes if mux is not None and mux.alive]
+        return self.kill_where(keep, RedisConnectionError("the primary changed"))
 
     async def close(self, grace: float) -> None:
         """New calls fail at once; calls in flight get ``grace`` seconds for their
         replies; then every shared connection is closed."""
         self._closed = True
         deadline = time.monotonic() + grace
-        while time.monotonic() < deadline and any(
-            mux is not None and mux.alive and mux.pending for mux in self._muxes
-        ):
+        while time.monotonic() < deadline and self.in_flight():
             await asyncio.sleep(0.005)  # shutdown only: a poll is simpler than a wake-up
-        for mux in self._muxes:
-            if mux is not None:
-                mux.kill(PoolClosedError())
+        self.kill_where(lambda _: False, PoolClosedError())
 
 
 async def _in_place(futures: list[asyncio.Future[Any]]) -> list[Any]:

@@ -49,7 +49,7 @@ from redis.exceptions import ResponseError
 
 from ._config import CacheSettings
 from ._guard import CircuitBreaker, PoolClosedError
-from ._muxcore import DEFAULT_PIPELINE_CONNECTIONS, READ_SIZE, MuxBooks, MuxReplies
+from ._muxcore import READ_SIZE, MuxBooks, MuxReplies
 from ._replies import Check
 from ._resp import pack
 from ._sync.cluster_node import AskingMixin
@@ -292,8 +292,7 @@ class MuxPool(MuxBooks, LeanPool):
             ``locate``, ``max_value_bytes``, ``address``, ``retry_dropped``...).
     """
 
-    #: Shared connections, unless given to the constructor (a subclass sets it first).
-    pipeline_connections = DEFAULT_PIPELINE_CONNECTIONS
+    _muxes: list[_MuxConnection | None]
 
     def __init__(
         self,
@@ -303,17 +302,9 @@ class MuxPool(MuxBooks, LeanPool):
         **kwargs: Any,  # noqa: ANN401 - the lean pool's keyword arguments
     ) -> None:
         super().__init__(factory, **kwargs)
-        if connections is None:
-            connections = self.pipeline_connections
-        self.call_timeout = self._call_timeout
-        self.max_value_bytes = self._max_value
-        self._count = connections
-        self._muxes: list[_MuxConnection | None] = [None] * connections
-        self._opening = [threading.Lock() for _ in range(connections)]
+        self._count = self.open_books(connections)
+        self._opening = [threading.Lock() for _ in range(self._count)]
         self._turns = itertools.count()
-        self.discarded = 0
-        self.commands = 0
-        self.writes = 0
 
     def execute(self, *args: Any, check: Check | None = None) -> Any:  # noqa: ANN401 - a raw Redis reply
         """Queue one command on a shared connection and wait for its reply (checked)."""
@@ -418,31 +409,18 @@ class MuxPool(MuxBooks, LeanPool):
             self._opening = [threading.Lock() for _ in range(self._count)]
             self._pid = os.getpid()
 
-    def live_connections(self) -> list[MuxReplies]:
-        """The shared connections open now."""
-        return [mux for mux in self._muxes if mux is not None and mux.alive]
-
     def drop_idle(self, keep: Callable[[AbstractConnection], bool]) -> int:
         """Close the shared connections ``keep`` rejects (those to a former primary)."""
-        dropped = 0
-        for mux in self._muxes:
-            if mux is not None and mux.alive and not keep(mux.conn):
-                mux.kill(RedisConnectionError("the primary changed"))
-                dropped += 1
-        return dropped
+        return self.kill_where(keep, RedisConnectionError("the primary changed"))
 
     def close(self, grace: float) -> None:
         """New calls fail at once; calls in flight get ``grace`` seconds for their
         replies; then every shared connection is closed."""
         self._closed = True
         deadline = time.monotonic() + grace
-        while time.monotonic() < deadline and any(
-            mux is not None and mux.alive and mux.pending for mux in self._muxes
-        ):
+        while time.monotonic() < deadline and self.in_flight():
             sleep(_DRAIN_POLL)  # shutdown only: a poll is simpler than a wake-up
-        for mux in self._muxes:
-            if mux is not None:
-                mux.kill(PoolClosedError())
+        self.kill_where(lambda _: False, PoolClosedError())
 
 
 class _Batch:

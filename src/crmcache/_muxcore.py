@@ -19,6 +19,7 @@ come back in the order the commands went out, so the oldest waiter gets each one
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from redis._parsers.hiredis import NOT_ENOUGH_DATA
@@ -31,7 +32,6 @@ from ._replies import Check, ProtocolError, check_reply, huge_array_header, repl
 from ._stats import PoolAccounting
 
 __all__ = [
-    "DEFAULT_PIPELINE_CONNECTIONS",
     "READ_SIZE",
     "MuxBooks",
     "MuxReplies",
@@ -63,16 +63,44 @@ Pending = tuple[Waiter, tuple[Any, ...], Check | None, float]
 
 
 class MuxBooks:
-    """A shared-connection pool's counters (commands queued, socket writes, connections
-    closed after a failure) and its accounting in the lean pool's terms."""
+    """What a shared-connection pool keeps besides the lean pool's: its connections, its
+    counters (commands queued, socket writes, connections closed after a failure), and
+    its accounting in the lean pool's terms. Comes before the lean pool in the bases."""
 
-    commands: int
-    writes: int
-    discarded: int
+    #: Shared connections, unless given to the constructor (a subclass sets it first).
+    pipeline_connections = DEFAULT_PIPELINE_CONNECTIONS
 
-    def live_connections(self) -> list[MuxReplies]:
+    _muxes: list[Any]
+
+    def open_books(self, connections: int | None) -> int:
+        """Set the books up (after the lean pool's constructor); the connection count."""
+        count = self.pipeline_connections if connections is None else connections
+        pool: Any = self  # the lean pool's settings
+        self.call_timeout: float = pool._call_timeout
+        self.max_value_bytes: int = pool._max_value
+        self._muxes = [None] * count
+        self.discarded = 0
+        self.commands = 0
+        self.writes = 0
+        return count
+
+    def live_connections(self) -> list[Any]:
         """The shared connections open now."""
-        raise NotImplementedError
+        return [mux for mux in self._muxes if mux is not None and mux.alive]
+
+    def in_flight(self) -> bool:
+        """True while a call waits for its reply on any shared connection."""
+        return any(mux.pending for mux in self.live_connections())
+
+    def kill_where(self, keep: Callable[[Any], bool], reason: BaseException) -> int:
+        """Close the shared connections whose redis-py connection ``keep`` rejects; how
+        many."""
+        dropped = 0
+        for mux in self.live_connections():
+            if not keep(mux.conn):
+                mux.kill(reason)
+                dropped += 1
+        return dropped
 
     def accounting(self) -> PoolAccounting:
         """Calls in flight (as slots held) and the shared connections open (as idle)."""
