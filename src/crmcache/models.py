@@ -11,7 +11,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-__all__ = ["MAX_VERSION", "ClientPreferences", "LeaseState", "MessageChannel"]
+__all__ = ["MAX_VERSION", "ClientPreferences", "LeaseState", "MessageChannel", "SendClaim"]
 
 #: Versions are compared inside Lua, whose numbers are doubles: keep them exact.
 MAX_VERSION = 2**53 - 1
@@ -31,6 +31,16 @@ class LeaseState(StrEnum):
 
     ACQUIRED = "acquired"
     BUSY = "busy"
+    UNAVAILABLE = "unavailable"
+
+
+class SendClaim(StrEnum):
+    """Outcome of ``try_claim_send``: this caller won the claim (send), another caller
+    claimed the key first (a duplicate: do not send), or Redis could not be asked (the
+    caller decides; ``claim_send`` answers by ``send_guard_policy``)."""
+
+    CLAIMED = "claimed"
+    DUPLICATE = "duplicate"
     UNAVAILABLE = "unavailable"
 
 

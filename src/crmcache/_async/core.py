@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import secrets
 import threading
 from collections.abc import Awaitable, Callable
 from types import TracebackType
@@ -112,6 +113,10 @@ class AsyncCacheCore:
         #: Throttles the warning about impossible rate-limit replies.
         self._corrupt_reply_log = LogThrottle(DEFAULT_LOG_INTERVAL)
         self._rate_limit_keys: dict[tuple[str, int], str] = {}
+        #: The value of this manager's send claims (``release_send`` deletes only those),
+        #: and the throttle of the warning about claims answered without Redis.
+        self._send_token = secrets.token_hex(16).encode()
+        self._send_guard_log = LogThrottle(DEFAULT_LOG_INTERVAL)
         self._transport: AsyncTransport | None = (
             open_transport(s, self._guard.scrub) if s.enabled else None
         )
