@@ -3,11 +3,12 @@
 """The core under the manager's mixins: state, the transport, the guarded call, lifecycle.
 
 ``CRMCacheManager`` is composed of one mixin per concern (``preferences.py``,
-``templates.py``, ``ratelimits.py``, ``leases.py``, ``health.py``), each a subclass of
-:class:`CacheCore`, as redis-py composes ``Redis`` from its command mixins: a mixin
-method is a plain method, so the split costs nothing per call. The core owns what they
-share: the settings, the counters, the breaker and its guard, the transport (every byte
-goes through it, see ``transport.py``), the near cache with its listener, and the
+``templates.py``, ``ratelimits.py``, ``leases.py``, ``sendguards.py``, ``health.py``), each a
+subclass of :class:`CacheCore`, as redis-py composes ``Redis`` from its command
+mixins: a mixin method is a plain method, so the split costs nothing per call. The core
+owns what they share: the settings, the counters, the breaker and its guard, the
+transport (every byte goes through it, see ``transport.py``), the near cache with its
+listener, and the
 invalidation replayer; and the one way to call Redis, :meth:`CacheCore._call`.
 """
 
