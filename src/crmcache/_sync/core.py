@@ -8,8 +8,8 @@ subclass of :class:`CacheCore`, as redis-py composes ``Redis`` from its command
 mixins: a mixin method is a plain method, so the split costs nothing per call. The core
 owns what they share: the settings, the counters, the breaker and its guard, the
 transport (every byte goes through it, see ``transport.py``), the near cache with its
-listener, and the
-invalidation replayer; and the one way to call Redis, :meth:`CacheCore._call`.
+listener, and the invalidation replayer; and the one way to call Redis,
+:meth:`CacheCore._call`.
 """
 
 from __future__ import annotations
