@@ -43,6 +43,8 @@ def exercise(cache: CRMCacheManager) -> dict[str, object]:
         "set_templates": cache.set_templates({("t", "sms"): "y"}),
         "invalidate_template": cache.invalidate_template("t", "email"),
         "rate_limit": cache.check_rate_limit("api", 10, 60),
+        "claim_send": cache.claim_send("m1"),
+        "release_send": cache.release_send("m1"),
         "health": cache.health_check(),
         "stats": cache.get_cache_stats(),
     }
@@ -59,6 +61,8 @@ def assert_degraded(results: dict[str, object]) -> None:
     rate = results["rate_limit"]
     assert rate.allowed is True  # type: ignore[attr-defined]
     assert rate.degraded is True  # type: ignore[attr-defined]
+    assert results["claim_send"] is True  # send_guard_policy "open": never block a send
+    assert results["release_send"] is False
     assert results["health"] is False
     stats = results["stats"]
     assert stats["total_keys"] is None  # type: ignore[index]

@@ -372,6 +372,33 @@ def test_acquire_load_lease(manager: Any, client_id: object, ttl: object) -> Non
         lease.release()
 
 
+@FUZZ
+@given(
+    key=ids,
+    options=st.fixed_dictionaries(
+        {},
+        optional={
+            "ttl": st.one_of(st.just(60), anything),
+            "policy": st.one_of(st.sampled_from(["open", "closed"]), anything),
+        },
+    ),
+)
+def test_claim_send(manager: Any, key: object, options: dict[str, object]) -> None:
+    """claim_send(idempotency_key, ttl=, policy=), then release_send(idempotency_key):
+    a bool from Redis (never the degraded answer), the claim released again."""
+    claimed: list[bool] = []
+
+    def call() -> bool:
+        claimed.append(manager.claim_send(key, **options))
+        return claimed[-1]
+
+    degraded = manager._stats.counters()[Counter.SEND_CLAIMS_DEGRADED]
+    check(call, ("idempotency_key", "ttl", "policy"), lambda result: result is True, manager)
+    assert manager._stats.counters()[Counter.SEND_CLAIMS_DEGRADED] == degraded
+    if claimed:
+        assert manager.release_send(key) is True
+
+
 # -- the constructor -----------------------------------------------------------------------
 
 CONSTRUCTOR_ARGUMENTS = [
@@ -391,6 +418,7 @@ CONSTRUCTOR_ARGUMENTS = [
     "near_cache_size",
     "near_cache_ttl",
     "near_cache_protocol",
+    "send_guard_policy",
 ]
 constructor_values = st.one_of(
     anything,
@@ -486,6 +514,7 @@ LONG = 10**5000
             id="version",
         ),
         pytest.param(lambda m: m.acquire_load_lease("c", ttl=LONG), ("ttl",), id="lease"),
+        pytest.param(lambda m: m.claim_send("m", ttl=LONG), ("ttl",), id="claim-ttl"),
         pytest.param(lambda m: m.check_rate_limit("api", -LONG), ("limit",), id="limit"),
         pytest.param(
             lambda m: m.check_rate_limit("api", 10, LONG),

@@ -16,7 +16,7 @@ import pytest
 
 import crmcache
 from crmcache import ClientPreferences, RateLimitResult
-from crmcache.cache_manager import LeaseState
+from crmcache.cache_manager import LeaseState, SendClaim
 from hostile import Row, hostile, timed
 
 SOCKET_TIMEOUT = 0.5
@@ -60,6 +60,9 @@ def calls(cache: Any) -> dict[str, Any]:
         "invalidate_template": lambda: cache.invalidate_template("t", "email"),
         "check_rate_limit": lambda: cache.check_rate_limit("sms", 5),
         "acquire_load_lease": lambda: cache.acquire_load_lease("c1"),
+        "claim_send": lambda: cache.claim_send("m1"),
+        "try_claim_send": lambda: cache.try_claim_send("m1"),
+        "release_send": lambda: cache.release_send("m1"),
         "health_check": cache.health_check,
         "get_cache_stats": cache.get_cache_stats,
     }
@@ -77,10 +80,12 @@ def assert_documented(name: str, result: Any) -> None:
         assert result.allowed, result  # the default policy: open
     elif name == "acquire_load_lease":
         assert result.state in {LeaseState.UNAVAILABLE, LeaseState.BUSY}, result
+    elif name == "try_claim_send":
+        assert isinstance(result, SendClaim), result
     elif name == "get_cache_stats":
         assert result["total_keys"] is None, result
         assert result["redis"] is None, result
-    else:  # writes, invalidations, health
+    else:  # writes, invalidations, health, claim_send, release_send
         assert isinstance(result, bool), (name, result)
 
 

@@ -10,11 +10,15 @@ A block whose code awaits at the top level runs under ``asyncio.run``, as it wou
 ``REDIS_URL`` fails instead of touching someone's Redis.
 
 A block that cannot run on its own (a shell session, a web app) is marked in the README
-with ``<!-- readme-test: skip (the reason) -->`` on the line before its fence.
+with ``<!-- readme-test: skip (the reason) -->`` on the line before its fence. A block that
+uses names of an API still being built is marked ``<!-- readme-test: requires
+(crmcache.Name, ...) -->``: it runs where every name exists and is skipped, saying which
+is missing, where one does not.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import subprocess
@@ -34,6 +38,7 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 _FENCE = re.compile(r"^```(?P<lang>[\w+-]*)\s*$")
 _HEADING = re.compile(r"^#{1,6}\s+(?P<title>.+?)\s*$")
 _SKIP = re.compile(r"^<!--\s*readme-test:\s*skip\s*(?:\((?P<reason>[^)]*)\))?\s*-->\s*$")
+_REQUIRES = re.compile(r"^<!--\s*readme-test:\s*requires\s*\((?P<names>[^)]*)\)\s*-->\s*$")
 
 #: Files the examples read, as the README lays them out.
 TEMPLATE_FILES = {
@@ -82,6 +87,7 @@ class Block:
     heading: str
     code: str
     skip: str | None  # the reason given by a skip marker, "" for a marker without one
+    requires: tuple[str, ...] = ()  # dotted names (module.attribute) the block needs
 
     @property
     def id(self) -> str:
@@ -115,10 +121,36 @@ def python_blocks(text: str) -> list[Block]:
             before = next((lines[i] for i in range(index - 1, -1, -1) if lines[i].strip()), "")
             marker = _SKIP.match(before.strip())
             skip = None if marker is None else (marker["reason"] or "").strip()
+            needs = _REQUIRES.match(before.strip())
+            requires = () if needs is None else tuple(_names(needs["names"]))
             code = "\n".join(lines[index + 1 : end]) + "\n"
-            blocks.append(Block(index + 1, heading, code, skip))
+            blocks.append(Block(index + 1, heading, code, skip, requires))
         index = end + 1
     return blocks
+
+
+def _names(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def missing(names: tuple[str, ...]) -> list[str]:
+    """Those of the dotted ``names`` (a module, then attributes) that do not exist."""
+    return [name for name in names if not _exists(name)]
+
+
+def _exists(name: str) -> bool:
+    parts = name.split(".")
+    for split in range(len(parts) - 1, 0, -1):
+        try:
+            found: object = importlib.import_module(".".join(parts[:split]))
+        except ImportError:
+            continue
+        for attribute in parts[split:]:
+            if not hasattr(found, attribute):
+                return False
+            found = getattr(found, attribute)
+        return True
+    return False
 
 
 BLOCKS = python_blocks(README.read_text(encoding="utf-8"))
@@ -142,6 +174,19 @@ def test_the_parser_finds_the_readme_examples() -> None:
         (2, "x = 1\n", None),
         (7, "app = 2\n", "a web app"),
     ]
+    needing = python_blocks(
+        "<!-- readme-test: requires (crmcache.CRMCacheManager, crmcache.NoSuchName) -->\n"
+        "```python\ny = 1\n```\n"
+    )
+    assert [(b.skip, b.requires) for b in needing] == [
+        (None, ("crmcache.CRMCacheManager", "crmcache.NoSuchName"))
+    ]
+    assert missing(needing[0].requires) == ["crmcache.NoSuchName"]
+    assert missing(("no_such_module.x", "crmcache._sync.manager.CRMCacheManager.nope")) == [
+        "no_such_module.x",
+        "crmcache._sync.manager.CRMCacheManager.nope",
+    ]
+    assert missing(("crmcache._sync.manager.CRMCacheManager.claim_send",)) == []
 
 
 def test_every_skip_marker_states_its_reason() -> None:
@@ -190,6 +235,9 @@ def test_readme_block_runs(
     """The block runs to the end, as written, against a real Redis and database."""
     if block.skip is not None:
         pytest.skip(f"README marks this block: {block.skip}")
+    absent = missing(block.requires)
+    if absent:
+        pytest.skip(f"README block needs {', '.join(absent)}, not in this build")
     for name, content in TEMPLATE_FILES.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(content, encoding="utf-8")

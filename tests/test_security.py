@@ -31,7 +31,7 @@ from redis.exceptions import NoPermissionError, ResponseError
 import crmcache
 from crmcache import ClientPreferences, CRMCacheManager, MessageChannel
 from crmcache._scripts import SCRIPT_NAMES, load_script_source
-from crmcache.cache_manager import LeaseState
+from crmcache.cache_manager import LeaseState, SendClaim
 from crmcache.repository import CommunicationRepository
 from crmcache.store import SQLPreferenceStore
 from crmcache.testing import (
@@ -634,6 +634,12 @@ def _every_operation(cache: CRMCacheManager, admin: redis.Redis, prefix: str = "
     expect("lease busy", cache.acquire_load_lease("acl-1", ttl=30).state is LeaseState.BUSY)
     lease.release()
     expect("lease released", admin.exists(f"{prefix}:lease:prefs:acl-1") == 0)
+
+    # Send claims: claim (SET NX PX), duplicate, release (delete_if_equals).
+    expect("send claimed", cache.try_claim_send("acl-msg", ttl=30) is SendClaim.CLAIMED)
+    expect("send duplicate", cache.try_claim_send("acl-msg", ttl=30) is SendClaim.DUPLICATE)
+    expect("send released", cache.release_send("acl-msg") is True)
+    expect("send claim gone", admin.exists(f"{prefix}:send:acl-msg") == 0)
 
     # Corrupt values: evicted (only if unchanged) and counted.
     admin.set(f"{prefix}:prefs:corrupt", b"garbage")

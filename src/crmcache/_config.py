@@ -70,6 +70,7 @@ __all__ = [
     "CacheSettings",
     "ClusterTarget",
     "RateLimitPolicy",
+    "SendGuardPolicy",
     "SentinelTarget",
     "cluster_target",
     "is_cluster_url",
@@ -117,6 +118,11 @@ T = TypeVar("T")
 
 RateLimitPolicy = Literal["open", "closed", "local"]
 _POLICIES: dict[str, RateLimitPolicy] = {"open": "open", "closed": "closed", "local": "local"}
+#: What ``claim_send`` answers when Redis cannot be asked: ``"open"`` True (send: a
+#: duplicate is possible), ``"closed"`` False (do not send: the message is dropped as if
+#: it were a duplicate).
+SendGuardPolicy = Literal["open", "closed"]
+_SEND_GUARD_POLICIES: dict[str, SendGuardPolicy] = {"open": "open", "closed": "closed"}
 _SCHEMES = frozenset({"redis", "rediss", "unix"})
 #: Sentinel schemes, each with the scheme of the data nodes it names.
 _SENTINEL_SCHEMES: Mapping[str, str] = MappingProxyType(
@@ -200,6 +206,8 @@ class CacheSettings:
     pipelining: bool | None = None
     #: Shared connections per node when pipelining.
     pipeline_connections: int = DEFAULT_PIPELINE_CONNECTIONS
+    #: What ``claim_send`` answers when Redis cannot be asked.
+    send_guard_policy: SendGuardPolicy = "open"
 
     @property
     def masked_url(self) -> str:
@@ -217,7 +225,8 @@ class CacheSettings:
             f"rate_limit_policies={dict(self.rate_limit_policies)!r}, "
             f"rate_limit_local_share={self.rate_limit_local_share}, "
             f"near_cache={self.near_cache}, key_prefix={self.key_prefix!r}, "
-            f"pipelining={self.pipelining}, pipeline_connections={self.pipeline_connections})"
+            f"pipelining={self.pipelining}, pipeline_connections={self.pipeline_connections}, "
+            f"send_guard_policy={self.send_guard_policy!r})"
         )
 
 
@@ -724,6 +733,23 @@ def check_policy(
     return policy
 
 
+def check_send_guard_policy(
+    value: object, name: str = "send_guard_policy", *, error: type[ValueError] = ValueError
+) -> SendGuardPolicy:
+    """Validate a send-guard failure policy name.
+
+    Raises:
+        TypeError: ``value`` is not a str.
+        ValueError: ``value`` is not ``"open"`` or ``"closed"``.
+    """
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a str, not {type(value).__name__}")
+    policy = _SEND_GUARD_POLICIES.get(value)
+    if policy is None:
+        raise error(f"{name} must be 'open' or 'closed', got {value!r}")
+    return policy
+
+
 def _check_policies(value: object) -> Mapping[str, RateLimitPolicy]:
     if value is None:
         return MappingProxyType({})
@@ -784,6 +810,7 @@ def resolve_settings(
     key_prefix: str | None = None,
     pipelining: bool | None = None,
     pipeline_connections: int = DEFAULT_PIPELINE_CONNECTIONS,
+    send_guard_policy: str = "open",
 ) -> CacheSettings:
     """Combine arguments, environment and defaults into validated settings.
 
@@ -851,4 +878,5 @@ def resolve_settings(
         key_prefix=check_key_prefix(key_prefix, error=ConfigurationError),
         pipelining=None if pipelining is None else _check_bool("pipelining", pipelining),
         pipeline_connections=_check_pipeline_connections(pipeline_connections),
+        send_guard_policy=check_send_guard_policy(send_guard_policy, error=ConfigurationError),
     )

@@ -7,6 +7,7 @@ Key formats (fixed by the spec), all under one prefix, ``crm`` by default (the
     <prefix>:template:<channel>:<name>    message templates, no TTL
     <prefix>:ratelimit:<api>:<window>     rate-limit counters, TTL = window
     <prefix>:lease:prefs:<client_id>      database-load leases, TTL = a few seconds
+    <prefix>:send:<idempotency_key>       send claims (claim_send), TTL = the claim's ttl
 
 A manager builds one :class:`KeySpace` from its prefix and takes every key and pattern
 from it. The module-level constants and functions are the default key space's
@@ -47,6 +48,7 @@ __all__ = [
     "lease_key",
     "prefs_key",
     "rate_limit_key",
+    "send_key",
     "template_key",
     "template_key_for",
     "template_keys",
@@ -128,6 +130,8 @@ class KeySpace:
     rate_limit_prefix: str = field(init=False, repr=False)
     #: ``<prefix>:lease:prefs:``.
     lease_prefix: str = field(init=False, repr=False)
+    #: ``<prefix>:send:``: an idempotency key appended makes its send claim's key.
+    send_prefix: str = field(init=False, repr=False)
     #: Everything this key space owns (counted by get_cache_stats with SCAN, never KEYS).
     scan_pattern: str = field(init=False, repr=False)
     #: Every cached preference (the replay shortens their TTL after an overflow).
@@ -148,6 +152,7 @@ class KeySpace:
             "template_root": f"{root}template:",
             "rate_limit_prefix": f"{root}ratelimit:",
             "lease_prefix": f"{root}lease:prefs:",
+            "send_prefix": f"{root}send:",
             "scan_pattern": f"{root}*",
             "prefs_scan_pattern": f"{root}prefs:*",
             "tracked_prefixes": (f"{root}prefs:", f"{root}template:"),
@@ -173,6 +178,10 @@ class KeySpace:
         """Key of a rate-limit counter: ``<prefix>:ratelimit:<api>:<window>``."""
         return f"{self.rate_limit_prefix}{api}:{window}"
 
+    def send_key(self, idempotency_key: str) -> str:
+        """Key of a send claim: ``<prefix>:send:<idempotency_key>``."""
+        return self.send_prefix + idempotency_key
+
     def template_key_for(self, name: object, channel: object, max_length: int) -> str:
         """Validate a template's ``name`` and ``channel`` and return its key (see
         :func:`template_key_for`)."""
@@ -194,6 +203,7 @@ PREFS_PREFIX = DEFAULT_KEYS.prefs_prefix
 TEMPLATE_ROOT = DEFAULT_KEYS.template_root
 _RATE_LIMIT_PREFIX = DEFAULT_KEYS.rate_limit_prefix
 _LEASE_PREFIX = DEFAULT_KEYS.lease_prefix
+_SEND_PREFIX = DEFAULT_KEYS.send_prefix
 #: Everything the default key space owns.
 SCAN_PATTERN = DEFAULT_KEYS.scan_pattern
 #: Every cached preference under the default prefix.
@@ -265,6 +275,11 @@ def lease_key(client_id: str) -> str:
 def rate_limit_key(api: str, window: int) -> str:
     """Key of a rate-limit counter: ``crm:ratelimit:<api>:<window>``."""
     return f"{_RATE_LIMIT_PREFIX}{api}:{window}"
+
+
+def send_key(idempotency_key: str) -> str:
+    """Key of a send claim: ``crm:send:<idempotency_key>``."""
+    return _SEND_PREFIX + idempotency_key
 
 
 #: Key prefix per channel under the default prefix, under the enum member and its string

@@ -69,6 +69,13 @@ class Counter(StrEnum):
     RATE_LIMIT_ALLOWED = "rate_limit_allowed"
     RATE_LIMIT_REJECTED = "rate_limit_rejected"
     RATE_LIMIT_DEGRADED = "rate_limit_degraded"
+    #: ``claim_send``: claims won (send), claims refused (a duplicate: someone claimed the
+    #: key first), and answers given without Redis (by ``send_guard_policy``).
+    SEND_CLAIMS_WON = "send_claims_won"
+    SEND_CLAIMS_REFUSED = "send_claims_refused"
+    SEND_CLAIMS_DEGRADED = "send_claims_degraded"
+    #: ``release_send`` calls that deleted this manager's claim.
+    SEND_CLAIMS_RELEASED = "send_claims_released"
     #: Calls whose caller was cancelled (or, sync, interrupted) while Redis was asked.
     CANCELLED = "cancelled"
     #: Calls that failed with an error that is neither Redis's nor a cancellation.

@@ -21,7 +21,7 @@ from ._sync.manager import (
     close_cache_managers,
     get_cache_manager,
 )
-from .models import LeaseState
+from .models import LeaseState, SendClaim
 
 __all__ = [
     "DEFAULT_LEASE_TTL",
@@ -30,6 +30,7 @@ __all__ = [
     "CRMCacheManager",
     "LeaseState",
     "LoadLease",
+    "SendClaim",
     "TemplateRef",
     "close_async_cache_managers",
     "close_cache_managers",

@@ -1,18 +1,20 @@
 """The core under the manager's mixins: state, the transport, the guarded call, lifecycle.
 
 ``AsyncCRMCacheManager`` is composed of one mixin per concern (``preferences.py``,
-``templates.py``, ``ratelimits.py``, ``leases.py``, ``health.py``), each a subclass of
-:class:`AsyncCacheCore`, as redis-py composes ``Redis`` from its command mixins: a mixin
-method is a plain method, so the split costs nothing per call. The core owns what they
-share: the settings, the counters, the breaker and its guard, the transport (every byte
-goes through it, see ``transport.py``), the near cache with its listener, and the
-invalidation replayer; and the one way to call Redis, :meth:`AsyncCacheCore._call`.
+``templates.py``, ``ratelimits.py``, ``leases.py``, ``sendguards.py``, ``health.py``), each a
+subclass of :class:`AsyncCacheCore`, as redis-py composes ``Redis`` from its command
+mixins: a mixin method is a plain method, so the split costs nothing per call. The core
+owns what they share: the settings, the counters, the breaker and its guard, the
+transport (every byte goes through it, see ``transport.py``), the near cache with its
+listener, and the invalidation replayer; and the one way to call Redis,
+:meth:`AsyncCacheCore._call`.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import secrets
 import threading
 from collections.abc import Awaitable, Callable
 from types import TracebackType
@@ -105,6 +107,10 @@ class AsyncCacheCore:
         #: Throttles the warning about impossible rate-limit replies.
         self._corrupt_reply_log = LogThrottle(DEFAULT_LOG_INTERVAL)
         self._rate_limit_keys: dict[tuple[str, int], str] = {}
+        #: The value of this manager's send claims (``release_send`` deletes only those),
+        #: and the throttle of the warning about claims answered without Redis.
+        self._send_token = secrets.token_hex(16).encode()
+        self._send_guard_log = LogThrottle(DEFAULT_LOG_INTERVAL)
         self._transport: AsyncTransport | None = (
             open_transport(s, self._guard.scrub) if s.enabled else None
         )

@@ -2,9 +2,9 @@
 
 Written once, in ``crmcache/_async/`` (the source); ``scripts/unasync.py`` generates
 ``crmcache/_sync/`` from it. Each concern is a mixin in a file of its own
-(``preferences.py``, ``templates.py``, ``ratelimits.py``, ``leases.py``, ``health.py``) over
-one core (``core.py``: state, the transport, the guarded call, lifecycle); every byte goes
-through a transport (``transport.py``; one node: ``node.py``).
+(``preferences.py``, ``templates.py``, ``ratelimits.py``, ``leases.py``, ``sendguards.py``,
+``health.py``) over one core (``core.py``: state, the transport, the guarded call,
+lifecycle); every byte goes through a transport (``transport.py``; one node: ``node.py``).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from .._config import (
     DEFAULT_SOCKET_TIMEOUT,
     DEFAULT_TOMBSTONE_TTL,
     RateLimitPolicy,
+    SendGuardPolicy,
     resolve_settings,
 )
 from .core import AsyncCacheCore
@@ -33,6 +34,7 @@ from .health import AsyncStatsMixin
 from .leases import AsyncLeasesMixin, AsyncLoadLease
 from .preferences import AsyncPreferencesMixin
 from .ratelimits import AsyncRateLimitsMixin
+from .sendguards import AsyncSendGuardsMixin
 from .templates import AsyncTemplatesMixin
 
 __all__ = [
@@ -50,6 +52,7 @@ class AsyncCRMCacheManager(
     AsyncTemplatesMixin,
     AsyncRateLimitsMixin,
     AsyncLeasesMixin,
+    AsyncSendGuardsMixin,
     AsyncStatsMixin,
     AsyncCacheCore,
 ):
@@ -97,6 +100,9 @@ class AsyncCRMCacheManager(
             facade, off for the sync facade (faster from 4 threads on, a little slower
             for one: README, "Pipelining"). ``False`` keeps the lean pool.
         pipeline_connections: shared connections per node when pipelining (1 to 64).
+        send_guard_policy: what ``claim_send`` answers when Redis cannot be asked:
+            ``"open"`` (True: send, a duplicate is possible; the default) or
+            ``"closed"`` (False: do not send, the message is dropped like a duplicate).
 
     Raises:
         ConfigurationError: a setting is out of range or malformed (never shows a
@@ -127,6 +133,7 @@ class AsyncCRMCacheManager(
         key_prefix: str | None = None,
         pipelining: bool | None = None,
         pipeline_connections: int = DEFAULT_PIPELINE_CONNECTIONS,
+        send_guard_policy: SendGuardPolicy = "open",
     ) -> None:
         settings = resolve_settings(
             redis_url=redis_url,
@@ -149,6 +156,7 @@ class AsyncCRMCacheManager(
             key_prefix=key_prefix,
             pipelining=pipelining,
             pipeline_connections=pipeline_connections,
+            send_guard_policy=send_guard_policy,
         )
         super().__init__(settings)
         logger.info(

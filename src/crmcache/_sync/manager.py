@@ -4,9 +4,9 @@
 
 Written once, in ``crmcache/_async/`` (the source); ``scripts/unasync.py`` generates
 ``crmcache/_sync/`` from it. Each concern is a mixin in a file of its own
-(``preferences.py``, ``templates.py``, ``ratelimits.py``, ``leases.py``, ``health.py``) over
-one core (``core.py``: state, the transport, the guarded call, lifecycle); every byte goes
-through a transport (``transport.py``; one node: ``node.py``).
+(``preferences.py``, ``templates.py``, ``ratelimits.py``, ``leases.py``, ``sendguards.py``,
+``health.py``) over one core (``core.py``: state, the transport, the guarded call,
+lifecycle); every byte goes through a transport (``transport.py``; one node: ``node.py``).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from .._config import (
     DEFAULT_SOCKET_TIMEOUT,
     DEFAULT_TOMBSTONE_TTL,
     RateLimitPolicy,
+    SendGuardPolicy,
     resolve_settings,
 )
 from .core import CacheCore
@@ -35,6 +36,7 @@ from .health import StatsMixin
 from .leases import LeasesMixin, LoadLease
 from .preferences import PreferencesMixin
 from .ratelimits import RateLimitsMixin
+from .sendguards import SendGuardsMixin
 from .templates import TemplatesMixin
 
 __all__ = [
@@ -52,6 +54,7 @@ class CRMCacheManager(
     TemplatesMixin,
     RateLimitsMixin,
     LeasesMixin,
+    SendGuardsMixin,
     StatsMixin,
     CacheCore,
 ):
@@ -99,6 +102,9 @@ class CRMCacheManager(
             facade, off for the sync facade (faster from 4 threads on, a little slower
             for one: README, "Pipelining"). ``False`` keeps the lean pool.
         pipeline_connections: shared connections per node when pipelining (1 to 64).
+        send_guard_policy: what ``claim_send`` answers when Redis cannot be asked:
+            ``"open"`` (True: send, a duplicate is possible; the default) or
+            ``"closed"`` (False: do not send, the message is dropped like a duplicate).
 
     Raises:
         ConfigurationError: a setting is out of range or malformed (never shows a
@@ -129,6 +135,7 @@ class CRMCacheManager(
         key_prefix: str | None = None,
         pipelining: bool | None = None,
         pipeline_connections: int = DEFAULT_PIPELINE_CONNECTIONS,
+        send_guard_policy: SendGuardPolicy = "open",
     ) -> None:
         settings = resolve_settings(
             redis_url=redis_url,
@@ -151,6 +158,7 @@ class CRMCacheManager(
             key_prefix=key_prefix,
             pipelining=pipelining,
             pipeline_connections=pipeline_connections,
+            send_guard_policy=send_guard_policy,
         )
         super().__init__(settings)
         logger.info(
