@@ -200,6 +200,8 @@ class CacheSettings:
     pipelining: bool | None = None
     #: Shared connections per node when pipelining.
     pipeline_connections: int = DEFAULT_PIPELINE_CONNECTIONS
+    #: Time every Redis call into per-operation latency histograms (crmcache.metrics).
+    metrics_latency: bool = False
 
     @property
     def masked_url(self) -> str:
@@ -217,7 +219,8 @@ class CacheSettings:
             f"rate_limit_policies={dict(self.rate_limit_policies)!r}, "
             f"rate_limit_local_share={self.rate_limit_local_share}, "
             f"near_cache={self.near_cache}, key_prefix={self.key_prefix!r}, "
-            f"pipelining={self.pipelining}, pipeline_connections={self.pipeline_connections})"
+            f"pipelining={self.pipelining}, pipeline_connections={self.pipeline_connections}, "
+            f"metrics_latency={self.metrics_latency})"
         )
 
 
@@ -784,6 +787,7 @@ def resolve_settings(
     key_prefix: str | None = None,
     pipelining: bool | None = None,
     pipeline_connections: int = DEFAULT_PIPELINE_CONNECTIONS,
+    metrics_latency: bool = False,
 ) -> CacheSettings:
     """Combine arguments, environment and defaults into validated settings.
 
@@ -851,4 +855,5 @@ def resolve_settings(
         key_prefix=check_key_prefix(key_prefix, error=ConfigurationError),
         pipelining=None if pipelining is None else _check_bool("pipelining", pipelining),
         pipeline_connections=_check_pipeline_connections(pipeline_connections),
+        metrics_latency=_check_bool("metrics_latency", metrics_latency),
     )
