@@ -44,7 +44,8 @@ def collect(reader: InMemoryMetricReader) -> dict[tuple[str, Labels], Any]:
         for scope in resource.scope_metrics:
             for metric in scope.metrics:
                 for point in metric.data.data_points:
-                    key = (metric.name, frozenset((k, str(v)) for k, v in point.attributes.items()))
+                    attributes = frozenset((k, str(v)) for k, v in point.attributes.items())
+                    key = (metric.name, attributes)
                     points[key] = point if isinstance(point, HistogramDataPoint) else point.value
     return points
 
