@@ -133,16 +133,18 @@ def test_prometheus_scrape_equals_get_cache_stats(
     assert samples["crmcache_circuit_breaker_state", labels(manager="crm", state="open")] == 0
     assert samples["crmcache_invalidations_pending", one] == stats["pending_invalidations"] == 0
     assert samples["crmcache_near_cache_entries", one] == stats["near_cache"]["size"]
-    assert samples["crmcache_near_cache_invalidations_total", one] == (
-        stats["near_cache"]["invalidations"]
+    assert (
+        samples["crmcache_near_cache_invalidations_total", one]
+        == (stats["near_cache"]["invalidations"])
     )
     assert samples["crmcache_near_cache_live", one] == 1
     pool = stats["connection_pool"]
-    assert samples["crmcache_pool_connections", labels(manager="crm", state="idle")] == (
-        pool["idle"]
+    assert (
+        samples["crmcache_pool_connections", labels(manager="crm", state="idle")] == (pool["idle"])
     )
-    assert samples["crmcache_pool_connections", labels(manager="crm", state="used")] == (
-        pool["in_use"]
+    assert (
+        samples["crmcache_pool_connections", labels(manager="crm", state="used")]
+        == (pool["in_use"])
     )
     assert samples["crmcache_pool_max_connections", one] == 10
     timed = labels(manager="crm", operation="get_client_preferences")
@@ -287,8 +289,10 @@ def test_breaker_and_invalidation_replay(own_server: RedisServer) -> None:
         # The replay backs off up to 5 s between rounds while Redis is away.
         poll(lambda: cache.get_stats().pending_invalidations == 0, timeout=20)
         poll(
-            lambda: cache.get_template("t", "email") is None
-            and cache._breaker.state is BreakerState.CLOSED,
+            lambda: (
+                cache.get_template("t", "email") is None
+                and cache._breaker.state is BreakerState.CLOSED
+            ),
             timeout=20,
         )
         _, up = scrape(registry)
