@@ -82,7 +82,9 @@ _BOUNDS_S: Final = tuple(b / 1e9 for b in BOUNDS_NS)
 def snapshot_series(series: list[int] | tuple[int, ...]) -> HistogramSnapshot:
     """Fold a series (:func:`new_series`) into :data:`BOUNDS_NS` buckets.
 
-    Slot ``i`` holds durations below ``2**i`` ns, so at or below the bound ``2**i``.
+    Slot ``i`` holds durations from ``2**(i - 1)`` to ``2**i - 1`` ns, shown under the bound
+    ``2**i``: a duration of exactly a bound's nanoseconds is counted one bucket up (an
+    error of 1 ns, for a bit length instead of a search on the hot path).
     """
     counts = list(series[:SUM])
     total_ns = series[SUM]
