@@ -241,8 +241,11 @@ class AsyncCacheCore:
             self._latency.record(op, perf_counter_ns() - start)
             return self._degraded(op, exc)
         ns = perf_counter_ns() - start
-        # crmcache._latency.record, inlined: two list increments.
-        series = self._latency_series.get(op) or self._latency.add(op)
+        # crmcache._latency.record, inlined: a dict lookup and two list increments.
+        try:
+            series = self._latency_series[op]
+        except KeyError:
+            series = self._latency.add(op)
         series[ns.bit_length()] += 1
         series[SUM] += ns
         guard.succeeded(token)
