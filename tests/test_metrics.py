@@ -239,6 +239,7 @@ def test_latency_histograms_are_off_unless_asked(redis_url: str, raw: redis.Redi
         assert samples["crmcache_operation_duration_seconds_count", limits] == 1
 
 
+@pytest.mark.single_only  # holds the one pooled connection of one node with BLPOP
 def test_pool_waits_and_wait_time(redis_url: str, raw: redis.Redis) -> None:
     """A call that waits for the only pooled connection in vain is counted as a wait and
     a timeout, and its wait lands in the wait-time histogram."""
