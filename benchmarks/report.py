@@ -29,6 +29,9 @@ then prints:
 7. the sync facade's auto-pipelining (``extra_info`` of test_bench_sync_mux.py): ops/s at
    the main thread alone and 1, 4 and 16 worker threads, and the ratios to the lean pool
    and to raw redis-py;
+8. what latency histograms cost (``extra_info`` of test_bench_metrics.py): the guarded
+   call's ns per call before metrics (baseline), with histograms off and on, and the
+   differences, per facade;
 
 then the machine it ran on, the performance targets met or missed, and any failed test.
 The same text is written to ``benchmarks/results.md``, and a bar chart of the medians per
@@ -126,6 +129,12 @@ SYNC_MUX_IMPLEMENTATIONS = (
     ("pipelined", "CRMCacheManager, pipelining=True"),
     ("raw-redis-py", "raw redis-py, pool of 10 (GET + orjson)"),
 )
+
+METRICS_TABLE = "metrics-cost"
+METRICS_FACADES = ("sync", "async")
+#: Added ns per guarded call, at most: histograms on, and off (nothing measurable).
+METRICS_ON_MAX_ADDED_NS = 300.0
+METRICS_OFF_MAX_ADDED_NS = 20.0
 
 #: pytest's exit code when tests failed (the run itself completed).
 _TESTS_FAILED = 1
@@ -802,6 +811,84 @@ def build_cost_rows(runs: Sequence[Sequence[Mapping[str, Any]]]) -> list[CostRow
     ]
 
 
+@dataclass(frozen=True)
+class MetricsCostRow:
+    """One facade's guarded call, ns per call: before metrics, histograms off and on
+    (each the best over the runs of its least disturbed round)."""
+
+    facade: str
+    baseline_ns: float
+    off_ns: float
+    on_ns: float
+
+    @property
+    def off_added_ns(self) -> float:
+        return self.off_ns - self.baseline_ns
+
+    @property
+    def on_added_ns(self) -> float:
+        return self.on_ns - self.baseline_ns
+
+
+def build_metrics_cost_rows(runs: Sequence[Sequence[Mapping[str, Any]]]) -> list[MetricsCostRow]:
+    """One row per facade that reported, each figure the lowest over the runs."""
+    extras = _extras(runs, METRICS_TABLE)
+    rows = []
+    for facade in METRICS_FACADES:
+        found = [e for e in extras if e.get("facade") == facade and "on_best_ns" in e]
+        if not found:
+            continue
+        baseline, off, on = (
+            min(float(e[f"{name}_best_ns"]) for e in found) for name in ("baseline", "off", "on")
+        )
+        rows.append(MetricsCostRow(facade, baseline, off, on))
+    return rows
+
+
+def metrics_cost_lines(rows: Sequence[MetricsCostRow], runs: int) -> list[str]:
+    """The latency-histogram cost table (empty when test_bench_metrics.py did not run)."""
+    if not rows:
+        return []
+    how = "one run" if runs == 1 else f"lowest of {runs} runs"
+    lines = [
+        "## Metrics: what latency histograms cost per Redis call",
+        "",
+        "The guarded call every Redis call goes through (`_call`, with a no-I/O function), "
+        "on three managers taking turns in one run: as it was before metrics (baseline), "
+        "histograms off (the default) and on (`metrics_latency=True`). ns per call of the "
+        f"least disturbed round of 500 calls; {how}.",
+        "",
+        "| facade | baseline ns | off ns | off added | on ns | on added | on / baseline |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row.facade} | {row.baseline_ns:,.0f} | {row.off_ns:,.0f} "
+            f"| {row.off_added_ns:+,.0f} | {row.on_ns:,.0f} | {row.on_added_ns:+,.0f} "
+            f"| {_times(row.on_ns / row.baseline_ns)} |"
+        )
+    return [*lines, ""]
+
+
+def metrics_target_lines(rows: Sequence[MetricsCostRow]) -> list[str]:
+    """Histograms on add at most 0.3 µs per call, off nothing measurable (per facade)."""
+    lines = []
+    measured = {row.facade: row for row in rows}
+    for facade in METRICS_FACADES:
+        for state, bound in (("on", METRICS_ON_MAX_ADDED_NS), ("off", METRICS_OFF_MAX_ADDED_NS)):
+            description = (
+                f"latency histograms {state} add <= {bound / 1000:.2f} µs per call ({facade})"
+            )
+            row = measured.get(facade)
+            if row is None:
+                lines.append(f"- not measured: {description}")
+                continue
+            added = row.on_added_ns if state == "on" else row.off_added_ns
+            verdict = "met" if added <= bound else "MISSED"
+            lines.append(f"- {verdict}: {description} ({added:+,.0f} ns)")
+    return lines
+
+
 def machine_line(info: Mapping[str, Any]) -> str:
     """One line naming what the numbers depend on."""
     cpu = info.get("cpu")
@@ -1226,6 +1313,7 @@ def render(
     mux_tables = build_mux_rows(benchmark_lists, None if glide is None else str(glide))
     hol_rows = build_hol_rows(benchmark_lists)
     sync_mux = build_sync_mux_rows(benchmark_lists)
+    metrics_cost = build_metrics_cost_rows(benchmark_lists)
     how = "median" if len(runs) == 1 else f"lowest median of {len(runs)} runs"
     lines = [
         "# crmcache benchmarks",
@@ -1248,9 +1336,11 @@ def render(
     lines += mux_lines(mux_tables, hol_rows, len(runs))
     lines += sync_mux_lines(sync_mux, len(runs))
     lines += cost_lines(costs, len(runs))
+    lines += metrics_cost_lines(metrics_cost, len(runs))
     lines += [machine_line(data.get("machine_info", {})), "", "Targets:", ""]
     lines += target_lines(rows, costs, throughput, async_rows, cluster_rows)
     lines += mux_target_lines(mux_tables, hol_rows)
+    lines += metrics_target_lines(metrics_cost)
     if chart_note:
         lines += ["", chart_note]
     if failed:

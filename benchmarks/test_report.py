@@ -444,3 +444,52 @@ def test_render_flags_a_slow_pipelined_manager() -> None:
     text = report.render([_mux_run(pipelined_ops=50_000.0)])
     assert "- MISSED: pipelined prefs, 100 tasks: ops/s >= 5x sync at 16 threads" in text
     assert "(ratio 3.33, bound 5.00)" in text
+
+
+def _metrics_cost(facade: str, baseline: float, off: float, on: float) -> dict[str, Any]:
+    return _bench(
+        f"metrics_call_cost_{facade}",
+        "metrics-cost",
+        2e6,
+        {
+            "report_table": "metrics-cost",
+            "facade": facade,
+            "calls_per_round": 500,
+            "baseline_best_ns": baseline,
+            "off_best_ns": off,
+            "on_best_ns": on,
+        },
+    )
+
+
+def test_metrics_cost_rows_take_the_lowest_of_the_runs() -> None:
+    runs = [
+        [_metrics_cost("sync", 300.0, 305.0, 480.0)],
+        [_metrics_cost("sync", 290.0, 310.0, 470.0), _metrics_cost("async", 400.0, 400.0, 900.0)],
+    ]
+    rows = report.build_metrics_cost_rows(runs)
+    assert [(r.facade, r.baseline_ns, r.off_ns, r.on_ns) for r in rows] == [
+        ("sync", 290.0, 305.0, 470.0),
+        ("async", 400.0, 400.0, 900.0),
+    ]
+    assert rows[0].on_added_ns == 180.0
+    assert rows[0].off_added_ns == 15.0
+    assert report.build_metrics_cost_rows([_run()["benchmarks"]]) == []
+
+
+def test_render_shows_the_metrics_cost_and_its_targets() -> None:
+    run = _run()
+    run["benchmarks"] += [
+        _metrics_cost("sync", 300.0, 305.0, 480.0),
+        _metrics_cost("async", 400.0, 450.0, 900.0),
+    ]
+    text = report.render([run])
+    assert "## Metrics: what latency histograms cost per Redis call" in text
+    assert "| sync | 300 | 305 | +5 | 480 | +180 | 1.60 |" in text
+    assert "- met: latency histograms on add <= 0.30 µs per call (sync) (+180 ns)" in text
+    assert "- met: latency histograms off add <= 0.02 µs per call (sync) (+5 ns)" in text
+    assert "- MISSED: latency histograms on add <= 0.30 µs per call (async) (+500 ns)" in text
+    assert "- MISSED: latency histograms off add <= 0.02 µs per call (async) (+50 ns)" in text
+    assert "metrics_call_cost" not in text  # a table of its own, not in the medians
+    plain = report.render([_run()])
+    assert "- not measured: latency histograms on add <= 0.30 µs per call (sync)" in plain

@@ -327,7 +327,8 @@ def test_plain_refusals_are_not_topology_errors() -> None:
 
 
 def test_breaker_snapshot_shows_state_and_tallies() -> None:
-    """snapshot() is what the stats show: the state's value and the three tallies."""
+    """snapshot() is what the stats show: the state's value, the three tallies and the
+    transitions into each state."""
     clock = Clock()
     breaker = CircuitBreaker(failure_threshold=1, reset_timeout=1.0, clock=clock)
     breaker.record_failure()
@@ -337,7 +338,36 @@ def test_breaker_snapshot_shows_state_and_tallies() -> None:
         "trips": 1,
         "recoveries": 0,
         "short_circuited": 1,
+        "transitions": {"closed": 0, "open": 1, "half_open": 0},
     }
+
+
+def test_breaker_counts_every_transition() -> None:
+    """Each state entered is counted once per entry: closed -> open (trip), open ->
+    half_open (probe), half_open -> open (failed probe, and a released probe), half_open
+    -> closed (recovery); staying in a state counts nothing."""
+    clock = Clock()
+    breaker = CircuitBreaker(failure_threshold=2, reset_timeout=1.0, clock=clock)
+    breaker.record_failure()
+    assert breaker.transitions == dict.fromkeys(BreakerState, 0)  # still closed
+    breaker.record_failure()  # closed -> open
+    clock.now += 1.0
+    assert breaker.allow() is True  # open -> half_open
+    breaker.record_failure()  # half_open -> open (the probe failed)
+    clock.now += 2.0
+    assert breaker.allow() is True  # open -> half_open
+    breaker.release_probe()  # half_open -> open
+    assert breaker.allow() is True  # open -> half_open at once
+    assert breaker.record_success() is True  # half_open -> closed
+    assert breaker.record_success() is False  # closed stays closed
+    breaker.reset()  # already closed: nothing
+    assert breaker.transitions == {
+        BreakerState.OPEN: 3,
+        BreakerState.HALF_OPEN: 3,
+        BreakerState.CLOSED: 1,
+    }
+    assert breaker.trips == 1
+    assert breaker.recoveries == 1
 
 
 @pytest.mark.parametrize(

@@ -208,6 +208,8 @@ class CacheSettings:
     pipeline_connections: int = DEFAULT_PIPELINE_CONNECTIONS
     #: What ``claim_send`` answers when Redis cannot be asked.
     send_guard_policy: SendGuardPolicy = "open"
+    #: Time every Redis call into per-operation latency histograms (crmcache.metrics).
+    metrics_latency: bool = False
 
     @property
     def masked_url(self) -> str:
@@ -226,7 +228,8 @@ class CacheSettings:
             f"rate_limit_local_share={self.rate_limit_local_share}, "
             f"near_cache={self.near_cache}, key_prefix={self.key_prefix!r}, "
             f"pipelining={self.pipelining}, pipeline_connections={self.pipeline_connections}, "
-            f"send_guard_policy={self.send_guard_policy!r})"
+            f"send_guard_policy={self.send_guard_policy!r}, "
+            f"metrics_latency={self.metrics_latency})"
         )
 
 
@@ -811,6 +814,7 @@ def resolve_settings(
     pipelining: bool | None = None,
     pipeline_connections: int = DEFAULT_PIPELINE_CONNECTIONS,
     send_guard_policy: str = "open",
+    metrics_latency: bool = False,
 ) -> CacheSettings:
     """Combine arguments, environment and defaults into validated settings.
 
@@ -879,4 +883,5 @@ def resolve_settings(
         pipelining=None if pipelining is None else _check_bool("pipelining", pipelining),
         pipeline_connections=_check_pipeline_connections(pipeline_connections),
         send_guard_policy=check_send_guard_policy(send_guard_policy, error=ConfigurationError),
+        metrics_latency=_check_bool("metrics_latency", metrics_latency),
     )

@@ -166,6 +166,9 @@ class CircuitBreaker:
         self.trips = 0
         self.recoveries = 0
         self.short_circuited = 0
+        #: Transitions into each state (closed -> open, open -> half_open, half_open ->
+        #: open or closed ...), counted under the lock.
+        self.transitions = dict.fromkeys(BreakerState, 0)
 
     def allow(self) -> bool:
         """True if a call may go to Redis now."""
@@ -180,7 +183,7 @@ class CircuitBreaker:
             if state is BreakerState.CLOSED:
                 return True
             if state is BreakerState.OPEN and self._clock() - self._opened_at >= self._timeout:
-                self.state = BreakerState.HALF_OPEN
+                self._enter(BreakerState.HALF_OPEN)
                 return True
             self.short_circuited += 1
             return False
@@ -191,7 +194,8 @@ class CircuitBreaker:
             return False
         with self._lock:
             recovered = self.state is not BreakerState.CLOSED
-            self.state = BreakerState.CLOSED
+            if recovered:
+                self._enter(BreakerState.CLOSED)
             self.failures = 0
             self._timeout = self._base_timeout
             if recovered:
@@ -205,11 +209,11 @@ class CircuitBreaker:
             if self.state is BreakerState.HALF_OPEN:
                 # The probe failed: wait longer before the next one.
                 self._timeout = min(self._timeout * 2, self._max_timeout)
-                self.state = BreakerState.OPEN
+                self._enter(BreakerState.OPEN)
                 self._opened_at = self._clock()
                 return False
             if self.state is BreakerState.CLOSED and self.failures >= self._threshold:
-                self.state = BreakerState.OPEN
+                self._enter(BreakerState.OPEN)
                 self._opened_at = self._clock()
                 self.trips += 1
                 return True
@@ -220,22 +224,30 @@ class CircuitBreaker:
         connection): open again, and let the next call probe at once."""
         with self._lock:
             if self.state is BreakerState.HALF_OPEN:
-                self.state = BreakerState.OPEN
+                self._enter(BreakerState.OPEN)
                 self._opened_at = self._clock() - self._timeout
 
+    def _enter(self, state: BreakerState) -> None:
+        """Move to ``state`` (under the lock) and count the transition."""
+        self.state = state
+        self.transitions[state] += 1
+
     def snapshot(self) -> dict[str, object]:
-        """``{"state", "trips", "recoveries", "short_circuited"}``, as the stats show it."""
+        """``{"state", "trips", "recoveries", "short_circuited", "transitions"}``, as the
+        stats show it (``transitions``: how many times each state was entered)."""
         return {
             "state": self.state.value,
             "trips": self.trips,
             "recoveries": self.recoveries,
             "short_circuited": self.short_circuited,
+            "transitions": {state.value: n for state, n in self.transitions.items()},
         }
 
     def reset(self) -> None:
         """Close the breaker and forget past failures."""
         with self._lock:
-            self.state = BreakerState.CLOSED
+            if self.state is not BreakerState.CLOSED:
+                self._enter(BreakerState.CLOSED)
             self.failures = 0
             self._timeout = self._base_timeout
 

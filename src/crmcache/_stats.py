@@ -11,25 +11,33 @@ import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from redis._parsers.helpers import parse_info
 
+if TYPE_CHECKING:
+    from ._latency import HistogramSnapshot
+    from ._near import NearCacheStats
+
 __all__ = [
     "LOW_HIT_RATE_THRESHOLD",
+    "MAX_RATE_LIMIT_NAMES",
     "MIN_LOOKUPS_FOR_HIT_RATE_WARNING",
+    "OTHER_RATE_LIMITS",
     "SCAN_BUDGET",
     "SCAN_COUNT",
     "CacheStats",
     "Counter",
     "Kind",
     "KindStats",
+    "MetricsSnapshot",
     "NodeStats",
     "PoolStats",
     "RedisServerStats",
     "RepositoryStats",
     "StatsRecorder",
     "Tally",
+    "Tier",
     "hit_rate",
 ]
 
@@ -43,6 +51,18 @@ LOW_HIT_RATE_THRESHOLD = 50.0
 SCAN_BUDGET = 2.0
 #: Keys asked per SCAN step.
 SCAN_COUNT = 1000
+#: Rate-limit names counted one by one (per manager); decisions for names seen after
+#: these many are counted together under :data:`OTHER_RATE_LIMITS`, so a caller with
+#: endless names cannot grow the counters (or a metrics backend's series) without bound.
+MAX_RATE_LIMIT_NAMES = 64
+#: The name the decisions of the names past :data:`MAX_RATE_LIMIT_NAMES` are counted under.
+OTHER_RATE_LIMITS = "__other__"
+#: The counters of rate-limit decisions, in the order of a per-name row.
+RATE_LIMIT_DECISIONS = (
+    "RATE_LIMIT_ALLOWED",
+    "RATE_LIMIT_REJECTED",
+    "RATE_LIMIT_DEGRADED",
+)
 
 
 class Kind(StrEnum):
@@ -52,12 +72,23 @@ class Kind(StrEnum):
     TEMPLATES = "templates"
 
 
+class Tier(StrEnum):
+    """Where a lookup was answered: the in-process near cache or Redis. A miss is answered
+    by the last tier asked, Redis (also when Redis could not be asked)."""
+
+    NEAR = "near"
+    REDIS = "redis"
+
+
 class Counter(StrEnum):
     """Events counted besides hits and misses."""
 
     #: Values in Redis that did not decode (evicted), and rate-limit replies no correct
     #: run of the script gives (the call degraded by the failure policy).
     CORRUPT_VALUES = "corrupt_values"
+    #: Values in Redis that did not decode and were deleted (the first part of
+    #: ``corrupt_values``).
+    DECODE_ERRORS_EVICTED = "decode_errors_evicted"
     STALE_WRITES_REFUSED = "stale_writes_refused"
     WRITES = "writes"
     WRITES_FAILED = "writes_failed"
@@ -100,6 +131,8 @@ class KindStats:
 
     hits: int
     misses: int
+    #: The part of ``hits`` the near cache answered (the rest came from Redis).
+    near_hits: int = 0
 
     @property
     def hit_rate(self) -> float:
@@ -107,8 +140,13 @@ class KindStats:
         return hit_rate(self.hits, self.misses)
 
     def as_dict(self) -> dict[str, Any]:
-        """``{"hits", "misses", "hit_rate"}``."""
-        return {"hits": self.hits, "misses": self.misses, "hit_rate": self.hit_rate}
+        """``{"hits", "misses", "hit_rate", "near_hits"}``."""
+        return {
+            "hits": self.hits,
+            "misses": self.misses,
+            "hit_rate": self.hit_rate,
+            "near_hits": self.near_hits,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +175,25 @@ class PoolAccounting:
     waits: int  # acquisitions that had to queue, since start
     timeouts: int  # ... and gave up at the pool timeout
     discarded: int  # connections closed instead of reused (timeouts, drops, cancellations)
+    #: How long the acquisitions that queued waited: a ``crmcache._latency`` series
+    #: (counts per power-of-two bucket of nanoseconds, then the sum); empty if none did.
+    wait_time: tuple[int, ...] = ()
+
+    @classmethod
+    def total(cls, books: Sequence[PoolAccounting]) -> PoolAccounting:
+        """Several pools' books as one (a cluster's node pools): every figure summed."""
+        waited = [b.wait_time for b in books if b.wait_time]
+        return cls(
+            slots_held=sum(b.slots_held for b in books),
+            checked_out=sum(b.checked_out for b in books),
+            idle=sum(b.idle for b in books),
+            created=sum(b.created for b in books),
+            waiting=sum(b.waiting for b in books),
+            waits=sum(b.waits for b in books),
+            timeouts=sum(b.timeouts for b in books),
+            discarded=sum(b.discarded for b in books),
+            wait_time=tuple(map(sum, zip(*waited, strict=True))) if waited else (),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -300,6 +357,49 @@ class CacheStats:
 
 
 @dataclass(frozen=True, slots=True)
+class MetricsSnapshot:
+    """One manager's counters at one moment, as the exporters (``crmcache.metrics``) read
+    them: taken without asking Redis (``metrics_snapshot()``), from the counters
+    ``get_cache_stats()`` reports.
+
+    Attributes:
+        key_prefix: the manager's key prefix (the default ``manager`` label).
+        enabled: the cache is on and the manager open.
+        by_kind: hits (``near_hits`` of them from the near cache) and misses per kind.
+        counters: every :class:`Counter`.
+        rate_limits: decisions per limit name (``MAX_RATE_LIMIT_NAMES`` names at most,
+            the rest under ``OTHER_RATE_LIMITS``), each ``RATE_LIMIT_ALLOWED``,
+            ``RATE_LIMIT_REJECTED`` and ``RATE_LIMIT_DEGRADED``.
+        breaker_state: the circuit breaker's state (a ``BreakerState`` value).
+        breaker_transitions: how many times each state was entered.
+        breaker_short_circuited: calls refused by the open breaker.
+        pool: the data path's pool books (None when disabled).
+        max_connections: the pool's size setting.
+        pending_invalidations: invalidations waiting to be replayed.
+        near_cache: the near cache's figures (None when off).
+        latency: per operation, the latency of its Redis calls (empty unless
+            ``metrics_latency``).
+        pool_wait: how long the acquisitions that queued for a connection waited (None
+            when none did).
+    """
+
+    key_prefix: str
+    enabled: bool
+    by_kind: Mapping[Kind, KindStats]
+    counters: Mapping[Counter, int]
+    rate_limits: Mapping[str, Mapping[Counter, int]]
+    breaker_state: str
+    breaker_transitions: Mapping[str, int]
+    breaker_short_circuited: int
+    pool: PoolAccounting | None
+    max_connections: int
+    pending_invalidations: int
+    near_cache: NearCacheStats | None
+    latency: Mapping[str, HistogramSnapshot]
+    pool_wait: HistogramSnapshot | None
+
+
+@dataclass(frozen=True, slots=True)
 class RepositoryStats:
     """What a repository did: cache hits, database loads, and how stampedes were held."""
 
@@ -341,17 +441,33 @@ class Tally:
 
 
 class StatsRecorder:
-    """Thread-safe counters updated on the hot path."""
+    """Thread-safe counters updated on the hot path.
+
+    Hits are counted per kind and per tier (:class:`Tier`): a near-cache hit with
+    :meth:`near_hit`, a Redis hit with :meth:`hit`; misses are always Redis's. Rate-limit
+    decisions are counted in total and per limit name (:meth:`rate_limit`).
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self._fresh()
+
+    def _fresh(self) -> None:
         self._hits = {k: Tally() for k in Kind}
+        self._near_hits = {k: Tally() for k in Kind}
         self._misses = {k: Tally() for k in Kind}
         self._counters = {c: Tally() for c in Counter}
+        #: Per limit name: its decisions (allowed, rejected, degraded), at most
+        #: MAX_RATE_LIMIT_NAMES names and OTHER_RATE_LIMITS.
+        self._limits: dict[str, dict[Counter, Tally]] = {}
 
     def hit(self, kind: Kind, n: int = 1) -> None:
-        """Count ``n`` hits."""
+        """Count ``n`` hits answered by Redis."""
         self._hits[kind].add(n)
+
+    def near_hit(self, kind: Kind, n: int = 1) -> None:
+        """Count ``n`` hits answered by the near cache."""
+        self._near_hits[kind].add(n)
 
     def miss(self, kind: Kind, n: int = 1) -> None:
         """Count ``n`` misses."""
@@ -361,17 +477,46 @@ class StatsRecorder:
         """Add ``n`` to ``counter``."""
         self._counters[counter].add(n)
 
+    def rate_limit(self, name: str, decision: Counter) -> None:
+        """Count one rate-limit decision (``RATE_LIMIT_ALLOWED``, ``_REJECTED`` or
+        ``_DEGRADED``) for the limit ``name``."""
+        self._counters[decision].add()
+        row = self._limits.get(name)
+        if row is None:
+            row = self._limit_row(name)
+        row[decision].add()
+
+    def _limit_row(self, name: str) -> dict[Counter, Tally]:
+        with self._lock:
+            limits = self._limits
+            row = limits.get(name)
+            if row is None:
+                if len(limits) >= MAX_RATE_LIMIT_NAMES:
+                    name = OTHER_RATE_LIMITS
+                row = limits.get(name)
+                if row is None:
+                    row = limits[name] = {Counter[d]: Tally() for d in RATE_LIMIT_DECISIONS}
+            return row
+
     def by_kind(self) -> dict[Kind, KindStats]:
-        """Current hits and misses per kind."""
-        return {k: KindStats(self._hits[k].value, self._misses[k].value) for k in Kind}
+        """Current hits (Redis's and the near cache's) and misses per kind."""
+        stats = {}
+        for k in Kind:
+            near = self._near_hits[k].value
+            stats[k] = KindStats(self._hits[k].value + near, self._misses[k].value, near)
+        return stats
 
     def counters(self) -> dict[Counter, int]:
         """Current values of the other counters."""
         return {c: t.value for c, t in self._counters.items()}
 
+    def rate_limits(self) -> dict[str, dict[Counter, int]]:
+        """Decisions per limit name (see :data:`MAX_RATE_LIMIT_NAMES`)."""
+        with self._lock:
+            rows = list(self._limits.items())
+        return {name: {d: t.value for d, t in row.items()} for name, row in rows}
+
     def reset(self) -> None:
         """Zero every counter."""
         with self._lock:
-            self._hits = {k: Tally() for k in Kind}
-            self._misses = {k: Tally() for k in Kind}
-            self._counters = {c: Tally() for c in Counter}
+            self._fresh()

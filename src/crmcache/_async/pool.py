@@ -373,6 +373,7 @@ class AsyncLeanPool:
                 waits=slots.waits,
                 timeouts=slots.timeouts,
                 discarded=self._discarded,
+                wait_time=tuple(slots.wait_time) if slots.waits else (),
             )
 
     async def close(self, grace: float) -> None:

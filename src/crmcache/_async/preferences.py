@@ -57,7 +57,7 @@ class AsyncPreferencesMixin(AsyncCacheCore):
             held = near.get(key)
             if held is not MISSING:
                 if record:
-                    self._stats.hit(Kind.PREFERENCES)
+                    self._stats.near_hit(Kind.PREFERENCES)
                 return clone_preferences(held)
             token = near.token()
             prefs = await self._read_preferences(transport, key, client_id)

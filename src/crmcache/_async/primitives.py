@@ -10,10 +10,13 @@ import asyncio
 import contextlib
 from collections import deque
 from collections.abc import Awaitable, Callable
+from time import perf_counter_ns
 from types import ModuleType
 from typing import Any, TypeVar
 
 from redis.exceptions import ConnectionError as RedisConnectionError
+
+from .._latency import new_series, record
 
 T = TypeVar("T")
 
@@ -81,6 +84,8 @@ class FairSlots:
         #: Acquisitions that had to queue, and those that gave up at their timeout.
         self.waits = 0
         self.timeouts = 0
+        #: How long those waited (``crmcache._latency`` series; cancelled waits left out).
+        self.wait_time = new_series()
 
     async def acquire(self, timeout: float) -> bool:
         """Take a slot, waiting up to ``timeout`` seconds; False if none came free."""
@@ -91,6 +96,7 @@ class FairSlots:
         turn: asyncio.Future[bool] = loop.create_future()
         self._waiters.append(turn)
         self.waits += 1
+        started = perf_counter_ns()
         expiry = loop.call_later(timeout, self._expire, turn)
         try:
             got = await turn
@@ -103,6 +109,7 @@ class FairSlots:
             raise
         finally:
             expiry.cancel()
+        record(self.wait_time, perf_counter_ns() - started)
         if not got:
             self.timeouts += 1
         return got

@@ -89,13 +89,14 @@ class AsyncRateLimitsMixin(AsyncCacheCore):
                 except CorruptReply as exc:
                     self._corrupt_reply(key, exc)
                 else:
-                    self._stats.count(
+                    self._stats.rate_limit(
+                        api,
                         Counter.RATE_LIMIT_ALLOWED
                         if result.allowed
-                        else Counter.RATE_LIMIT_REJECTED
+                        else Counter.RATE_LIMIT_REJECTED,
                     )
                     return result
-        self._stats.count(Counter.RATE_LIMIT_DEGRADED)
+        self._stats.rate_limit(api, Counter.RATE_LIMIT_DEGRADED)
         if chosen == "local":
             return self._local_limiter.check(api, limit, window, cost)
         return degraded_result(chosen, limit)

@@ -42,7 +42,7 @@ class AsyncTemplatesMixin(AsyncCacheCore):
                 self._start_listener()
             held = near.get(key)
             if held is not MISSING:
-                self._stats.hit(Kind.TEMPLATES)
+                self._stats.near_hit(Kind.TEMPLATES)
                 return cast("str", held)
             token = near.token()
         raw = await self._call("get_template", transport.get, key)
@@ -90,7 +90,7 @@ class AsyncTemplatesMixin(AsyncCacheCore):
                     remote_keys.append(key)
                 else:
                     found[ref] = held
-            self._stats.hit(Kind.TEMPLATES, len(found))
+            self._stats.near_hit(Kind.TEMPLATES, len(found))
             if not remote_keys:
                 return found
             refs, keys = remote_refs, remote_keys

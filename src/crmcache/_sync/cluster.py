@@ -37,7 +37,6 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import fields
 from typing import Any
 
 from redis.exceptions import (
@@ -358,9 +357,8 @@ class ClusterTransport(ClusterMap, Transport):
 
     def accounting(self) -> PoolAccounting:
         """The data pools' accounting, summed over the nodes."""
-        books = [node.data.accounting() for node in list(self._nodes.values())]
-        return PoolAccounting(
-            **{f.name: sum(getattr(b, f.name) for b in books) for f in fields(PoolAccounting)}
+        return PoolAccounting.total(
+            [node.data.accounting() for node in list(self._nodes.values())]
         )
 
     def close(self, grace: float) -> None:

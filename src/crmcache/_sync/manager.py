@@ -105,6 +105,9 @@ class CRMCacheManager(
         send_guard_policy: what ``claim_send`` answers when Redis cannot be asked:
             ``"open"`` (True: send, a duplicate is possible; the default) or
             ``"closed"`` (False: do not send, the message is dropped like a duplicate).
+        metrics_latency: time every Redis call into per-operation latency histograms,
+            exported by ``crmcache.metrics`` (about 0.2 µs a call; default off, and then
+            free). A collector built with ``latency=True`` turns it on too.
 
     Raises:
         ConfigurationError: a setting is out of range or malformed (never shows a
@@ -136,6 +139,7 @@ class CRMCacheManager(
         pipelining: bool | None = None,
         pipeline_connections: int = DEFAULT_PIPELINE_CONNECTIONS,
         send_guard_policy: SendGuardPolicy = "open",
+        metrics_latency: bool = False,
     ) -> None:
         settings = resolve_settings(
             redis_url=redis_url,
@@ -159,6 +163,7 @@ class CRMCacheManager(
             pipelining=pipelining,
             pipeline_connections=pipeline_connections,
             send_guard_policy=send_guard_policy,
+            metrics_latency=metrics_latency,
         )
         super().__init__(settings)
         logger.info(

@@ -375,6 +375,7 @@ class LeanPool:
                 waits=slots.waits,
                 timeouts=slots.timeouts,
                 discarded=self._discarded,
+                wait_time=tuple(slots.wait_time) if slots.waits else (),
             )
 
     def close(self, grace: float) -> None:

@@ -59,7 +59,7 @@ class PreferencesMixin(CacheCore):
             held = near.get(key)
             if held is not MISSING:
                 if record:
-                    self._stats.hit(Kind.PREFERENCES)
+                    self._stats.near_hit(Kind.PREFERENCES)
                 return clone_preferences(held)
             token = near.token()
             prefs = self._read_preferences(transport, key, client_id)

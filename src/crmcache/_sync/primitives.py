@@ -14,11 +14,14 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from time import perf_counter_ns
 from types import ModuleType
 from typing import Any, TypeVar
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from .._latency import new_series, record
 
 T = TypeVar("T")
 
@@ -80,6 +83,8 @@ class FairSlots:
         #: Acquisitions that had to queue, and those that gave up at their timeout.
         self.waits = 0
         self.timeouts = 0
+        #: How long those waited (``crmcache._latency`` series; interrupted waits left out).
+        self.wait_time = new_series()
 
     def acquire(self, timeout: float) -> bool:
         """Take a slot, waiting up to ``timeout`` seconds; False if none came free."""
@@ -90,13 +95,18 @@ class FairSlots:
             turn = threading.Event()
             self._waiters.append(turn)
             self.waits += 1
+        started = perf_counter_ns()
         try:
-            if turn.wait(timeout):
-                return True
+            got = turn.wait(timeout)
         except BaseException:
             if not self._withdraw(turn):
                 self.release()  # handed a slot as the interrupt came: pass it on
             raise
+        waited = perf_counter_ns() - started
+        with self._lock:
+            record(self.wait_time, waited)
+        if got:
+            return True
         if self._withdraw(turn):
             with self._lock:
                 self.timeouts += 1
