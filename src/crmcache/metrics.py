@@ -131,6 +131,10 @@ _COUNTER_DOCS: Final = {
     Counter.UNEXPECTED_ERRORS: "Calls that failed with an unexpected error",
     Counter.TOPOLOGY_ERRORS: "Calls answered MOVED, ASK, READONLY, TRYAGAIN or CLUSTERDOWN",
     Counter.PROTOCOL_ERRORS: "Replies that broke their command's contract",
+    Counter.SEND_CLAIMS_WON: "claim_send calls that won the claim (send)",
+    Counter.SEND_CLAIMS_REFUSED: "claim_send calls refused: the key was claimed first",
+    Counter.SEND_CLAIMS_DEGRADED: "claim_send answers given by send_guard_policy without Redis",
+    Counter.SEND_CLAIMS_RELEASED: "release_send calls that deleted this manager's claim",
 }
 
 
