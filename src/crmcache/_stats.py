@@ -254,6 +254,13 @@ class CacheStats:
     #: ``total_keys`` sums those that answered, exact only if every one answered, and
     #: ``redis`` summarises their INFO.
     nodes: tuple[NodeStats, ...] = ()
+    #: The weakest persistence among the primaries: ``"aof"``, ``"rdb"`` (snapshots
+    #: only), ``"none"``, ``"unknown"`` (``CONFIG GET save`` refused, AOF off), or None
+    #: when no primary answered.
+    persistence: str | None = None
+    #: True when quota limits (calendar windows, windows of an hour or more) were used by
+    #: this manager and a primary has no persistence: a restart would zero them.
+    quotas_without_persistence: bool = False
 
     @property
     def hits(self) -> int:
@@ -289,6 +296,8 @@ class CacheStats:
             "near_cache": dict(self.near_cache),
             "topology": self.topology,
             "nodes": [node.as_dict() for node in self.nodes],
+            "persistence": self.persistence,
+            "quotas_without_persistence": self.quotas_without_persistence,
         }
 
 

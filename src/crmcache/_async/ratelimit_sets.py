@@ -37,9 +37,6 @@ class AsyncRateLimitSetsMixin(AsyncCacheCore):
     #: Tests only: the time the script runs at (µs since the epoch), instead of Redis's
     #: ``TIME``. It drives the sliding, gcra and calendar algorithms (not key expiry).
     _rate_limit_clock: Callable[[], int] | None = None
-    #: True once a quota limit (a calendar window, or a window of an hour or more) was
-    #: used: health checks then say whether the server persists its counters.
-    _quotas_in_use: bool = False
 
     async def check_rate_limits(
         self,
