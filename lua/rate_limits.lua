@@ -291,7 +291,9 @@ local allowed, granted = 1, 0
 local want = cost
 if mode == 'c' then
     if cost == 0 then
+        -- A peek: would one unit be allowed? Nothing is charged.
         want = 1
+        if least < 1 then allowed = 0 end
     elseif least < cost then
         allowed = 0
     else

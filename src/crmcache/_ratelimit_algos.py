@@ -521,6 +521,7 @@ class Engine:
         if mode == "c":
             if cost == 0:
                 want = 1
+                allowed = 1 if least >= 1 else 0
             elif least < cost:
                 allowed = 0
             else:
