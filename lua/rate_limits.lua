@@ -34,12 +34,18 @@
 --   count_i     units counted after this call (>= 0; for 'g', units in the bucket)
 --   retry_us_i  microseconds until limit i would allow the cost (0 when it does now)
 --   reset_us_i  microseconds until limit i is back to full capacity
-local now
-if ARGV[1] == '' then
-    local t = redis.call('TIME')
-    now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-else
+local now = 0
+if ARGV[1] ~= '' then
     now = tonumber(ARGV[1])
+else
+    -- The anchored fixed window needs no clock (its key's expiry is its clock).
+    for i = 1, #KEYS do
+        if ARGV[4 + 6 * (i - 1)] ~= 'f' then
+            local t = redis.call('TIME')
+            now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+            break
+        end
+    end
 end
 local cost = tonumber(ARGV[2])
 local mode = ARGV[3]
@@ -157,10 +163,15 @@ readers['s'] = function(key, limit, window_us)
         return window_us - elapsed + wait(c, limit - x, 0)
     end
     s.charge = function(k)
-        if garbage then redis.call('DEL', key) end
-        c = c + k
-        redis.call('HSET', key, 'w', idx, 'c', c, 'p', p)
-        expire_us(key, 2 * window_us - elapsed)
+        if w == idx and not garbage then
+            -- Same window: its expiry, set by its first charge, is already its end.
+            c = redis.call('HINCRBY', key, 'c', k)
+        else
+            if garbage then redis.call('DEL', key) end
+            c = c + k
+            redis.call('HSET', key, 'w', idx, 'c', c, 'p', p)
+            expire_us(key, 2 * window_us - elapsed)
+        end
         s.count = count + k
         s.reset = reset_of(c, p)
     end
@@ -170,7 +181,13 @@ readers['s'] = function(key, limit, window_us)
         if from_c + from_p > 0 then
             c = c - from_c
             p = p - from_p
-            redis.call('HSET', key, 'w', idx, 'c', c, 'p', p)
+            if w == idx then
+                redis.call('HSET', key, 'c', c, 'p', p)
+            else
+                -- Stored as of the previous window (its c is our p): keep it so, and
+                -- keep its expiry, which ends when p stops mattering.
+                redis.call('HSET', key, 'c', p)
+            end
         end
         s.count = estimate(p, elapsed) + c
         s.reset = reset_of(c, p)
@@ -246,12 +263,13 @@ readers['c'] = function(key, limit, b0, b1, b2, b3, a0, a1, a2)
     s.charge = function(k)
         if garbage then redis.call('DEL', key) end
         if got[1] == start then
+            -- This period's expiry was set by its first charge: its end.
             s.count = redis.call('HINCRBY', key, 'c', k)
         else
             redis.call('HSET', key, 's', start, 'c', k)
             s.count = k
+            expire_us(key, finish - now)
         end
-        expire_us(key, finish - now)
     end
     s.refund = function(k)
         if count > 0 then
