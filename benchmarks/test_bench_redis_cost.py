@@ -31,7 +31,7 @@ import pytest
 import redis
 from pytest_benchmark.fixture import BenchmarkFixture
 
-from crmcache import ClientPreferences, CRMCacheManager, MessageChannel
+from crmcache import ClientPreferences, CRMCacheManager, MessageChannel, RateLimit
 from crmcache._codec import encode_preferences
 from crmcache._keys import prefs_key
 
@@ -104,8 +104,60 @@ def _set(cache: CRMCacheManager, raw: redis.Redis) -> Callable[[], object]:
     return call
 
 
+def _rate_limits(
+    *limits: RateLimit,
+) -> Callable[[CRMCacheManager, redis.Redis], Callable[[], object]]:
+    def make(cache: CRMCacheManager, raw: redis.Redis) -> Callable[[], object]:
+        def call() -> object:
+            result = cache.check_rate_limits(list(limits))
+            assert result.allowed
+            assert not result.degraded
+            return result
+
+        return call
+
+    return make
+
+
+#: One limit of each algorithm, and the issue's set of three (one hash tag).
+SET_OF_THREE = (
+    RateLimit("cost-set:s", LIMIT, 1, group="cost"),
+    RateLimit("cost-set:d", LIMIT, "day", timezone="America/New_York", group="cost"),
+    RateLimit("cost-set:w", LIMIT, 7 * 86400, algorithm="sliding", group="cost"),
+)
+
 OPERATIONS = (
     Operation("rate_limit", "evalsha", "check_rate_limit (rate_limit.lua)", _rate_limit),
+    Operation(
+        "rate_limits_fixed",
+        "evalsha",
+        "check_rate_limits, one fixed limit",
+        _rate_limits(RateLimit("cost-fixed", LIMIT, WINDOW)),
+    ),
+    Operation(
+        "rate_limits_sliding",
+        "evalsha",
+        "check_rate_limits, one sliding limit",
+        _rate_limits(RateLimit("cost-sliding", LIMIT, WINDOW, algorithm="sliding")),
+    ),
+    Operation(
+        "rate_limits_gcra",
+        "evalsha",
+        "check_rate_limits, one gcra limit",
+        _rate_limits(RateLimit("cost-gcra", LIMIT, WINDOW, algorithm="gcra")),
+    ),
+    Operation(
+        "rate_limits_calendar",
+        "evalsha",
+        "check_rate_limits, one calendar-day limit",
+        _rate_limits(RateLimit("cost-day", LIMIT, "day", timezone="America/New_York")),
+    ),
+    Operation(
+        "rate_limits_three",
+        "evalsha",
+        "check_rate_limits, 3 limits (per second, per day, sliding week)",
+        _rate_limits(*SET_OF_THREE),
+    ),
     Operation("prefs_set", "evalsha", "set_client_preferences (prefs_set.lua)", _prefs_set),
     Operation("get", "get", "GET of a cached preferences value", _get),
     Operation("set", "set", "SET key value EX 3600", _set),

@@ -12,7 +12,7 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from prometheus_client import CollectorRegistry
 
-from crmcache import BreakerState, CRMCacheManager
+from crmcache import BreakerState, CRMCacheManager, RateLimit
 from crmcache.metrics import OpenTelemetryMetrics, PrometheusCollector
 from crmcache.testing import RedisServer
 from helpers import poll
@@ -336,3 +336,31 @@ def test_several_managers_one_collector(redis_url: str, raw: redis.Redis) -> Non
         PrometheusCollector(first, second, names=["a", "b"]).register(named)
         _, samples = scrape(named)
         assert samples[missed, labels(manager="b", kind="templates", tier="redis")] == 2
+
+
+def test_rate_limit_sets_count_their_decisions_per_limit(redis_url: str) -> None:
+    """A set's decision is counted once in the totals and once per limit it concerns:
+    every limit of an allowed call, only the refusing ones of a refused call."""
+    with CRMCacheManager(redis_url=redis_url) as cache:
+        limits = [RateLimit("set-a", limit=5, window=60), RateLimit("set-b", limit=1, window=60)]
+        assert cache.check_rate_limits(limits).allowed
+        refused = cache.check_rate_limits(limits)
+        assert not refused.allowed
+        assert refused.blocked_by == limits[1]
+        registry = CollectorRegistry()
+        PrometheusCollector(cache).register(registry)
+        _, samples = scrape(registry)
+
+        def decisions(limit: str, decision: str) -> float:
+            return samples.get(
+                (
+                    "crmcache_rate_limit_decisions_total",
+                    labels(manager="crm", limit=limit, decision=decision),
+                ),
+                0.0,
+            )
+
+        assert (decisions("set-a", "allowed"), decisions("set-a", "refused")) == (1, 0)
+        assert (decisions("set-b", "allowed"), decisions("set-b", "refused")) == (1, 1)
+        counters = cache.get_cache_stats()["counters"]
+        assert (counters["rate_limit_allowed"], counters["rate_limit_rejected"]) == (1, 1)

@@ -21,13 +21,13 @@ from crmcache._ratelimit import (
 def test_degraded_open_allows_with_the_whole_limit_left() -> None:
     """The "open" policy allows, reports the whole limit remaining and no wait, degraded."""
     result = degraded_result("open", 10)
-    assert result == RateLimitResult(True, 0, 10, 10, 0.0, degraded=True)
+    assert result.fields() == RateLimitResult(True, 0, 10, 10, 0.0, degraded=True).fields()
 
 
 def test_degraded_closed_refuses_and_asks_for_a_retry() -> None:
     """The "closed" policy refuses with nothing remaining and a one-second retry, degraded."""
     result = degraded_result("closed", 10)
-    assert result == RateLimitResult(False, 0, 10, 0, 1.0, degraded=True)
+    assert result.fields() == RateLimitResult(False, 0, 10, 0, 1.0, degraded=True).fields()
 
 
 def test_policy_choice_order() -> None:
@@ -54,10 +54,22 @@ def test_a_bad_policy_is_named(policy: object, error: type[Exception]) -> None:
 def test_reply_decoding() -> None:
     """The script's {allowed, count, ttl_ms} becomes a result; remaining never goes below 0
     (a refused call may find more than the limit counted, after the limit was lowered)."""
-    assert result_from_reply([1, 3, 1500], 10, 60_000) == RateLimitResult(True, 3, 10, 7, 1.5)
-    assert result_from_reply([0, 12, 0], 10, 60_000) == RateLimitResult(False, 12, 10, 0, 0.0)
-    assert result_from_reply([1, 10, 60_000], 10, 60_000) == RateLimitResult(True, 10, 10, 0, 60.0)
-    assert result_from_reply((0, 0, 1), 10, 60_000) == RateLimitResult(False, 0, 10, 10, 0.001)
+    assert (
+        result_from_reply([1, 3, 1500], 10, 60_000).fields()
+        == RateLimitResult(True, 3, 10, 7, 1.5).fields()
+    )
+    assert (
+        result_from_reply([0, 12, 0], 10, 60_000).fields()
+        == RateLimitResult(False, 12, 10, 0, 0.0).fields()
+    )
+    assert (
+        result_from_reply([1, 10, 60_000], 10, 60_000).fields()
+        == RateLimitResult(True, 10, 10, 0, 60.0).fields()
+    )
+    assert (
+        result_from_reply((0, 0, 1), 10, 60_000).fields()
+        == RateLimitResult(False, 0, 10, 10, 0.001).fields()
+    )
 
 
 @pytest.mark.parametrize(

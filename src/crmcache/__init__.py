@@ -24,6 +24,7 @@ from ._config import (
 from ._errors import ConfigurationError, CRMCacheError, StaleVersionError
 from ._guard import BreakerState
 from ._ratelimit import RateLimitResult
+from ._ratelimit_algos import RateLimit, RateLimitsResult
 from ._stats import CacheStats, KindStats, PoolStats, RedisServerStats
 from .cache_manager import (
     AsyncCRMCacheManager,
@@ -55,8 +56,10 @@ __all__ = [
     "KindStats",
     "MessageChannel",
     "PoolStats",
+    "RateLimit",
     "RateLimitPolicy",
     "RateLimitResult",
+    "RateLimitsResult",
     "RedisServerStats",
     "StaleVersionError",
     "TemplateRef",

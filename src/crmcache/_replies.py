@@ -155,12 +155,22 @@ def _ints(length: int) -> Check:
     return check
 
 
+def _rate_limits(reply: object, args: Sequence[Any]) -> bool:
+    # {allowed, granted, then four integers per key}; args: EVALSHA sha numkeys ...
+    return (
+        type(reply) is list
+        and len(reply) == 2 + 4 * int(args[2])
+        and all(type(item) is int for item in reply)
+    )
+
+
 #: Each script's reply, as its ``.lua`` header declares it.
 _SCRIPTS: Final[dict[str, Check]] = {
     "delete_if_equals": _integer,
     "prefs_invalidate": _integer,
     "prefs_set": _ints(2),
     "rate_limit": _ints(3),
+    "rate_limits": _rate_limits,
 }
 
 

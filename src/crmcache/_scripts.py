@@ -30,7 +30,13 @@ __all__ = [
 ]
 
 #: Every script crmcache runs; each is ``lua/<name>.lua``.
-SCRIPT_NAMES = ("delete_if_equals", "prefs_invalidate", "prefs_set", "rate_limit")
+SCRIPT_NAMES = (
+    "delete_if_equals",
+    "prefs_invalidate",
+    "prefs_set",
+    "rate_limit",
+    "rate_limits",
+)
 
 _SOURCE_TREE_LUA = Path(__file__).resolve().parents[2] / "lua"
 
@@ -94,6 +100,7 @@ class Scripts:
     prefs_invalidate: ScriptLike
     prefs_set: ScriptLike
     rate_limit: ScriptLike
+    rate_limits: ScriptLike
 
 
 def register_scripts(client: redis.Redis | redis.asyncio.Redis) -> Scripts:

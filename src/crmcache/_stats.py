@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import itertools
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
@@ -318,6 +318,13 @@ class CacheStats:
     #: ``total_keys`` sums those that answered, exact only if every one answered, and
     #: ``redis`` summarises their INFO.
     nodes: tuple[NodeStats, ...] = ()
+    #: The weakest persistence among the primaries: ``"aof"``, ``"rdb"`` (snapshots
+    #: only), ``"none"``, ``"unknown"`` (``CONFIG GET save`` refused, AOF off), or None
+    #: when no primary answered.
+    persistence: str | None = None
+    #: True when quota limits (calendar windows, windows of an hour or more) were used by
+    #: this manager and a primary has no persistence: a restart would zero them.
+    quotas_without_persistence: bool = False
 
     @property
     def hits(self) -> int:
@@ -353,6 +360,8 @@ class CacheStats:
             "near_cache": dict(self.near_cache),
             "topology": self.topology,
             "nodes": [node.as_dict() for node in self.nodes],
+            "persistence": self.persistence,
+            "quotas_without_persistence": self.quotas_without_persistence,
         }
 
 
@@ -485,6 +494,17 @@ class StatsRecorder:
         if row is None:
             row = self._limit_row(name)
         row[decision].add()
+
+    def rate_limit_set(self, decision: Counter, names: Iterable[str]) -> None:
+        """Count one decision on a set of limits: once in the totals, and once for each
+        limit it concerns (``names``: every limit of an allowed or degraded call, the
+        refusing ones of a refused call)."""
+        self._counters[decision].add()
+        for name in names:
+            row = self._limits.get(name)
+            if row is None:
+                row = self._limit_row(name)
+            row[decision].add()
 
     def _limit_row(self, name: str) -> dict[Counter, Tally]:
         with self._lock:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict
 from typing import Any, cast
+
+from redis.exceptions import RedisError, ResponseError
 
 from .._guard import FAILED, PoolClosedError
 from .._latency import snapshot_series
@@ -30,16 +32,45 @@ __all__ = ["AsyncStatsMixin"]
 
 logger = logging.getLogger("crmcache")
 
+#: Persistence kinds, weakest first.
+_PERSISTENCE_ORDER = ("none", "unknown", "rdb", "aof")
+
+
+async def _node_persistence(node: AsyncAdminNode) -> str | None:
+    """``"aof"``, ``"rdb"``, ``"none"`` or ``"unknown"`` for one primary; None if it
+    could not be asked. Asked directly, not through the breaker: a refused ``CONFIG``
+    (renamed, ACL) is not an outage."""
+    try:
+        info = await node.execute("INFO", "persistence")
+        if type(info) is not bytes:
+            return None
+        if b"aof_enabled:1" in info:
+            return "aof"
+        try:
+            save = await node.execute("CONFIG", "GET", "save")
+        except ResponseError:
+            return "unknown"
+    except (RedisError, OSError):
+        return None
+    if type(save) is not list or len(save) != 2:
+        return "unknown"
+    return "rdb" if save[1].strip() else "none"
+
 
 class AsyncStatsMixin(AsyncCacheCore):
     """``health_check``, ``get_stats``, ``get_cache_stats``, ``reset_stats``,
     ``metrics_snapshot``."""
 
+    #: The warning about quotas on a server without persistence was logged.
+    _durability_warned: bool = False
+
     async def health_check(self) -> bool:
         """PING Redis; True if it answered. Never raises; bounded by the connect timeout.
 
         A disabled or closed manager is reported unhealthy (it serves nothing); check
-        :attr:`enabled` to tell the cases apart.
+        :attr:`enabled` to tell the cases apart. Once quota rate limits are in use, the
+        first check also asks whether the server persists its data, and logs one WARNING
+        if it does not (``CacheStats.quotas_without_persistence``).
         """
         transport = self._active()
         if transport is None:
@@ -52,6 +83,8 @@ class AsyncStatsMixin(AsyncCacheCore):
             reason = self._guard.describe(exc)
             logger.warning("health check failed: %s", reason)
             return False
+        if answered and self._quotas_in_use and not self._durability_warned:
+            await self._persistence(transport.primaries())
         if answered and not transport.topology.servable:
             # The node answers, but it is not what crmcache can serve (said at ERROR once
             # when it was found out): not healthy.
@@ -72,6 +105,7 @@ class AsyncStatsMixin(AsyncCacheCore):
         exact = False
         info: RedisServerStats | None = None
         nodes: tuple[NodeStats, ...] = ()
+        persistence: str | None = None
         transport = self._active()
         if transport is not None:
             await transport.refresh()  # a cluster's primaries, learnt if unknown
@@ -81,6 +115,7 @@ class AsyncStatsMixin(AsyncCacheCore):
                 total_keys = sum(node.total_keys or 0 for node in answered)
                 exact = len(answered) == len(nodes) and all(n.total_keys_exact for n in nodes)
             info = summarise([node.redis for node in nodes if node.redis is not None])
+            persistence = await self._persistence(transport.primaries())
         stats = CacheStats(
             enabled=self.enabled,
             total_keys=total_keys,
@@ -96,6 +131,8 @@ class AsyncStatsMixin(AsyncCacheCore):
             circuit_breaker=self._breaker.snapshot(),
             topology=transport.topology.value if transport is not None else None,
             nodes=nodes,
+            persistence=persistence,
+            quotas_without_persistence=self._quotas_in_use and persistence == "none",
         )
         hits, misses = stats.hits, stats.misses
         logger.info(
@@ -116,6 +153,27 @@ class AsyncStatsMixin(AsyncCacheCore):
         (percent), ``connection_pool`` (``max_connections``, ``in_use``, ``idle``), ``redis``
         (selected INFO fields), hits and misses per kind, counters, breaker state."""
         return (await self.get_stats()).as_dict()
+
+    async def _persistence(self, primaries: Sequence[AsyncAdminNode]) -> str | None:
+        """The weakest persistence among ``primaries`` (see ``CacheStats.persistence``);
+        logs one WARNING per manager when quota limits are in use and it is ``"none"``."""
+        found: list[str] = []
+        for node in primaries:
+            kind = await _node_persistence(node)
+            if kind is not None:
+                found.append(kind)
+        if not found:
+            return None
+        weakest = min(found, key=_PERSISTENCE_ORDER.index)
+        if weakest == "none" and self._quotas_in_use and not self._durability_warned:
+            self._durability_warned = True
+            logger.warning(
+                "quota rate limits (calendar windows, windows of an hour or more) are in "
+                "use, but the Redis server keeps no persistence (no AOF, no RDB "
+                "snapshots): a restart zeroes their counters. Recommended: appendonly yes, "
+                "appendfsync everysec (README, Rate limits: durability)"
+            )
+        return weakest
 
     def reset_stats(self) -> None:
         """Zero the local hit/miss and event counters."""

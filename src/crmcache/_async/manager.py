@@ -2,9 +2,10 @@
 
 Written once, in ``crmcache/_async/`` (the source); ``scripts/unasync.py`` generates
 ``crmcache/_sync/`` from it. Each concern is a mixin in a file of its own
-(``preferences.py``, ``templates.py``, ``ratelimits.py``, ``leases.py``, ``sendguards.py``,
-``health.py``) over one core (``core.py``: state, the transport, the guarded call,
-lifecycle); every byte goes through a transport (``transport.py``; one node: ``node.py``).
+(``preferences.py``, ``templates.py``, ``ratelimits.py``, ``ratelimit_sets.py``,
+``leases.py``, ``sendguards.py``, ``health.py``) over one core (``core.py``: state, the
+transport, the guarded call, lifecycle); every byte goes through a transport
+(``transport.py``; one node: ``node.py``).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from .core import AsyncCacheCore
 from .health import AsyncStatsMixin
 from .leases import AsyncLeasesMixin, AsyncLoadLease
 from .preferences import AsyncPreferencesMixin
+from .ratelimit_sets import AsyncRateLimitSetsMixin
 from .ratelimits import AsyncRateLimitsMixin
 from .sendguards import AsyncSendGuardsMixin
 from .templates import AsyncTemplatesMixin
@@ -51,6 +53,7 @@ class AsyncCRMCacheManager(
     AsyncPreferencesMixin,
     AsyncTemplatesMixin,
     AsyncRateLimitsMixin,
+    AsyncRateLimitSetsMixin,
     AsyncLeasesMixin,
     AsyncSendGuardsMixin,
     AsyncStatsMixin,

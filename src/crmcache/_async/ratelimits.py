@@ -18,6 +18,7 @@ from .._ratelimit import (
     degraded_result,
     result_from_reply,
 )
+from .._ratelimit_algos import QUOTA_WINDOW
 from .._stats import Counter
 from .core import AsyncCacheCore
 
@@ -69,6 +70,8 @@ class AsyncRateLimitsMixin(AsyncCacheCore):
         if key is None:
             api = check_id("api", api, self._max_id)
             key = self._keys.rate_limit_key(api, window)
+            if window >= QUOTA_WINDOW:
+                self._quotas_in_use = True  # see health_check: is the server persistent?
             # Hot APIs are few; the bound keeps a caller with endless names from growing it.
             if len(self._rate_limit_keys) < KEY_MEMO_SIZE:
                 self._rate_limit_keys[api, window] = key

@@ -86,6 +86,10 @@ def open_transport(settings: CacheSettings, scrub: Callable[[str], str]) -> Tran
 class CacheCore:
     """What every concern of the manager shares (see the module docstring)."""
 
+    #: True once a quota limit (a calendar window, or a window of an hour or more) was
+    #: used: health checks and stats then say whether the server persists its counters.
+    _quotas_in_use: bool = False
+
     def __init__(self, settings: CacheSettings) -> None:
         self.settings = s = settings
         self._ttl_ms = s.cache_ttl * 1000

@@ -4,9 +4,10 @@
 
 Written once, in ``crmcache/_async/`` (the source); ``scripts/unasync.py`` generates
 ``crmcache/_sync/`` from it. Each concern is a mixin in a file of its own
-(``preferences.py``, ``templates.py``, ``ratelimits.py``, ``leases.py``, ``sendguards.py``,
-``health.py``) over one core (``core.py``: state, the transport, the guarded call,
-lifecycle); every byte goes through a transport (``transport.py``; one node: ``node.py``).
+(``preferences.py``, ``templates.py``, ``ratelimits.py``, ``ratelimit_sets.py``,
+``leases.py``, ``sendguards.py``, ``health.py``) over one core (``core.py``: state, the
+transport, the guarded call, lifecycle); every byte goes through a transport
+(``transport.py``; one node: ``node.py``).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from .core import CacheCore
 from .health import StatsMixin
 from .leases import LeasesMixin, LoadLease
 from .preferences import PreferencesMixin
+from .ratelimit_sets import RateLimitSetsMixin
 from .ratelimits import RateLimitsMixin
 from .sendguards import SendGuardsMixin
 from .templates import TemplatesMixin
@@ -53,6 +55,7 @@ class CRMCacheManager(
     PreferencesMixin,
     TemplatesMixin,
     RateLimitsMixin,
+    RateLimitSetsMixin,
     LeasesMixin,
     SendGuardsMixin,
     StatsMixin,
