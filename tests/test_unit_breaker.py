@@ -28,6 +28,7 @@ from crmcache._guard import (
     is_critical,
     is_pool_exhausted,
     is_topology_moved,
+    new_breaker,
 )
 
 
@@ -74,6 +75,44 @@ def probe_and_fail(breaker: CircuitBreaker) -> None:
 
 
 # -- CircuitBreaker -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("failures", [1, 2, 7])
+def test_configured_breaker_opens_after_exactly_n_failures(failures: int) -> None:
+    """new_breaker(N, ...) stays closed for N - 1 consecutive failures and opens on the Nth."""
+    breaker = new_breaker(failures, 30.0, clock=Clock())
+    for _ in range(failures - 1):
+        assert breaker.record_failure() is False
+        assert breaker.state is BreakerState.CLOSED
+    assert breaker.record_failure() is True
+    assert breaker.state is BreakerState.OPEN
+
+
+@pytest.mark.parametrize(
+    ("max_backoff", "waits"),
+    [
+        (30.0, [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0, 30.0]),
+        (5.0, [1.0, 2.0, 4.0, 5.0, 5.0, 5.0, 5.0, 5.0]),
+        (0.25, [0.25] * 8),
+    ],
+)
+def test_configured_backoff_doubles_and_never_exceeds_the_maximum(
+    max_backoff: float, waits: list[float]
+) -> None:
+    """The wait before each probe doubles from 1 s (or the maximum, if shorter) after
+    every failed probe and is capped at breaker_max_backoff."""
+    clock = Clock()
+    breaker = new_breaker(2, max_backoff, clock=clock)
+    breaker.record_failure()
+    breaker.record_failure()
+    seen = []
+    for _ in waits:
+        seen.append(wait_for_probe(breaker, clock, step=0.125))  # the probe goes ...
+        assert breaker.state is BreakerState.HALF_OPEN
+        breaker.record_failure()  # ... and fails
+        assert breaker.state is BreakerState.OPEN
+    assert seen == waits
+    assert max(seen) <= max_backoff
 
 
 def test_breaker_unit_transitions() -> None:

@@ -79,6 +79,7 @@ __all__ = [
     "is_critical",
     "is_handshake_error",
     "is_topology_moved",
+    "new_breaker",
 ]
 
 logger = logging.getLogger("crmcache")
@@ -238,6 +239,21 @@ class CircuitBreaker:
             self.state = BreakerState.CLOSED
             self.failures = 0
             self._timeout = self._base_timeout
+
+
+def new_breaker(
+    failures: int, max_backoff: float, *, clock: Callable[[], float] = time.monotonic
+) -> CircuitBreaker:
+    """The breaker the settings ``breaker_failures`` and ``breaker_max_backoff`` ask for:
+    it opens after ``failures`` consecutive connection failures, waits
+    :data:`DEFAULT_RESET_TIMEOUT` (or ``max_backoff`` if shorter) before its first probe,
+    and doubles the wait after each failed probe up to ``max_backoff`` seconds."""
+    return CircuitBreaker(
+        failure_threshold=failures,
+        reset_timeout=min(DEFAULT_RESET_TIMEOUT, max_backoff),
+        max_reset_timeout=max_backoff,
+        clock=clock,
+    )
 
 
 class NodeDownError(RedisConnectionError):

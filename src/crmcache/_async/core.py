@@ -25,11 +25,11 @@ from .._errors import ConfigurationError
 from .._guard import (
     DEFAULT_LOG_INTERVAL,
     FAILED,
-    CircuitBreaker,
     Guard,
     LogThrottle,
     PoolClosedError,
     is_topology_moved,
+    new_breaker,
 )
 from .._keys import KeySpace
 from .._near import NearCache
@@ -101,7 +101,7 @@ class AsyncCacheCore:
         self._closed = False
         self._close_lock = threading.Lock()
         self._stopping = Event()
-        self._breaker = CircuitBreaker()
+        self._breaker = new_breaker(s.breaker_failures, s.breaker_max_backoff)
         self._guard = Guard(
             breaker=self._breaker,
             on_error=self._count_error,

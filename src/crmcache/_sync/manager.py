@@ -17,6 +17,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from .._config import (
+    DEFAULT_BREAKER_FAILURES,
+    DEFAULT_BREAKER_MAX_BACKOFF,
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_ID_LENGTH,
     DEFAULT_MAX_TEMPLATE_BYTES,
@@ -97,6 +99,13 @@ class CRMCacheManager(
             per event-loop turn (``crmcache._mux``). Async facade only; default on
             there, off (and refused) on the sync facade. ``False`` keeps the lean pool.
         pipeline_connections: shared connections per node when pipelining (1 to 64).
+        breaker_failures: consecutive connection failures (refused, timed out) that open
+            the circuit breaker (default 5); while it is open, calls degrade at once
+            instead of waiting for Redis. On a cluster each primary has its own breaker
+            with the same settings.
+        breaker_max_backoff: longest wait, in seconds, between two probes of an open
+            breaker (default 30): the first probe goes after 1 s (or this, if shorter),
+            and the wait doubles after each failed probe up to this.
 
     Raises:
         ConfigurationError: a setting is out of range or malformed (never shows a
@@ -127,6 +136,8 @@ class CRMCacheManager(
         key_prefix: str | None = None,
         pipelining: bool | None = None,
         pipeline_connections: int = DEFAULT_PIPELINE_CONNECTIONS,
+        breaker_failures: int = DEFAULT_BREAKER_FAILURES,
+        breaker_max_backoff: float = DEFAULT_BREAKER_MAX_BACKOFF,
     ) -> None:
         settings = resolve_settings(
             redis_url=redis_url,
@@ -149,6 +160,8 @@ class CRMCacheManager(
             key_prefix=key_prefix,
             pipelining=pipelining,
             pipeline_connections=pipeline_connections,
+            breaker_failures=breaker_failures,
+            breaker_max_backoff=breaker_max_backoff,
         )
         super().__init__(settings)
         logger.info(
