@@ -29,6 +29,8 @@ from crmcache._guard import (
     is_pool_exhausted,
     is_topology_moved,
     new_breaker,
+    slow_call_threshold,
+    stalled_by_redis,
 )
 
 
@@ -327,6 +329,28 @@ def test_full_pool_is_exhaustion_not_a_connection_failure() -> None:
     assert is_pool_exhausted(exc) is True
     assert is_connection_failure(exc) is False
     assert is_critical(exc) is False
+
+
+@pytest.mark.parametrize(
+    ("slots", "waited", "released", "hold", "stalled"),
+    [
+        (10, 1.0, 0, 1.0, True),  # nothing came free in the whole wait: Redis hangs
+        (10, 1.0, 5, 2.0, True),  # two seconds per call: Redis is slow
+        (10, 1.0, 20, 0.5, True),  # exactly the threshold (0.1 x 5 s)
+        (10, 1.0, 1000, 0.01, False),  # 10 ms per call: the pool is too small
+        (1, 0.1, 400, 0.00025, False),
+        (None, 1.0, None, None, False),  # not known: not blamed on Redis
+    ],
+)
+def test_saturation_cause_from_what_the_waiter_saw(
+    slots: int | None, waited: float, released: int | None, hold: float | None, stalled: bool
+) -> None:
+    """A full pool is blamed on Redis when no call got its reply during the wait, or
+    calls held their connections >= 10 % of socket_timeout on average; else on the pool."""
+    exc = PoolExhaustedError(slots=slots, waited=waited, released=released)
+    assert exc.hold_time == (None if hold is None else pytest.approx(hold))
+    assert stalled_by_redis(exc, slow_call_threshold(5.0)) is stalled
+    assert is_pool_exhausted(exc) is True
 
 
 def test_exhaustion_is_known_by_class_not_by_message() -> None:

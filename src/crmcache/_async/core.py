@@ -30,6 +30,7 @@ from .._guard import (
     PoolClosedError,
     is_topology_moved,
     new_breaker,
+    slow_call_threshold,
 )
 from .._keys import KeySpace
 from .._near import NearCache
@@ -107,6 +108,7 @@ class AsyncCacheCore:
             on_error=self._count_error,
             secret=url_password(s.redis_url),
             on_recovered=self._recovered,
+            slow_call=slow_call_threshold(s.socket_timeout),
         )
         self._local_limiter = LocalRateLimiter(s.rate_limit_local_share)
         #: Throttles the warning about impossible rate-limit replies.

@@ -81,6 +81,10 @@ class FairSlots:
         #: Acquisitions that had to queue, and those that gave up at their timeout.
         self.waits = 0
         self.timeouts = 0
+        #: Slots given back (calls done): how a caller that gave up tells a pool too
+        #: small for its load (slots came free, too few) from calls stuck on the server
+        #: (none did).
+        self.released = 0
 
     async def acquire(self, timeout: float) -> bool:
         """Take a slot, waiting up to ``timeout`` seconds; False if none came free."""
@@ -118,6 +122,7 @@ class FairSlots:
 
     def release(self) -> None:
         """Give the slot to the first waiter, or free it."""
+        self.released += 1
         while self._waiters:
             turn = self._waiters.popleft()
             if not turn.done():

@@ -32,6 +32,7 @@ from .._guard import (
     PoolClosedError,
     is_topology_moved,
     new_breaker,
+    slow_call_threshold,
 )
 from .._keys import KeySpace
 from .._near import NearCache
@@ -109,6 +110,7 @@ class CacheCore:
             on_error=self._count_error,
             secret=url_password(s.redis_url),
             on_recovered=self._recovered,
+            slow_call=slow_call_threshold(s.socket_timeout),
         )
         self._local_limiter = LocalRateLimiter(s.rate_limit_local_share)
         #: Throttles the warning about impossible rate-limit replies.
