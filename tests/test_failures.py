@@ -123,6 +123,34 @@ def test_breaker_makes_reads_cheap_while_down(own_server: RedisServer) -> None:
         assert cache._breaker.state is BreakerState.CLOSED
 
 
+@pytest.mark.parametrize("failures", [1, 3])
+def test_breaker_failures_setting_opens_after_exactly_n(failures: int) -> None:
+    """breaker_failures=N against a Redis that refuses connections: N - 1 failed reads
+    leave the breaker closed, the Nth opens it; the probe waits are capped at
+    breaker_max_backoff."""
+    dead = f"redis://127.0.0.1:{free_loopback_port()}/0"
+    with CRMCacheManager(
+        redis_url=dead,
+        socket_connect_timeout=0.5,
+        breaker_failures=failures,
+        breaker_max_backoff=0.05,
+    ) as cache:
+        for _ in range(failures - 1):
+            assert cache.get_template("t", "email") is None
+            assert cache._breaker.state is BreakerState.CLOSED
+        assert cache.get_template("t", "email") is None
+        assert cache._breaker.state is BreakerState.OPEN
+        assert cache.get_stats().circuit_breaker["trips"] == 1
+        # Failed probes double the wait, but never past the maximum: probes keep coming.
+        probes = cache._breaker.failures
+        poll(
+            lambda: (
+                cache.get_template("t", "email") is None and cache._breaker.failures >= probes + 5
+            )
+        )
+        assert cache._breaker._timeout <= 0.05
+
+
 def test_read_is_bounded_by_socket_timeout(
     own_server: RedisServer, fragile: CRMCacheManager
 ) -> None:

@@ -16,6 +16,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from crmcache import BreakerState, CRMCacheManager
 from crmcache._pool import POOL_EXHAUSTED, FairSlots, LeanPool
+from crmcache.testing import RedisServer
 from helpers import poll
 
 
@@ -192,7 +193,8 @@ def test_fair_slots_time_out() -> None:
 def test_saturation_is_logged_as_saturation(
     redis_url: str, raw: redis.Redis, crm_logs: pytest.LogCaptureFixture
 ) -> None:
-    """A full pool logs "saturated" once, never "Redis unavailable" or a recovery."""
+    """A pool full of a call stuck on Redis (a BLPOP) logs one saturation line, blaming
+    the slow call, never "Redis unavailable" or a recovery."""
     with CRMCacheManager(
         redis_url=redis_url, max_connections=1, pool_timeout=0.05, pipelining=False
     ) as cache:
@@ -209,5 +211,89 @@ def test_saturation_is_logged_as_saturation(
             holder.join(timeout=10)
         cache.get_template("t", "email")
     messages = [r.getMessage() for r in crm_logs.records if r.levelno >= logging.WARNING]
-    assert sum("saturated" in m for m in messages) == 1
+    assert sum("Redis slow or hung" in m for m in messages) == 1
     assert not any("unavailable" in m or "reachable again" in m for m in messages)
+
+
+def saturation_lines(crm_logs: pytest.LogCaptureFixture) -> tuple[list[str], list[str]]:
+    """The saturation warnings logged: (blaming a slow or hung Redis, blaming the pool)."""
+    messages = [r.getMessage() for r in crm_logs.records if r.levelno == logging.WARNING]
+    hung = [m for m in messages if m.startswith("Redis slow or hung during ")]
+    small = [m for m in messages if m.startswith("connection pool saturated during ")]
+    return hung, small
+
+
+def test_saturation_by_a_paused_redis_blames_redis(
+    own_server: RedisServer, crm_logs: pytest.LogCaptureFixture
+) -> None:
+    """Redis paused (SIGSTOP) while calls hold every connection: the caller left waiting
+    is told Redis is slow or hung, not that the pool is too small."""
+    with CRMCacheManager(
+        redis_url=own_server.url,
+        max_connections=2,
+        pool_timeout=0.2,
+        socket_timeout=10,
+        pipelining=False,
+    ) as cache:
+        transport = cache._transport
+        assert transport is not None
+        cache.set_template("t", "email", "x")  # connected
+        own_server.pause_process()
+        holders = [
+            threading.Thread(target=cache.get_template, args=("t", "email")) for _ in range(2)
+        ]
+        try:
+            for holder in holders:
+                holder.start()
+            poll(lambda: transport.accounting().slots_held == 2, what="both connections held")
+            assert cache.get_template("t", "email") is None  # waited pool_timeout, degraded
+        finally:
+            own_server.resume_process()
+            for holder in holders:
+                holder.join(timeout=15)
+    hung, small = saturation_lines(crm_logs)
+    assert len(hung) == 1, hung
+    assert "all 2 pooled connections are held by calls waiting for its replies" in hung[0]
+    assert "none answered in" in hung[0]
+    assert "larger max_connections would not help" in hung[0]
+    assert small == []
+
+
+def test_saturation_by_a_small_pool_blames_the_pool(
+    own_server: RedisServer, crm_logs: pytest.LogCaptureFixture
+) -> None:
+    """One connection for 96 busy threads on a healthy Redis: callers give up waiting,
+    and the log says the pool is too small (calls are quick), never that Redis hangs."""
+    with CRMCacheManager(
+        redis_url=own_server.url,
+        max_connections=1,
+        pool_timeout=0.1,
+        socket_timeout=10,
+        pipelining=False,
+    ) as cache:
+        # Each call reads 400 KiB: quick for Redis, long enough that 96 callers queue
+        # past the pool timeout.
+        names = [(f"t{i}", "email") for i in range(40)]
+        assert cache.set_templates(dict.fromkeys(names, "x" * 10_240))
+        failed = threading.Event()
+
+        def worker() -> None:
+            for _ in range(100):
+                if None in cache.get_templates(names).values():
+                    failed.set()  # a call degraded: the pool was saturated
+                if failed.is_set():
+                    return
+
+        threads = [threading.Thread(target=worker) for _ in range(96)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        assert failed.is_set(), "the pool never saturated"
+        assert cache.get_stats().counters["reads_failed"] > 0
+    hung, small = saturation_lines(crm_logs)
+    assert hung == []
+    assert len(small) == 1, small
+    assert "the pool is too small for this load" in small[0]
+    assert "consider a larger max_connections" in small[0]
+    assert "1 connection(s), each call holding one about" in small[0]

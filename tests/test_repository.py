@@ -10,7 +10,7 @@ import pytest
 import redis
 
 import helpers
-from crmcache import ClientPreferences, CRMCacheManager, StaleVersionError
+from crmcache import ClientPreferences, CRMCacheManager, MessageChannel, StaleVersionError
 from crmcache.cache_manager import LeaseState
 from crmcache.repository import CommunicationRepository
 from crmcache.store import SQLPreferenceStore
@@ -510,3 +510,141 @@ def test_bad_client_id_without_a_cache(store: SQLPreferenceStore, bad: object) -
     repo = CommunicationRepository(db_manager=store, cache_manager=None)
     with pytest.raises((TypeError, ValueError)):
         repo.get_client_preferences(bad)  # type: ignore[arg-type]
+
+
+# -- update_client_preferences: read, change, save, retry on a race ------------------------
+
+
+def add_channel(channel: MessageChannel) -> Callable[[ClientPreferences], ClientPreferences]:
+    """A change that appends ``channel`` to the preferred channels."""
+
+    def change(current: ClientPreferences) -> ClientPreferences:
+        channels = [*current.preferred_channels, channel]
+        return current.model_copy(update={"preferred_channels": channels})
+
+    return change
+
+
+def test_update_creates_then_changes(
+    repo: CommunicationRepository, store: SQLPreferenceStore, raw: redis.Redis
+) -> None:
+    """A client without a row is created by its first update; the next changes it; both
+    versions land in the database and the cache."""
+    created = repo.update_client_preferences(
+        "client-123", lambda p: p.model_copy(update={"timezone": "Europe/Paris"})
+    )
+    assert (created.version, created.timezone) == (1, "Europe/Paris")
+    changed = repo.update_client_preferences(
+        "client-123", lambda p: p.model_copy(update={"opt_out": True})
+    )
+    assert (changed.version, changed.timezone, changed.opt_out) == (2, "Europe/Paris", True)
+    assert store.load_preferences("client-123") == changed
+    cached = raw.get(KEY)
+    assert cached is not None
+    assert cached.startswith(b"2:")
+    assert repo.stats.update_retries == 0
+
+
+def test_update_retries_after_a_concurrent_writer(
+    repo: CommunicationRepository, store: SQLPreferenceStore, raw: redis.Redis
+) -> None:
+    """Another writer saves the row between our read and our save: the save raises
+    StaleVersionError inside, the change is re-applied to the writer's row, and neither
+    change is lost."""
+    store.save_preferences(prefs(0))  # version 1, channels [sms, email]
+    calls: list[int] = []
+
+    def change(current: ClientPreferences) -> ClientPreferences:
+        calls.append(current.version)
+        if len(calls) == 1:
+            # A concurrent writer (another process, through the database) wins the race.
+            def write() -> None:
+                row = store.load_preferences("client-123")
+                assert row is not None
+                store.save_preferences(row.model_copy(update={"language": "fr"}))
+
+            writer = Background(write)
+            writer.join()
+        return current.model_copy(update={"timezone": "Asia/Tokyo"})
+
+    saved = repo.update_client_preferences("client-123", change)
+    assert calls == [1, 2]
+    assert (saved.version, saved.timezone, saved.language) == (3, "Asia/Tokyo", "fr")
+    assert store.load_preferences("client-123") == saved
+    cached = raw.get(KEY)
+    assert cached is not None
+    assert cached.startswith(b"3:")
+    assert repo.stats.update_retries == 1
+
+
+def test_update_gives_up_after_retries(
+    repo: CommunicationRepository, store: SQLPreferenceStore
+) -> None:
+    """A writer that wins every race: after ``retries`` retries the StaleVersionError is
+    raised, and the database keeps the writer's rows."""
+    store.save_preferences(prefs(0))
+    calls = 0
+
+    def change(current: ClientPreferences) -> ClientPreferences:
+        nonlocal calls
+        calls += 1
+        row = store.load_preferences("client-123")
+        assert row is not None
+        store.save_preferences(row)  # someone else saves again, every time
+        return current.model_copy(update={"opt_out": True})
+
+    with pytest.raises(StaleVersionError):
+        repo.update_client_preferences("client-123", change, retries=2)
+    assert calls == 3
+    in_db = store.load_preferences("client-123")
+    assert in_db is not None
+    assert (in_db.version, in_db.opt_out) == (4, False)
+    assert repo.stats.update_retries == 2
+
+
+def test_concurrent_updates_lose_nothing(
+    repo: CommunicationRepository, store: SQLPreferenceStore
+) -> None:
+    """Three threads add one channel each to the same row at once: every channel is in
+    the final row (a lost update would drop one)."""
+    store.save_preferences(prefs(0).model_copy(update={"preferred_channels": []}))
+    channels = [MessageChannel.EMAIL, MessageChannel.SMS, MessageChannel.WHATSAPP]
+    workers = [
+        Background(
+            partial(repo.update_client_preferences, "client-123", add_channel(c), retries=20)
+        )
+        for c in channels
+    ]
+    for worker in workers:
+        worker.join()
+    final = repo.get_client_preferences("client-123")
+    assert final is not None
+    assert sorted(final.preferred_channels) == sorted(channels)
+    assert final.version == 1 + len(channels)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"change": "not callable"}, TypeError, "change"),
+        ({"retries": -1}, ValueError, "retries"),
+        ({"retries": 1.5}, TypeError, "retries"),
+        ({"retries": True}, TypeError, "retries"),
+        ({"change": lambda p: None}, TypeError, "ClientPreferences"),
+        ({"change": lambda p: p.model_copy(update={"client_id": "other"})}, ValueError, "other"),
+    ],
+    ids=["change", "negative-retries", "float-retries", "bool-retries", "returns-none", "other"],
+)
+def test_update_bad_arguments(
+    repo: CommunicationRepository,
+    store: SQLPreferenceStore,
+    kwargs: dict[str, object],
+    error: type[Exception],
+    match: str,
+) -> None:
+    """Bad arguments (or a change returning something else) raise TypeError/ValueError
+    naming them, and nothing is saved."""
+    arguments: dict[str, object] = {"change": lambda p: p, **kwargs}
+    with pytest.raises(error, match=match):
+        repo.update_client_preferences("client-123", **arguments)  # type: ignore[arg-type]
+    assert store.load_preferences("client-123") is None

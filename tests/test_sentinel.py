@@ -75,7 +75,11 @@ def test_the_api_works_through_a_sentinel_url(group: SentinelGroup) -> None:
         check=False,
     )
     assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout) == {"healthy": True, "redis_url": mask_url(group.url)}
+    assert json.loads(proc.stdout) == {
+        "healthy": True,
+        "redis_url": mask_url(group.url),
+        "reason": None,
+    }
     assert PASSWORD not in proc.stdout + proc.stderr
 
 

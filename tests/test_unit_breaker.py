@@ -28,6 +28,9 @@ from crmcache._guard import (
     is_critical,
     is_pool_exhausted,
     is_topology_moved,
+    new_breaker,
+    slow_call_threshold,
+    stalled_by_redis,
 )
 
 
@@ -74,6 +77,44 @@ def probe_and_fail(breaker: CircuitBreaker) -> None:
 
 
 # -- CircuitBreaker -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("failures", [1, 2, 7])
+def test_configured_breaker_opens_after_exactly_n_failures(failures: int) -> None:
+    """new_breaker(N, ...) stays closed for N - 1 consecutive failures and opens on the Nth."""
+    breaker = new_breaker(failures, 30.0, clock=Clock())
+    for _ in range(failures - 1):
+        assert breaker.record_failure() is False
+        assert breaker.state is BreakerState.CLOSED
+    assert breaker.record_failure() is True
+    assert breaker.state is BreakerState.OPEN
+
+
+@pytest.mark.parametrize(
+    ("max_backoff", "waits"),
+    [
+        (30.0, [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0, 30.0]),
+        (5.0, [1.0, 2.0, 4.0, 5.0, 5.0, 5.0, 5.0, 5.0]),
+        (0.25, [0.25] * 8),
+    ],
+)
+def test_configured_backoff_doubles_and_never_exceeds_the_maximum(
+    max_backoff: float, waits: list[float]
+) -> None:
+    """The wait before each probe doubles from 1 s (or the maximum, if shorter) after
+    every failed probe and is capped at breaker_max_backoff."""
+    clock = Clock()
+    breaker = new_breaker(2, max_backoff, clock=clock)
+    breaker.record_failure()
+    breaker.record_failure()
+    seen = []
+    for _ in waits:
+        seen.append(wait_for_probe(breaker, clock, step=0.125))  # the probe goes ...
+        assert breaker.state is BreakerState.HALF_OPEN
+        breaker.record_failure()  # ... and fails
+        assert breaker.state is BreakerState.OPEN
+    assert seen == waits
+    assert max(seen) <= max_backoff
 
 
 def test_breaker_unit_transitions() -> None:
@@ -288,6 +329,28 @@ def test_full_pool_is_exhaustion_not_a_connection_failure() -> None:
     assert is_pool_exhausted(exc) is True
     assert is_connection_failure(exc) is False
     assert is_critical(exc) is False
+
+
+@pytest.mark.parametrize(
+    ("slots", "waited", "released", "hold", "stalled"),
+    [
+        (10, 1.0, 0, 1.0, True),  # nothing came free in the whole wait: Redis hangs
+        (10, 1.0, 5, 2.0, True),  # two seconds per call: Redis is slow
+        (10, 1.0, 20, 0.5, True),  # exactly the threshold (0.1 x 5 s)
+        (10, 1.0, 1000, 0.01, False),  # 10 ms per call: the pool is too small
+        (1, 0.1, 400, 0.00025, False),
+        (None, 1.0, None, None, False),  # not known: not blamed on Redis
+    ],
+)
+def test_saturation_cause_from_what_the_waiter_saw(
+    slots: int | None, waited: float, released: int | None, hold: float | None, stalled: bool
+) -> None:
+    """A full pool is blamed on Redis when no call got its reply during the wait, or
+    calls held their connections >= 10 % of socket_timeout on average; else on the pool."""
+    exc = PoolExhaustedError(slots=slots, waited=waited, released=released)
+    assert exc.hold_time == (None if hold is None else pytest.approx(hold))
+    assert stalled_by_redis(exc, slow_call_threshold(5.0)) is stalled
+    assert is_pool_exhausted(exc) is True
 
 
 def test_exhaustion_is_known_by_class_not_by_message() -> None:

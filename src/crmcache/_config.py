@@ -19,7 +19,7 @@ URL wins over the argument (redis-py's rule for URL options); the settings show 
 value in force.
 
 Every duration given in seconds (``socket_timeout``, ``socket_connect_timeout``,
-``pool_timeout``, ``near_cache_ttl``, and the URL's ``socket_timeout``,
+``pool_timeout``, ``near_cache_ttl``, ``breaker_max_backoff``, and the URL's ``socket_timeout``,
 ``socket_connect_timeout`` and ``health_check_interval``) is at most
 :data:`MAX_DURATION`, one day: far longer waits overflow the operating system's timers
 (``OverflowError`` on every call), and none means anything a day would not.
@@ -41,11 +41,13 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 from pydantic import TypeAdapter, ValidationError
 
 from ._errors import ConfigurationError
-from ._guard import SecretMask
+from ._guard import DEFAULT_FAILURE_THRESHOLD, DEFAULT_MAX_RESET_TIMEOUT, SecretMask
 from ._keys import DEFAULT_KEY_PREFIX, check_key_prefix
 from ._validate import MAX_TTL, positive_int
 
 __all__ = [
+    "DEFAULT_BREAKER_FAILURES",
+    "DEFAULT_BREAKER_MAX_BACKOFF",
     "DEFAULT_CACHE_TTL",
     "DEFAULT_ENABLED",
     "DEFAULT_KEY_PREFIX",
@@ -89,6 +91,10 @@ DEFAULT_ENABLED = True
 #: Client preferences live one hour (spec: "good balance between freshness and performance").
 DEFAULT_CACHE_TTL = 3600
 DEFAULT_MAX_CONNECTIONS = 10
+#: Consecutive connection failures that open the circuit breaker.
+DEFAULT_BREAKER_FAILURES = DEFAULT_FAILURE_THRESHOLD
+#: Longest wait, in seconds, between two probes of an open breaker (it doubles from 1 s).
+DEFAULT_BREAKER_MAX_BACKOFF = DEFAULT_MAX_RESET_TIMEOUT
 DEFAULT_SOCKET_TIMEOUT = 5.0
 DEFAULT_SOCKET_CONNECT_TIMEOUT = 5.0
 #: How long a caller waits for a free pooled connection before the call degrades.
@@ -210,6 +216,10 @@ class CacheSettings:
     send_guard_policy: SendGuardPolicy = "open"
     #: Time every Redis call into per-operation latency histograms (crmcache.metrics).
     metrics_latency: bool = False
+    #: Consecutive connection failures that open the circuit breaker.
+    breaker_failures: int = DEFAULT_BREAKER_FAILURES
+    #: Longest wait between two probes of an open breaker, in seconds.
+    breaker_max_backoff: float = DEFAULT_BREAKER_MAX_BACKOFF
 
     @property
     def masked_url(self) -> str:
@@ -229,7 +239,9 @@ class CacheSettings:
             f"near_cache={self.near_cache}, key_prefix={self.key_prefix!r}, "
             f"pipelining={self.pipelining}, pipeline_connections={self.pipeline_connections}, "
             f"send_guard_policy={self.send_guard_policy!r}, "
-            f"metrics_latency={self.metrics_latency})"
+            f"metrics_latency={self.metrics_latency}, "
+            f"breaker_failures={self.breaker_failures}, "
+            f"breaker_max_backoff={self.breaker_max_backoff})"
         )
 
 
@@ -815,6 +827,8 @@ def resolve_settings(
     pipeline_connections: int = DEFAULT_PIPELINE_CONNECTIONS,
     send_guard_policy: str = "open",
     metrics_latency: bool = False,
+    breaker_failures: int = DEFAULT_BREAKER_FAILURES,
+    breaker_max_backoff: float = DEFAULT_BREAKER_MAX_BACKOFF,
 ) -> CacheSettings:
     """Combine arguments, environment and defaults into validated settings.
 
@@ -884,4 +898,6 @@ def resolve_settings(
         pipeline_connections=_check_pipeline_connections(pipeline_connections),
         send_guard_policy=check_send_guard_policy(send_guard_policy, error=ConfigurationError),
         metrics_latency=_check_bool("metrics_latency", metrics_latency),
+        breaker_failures=_positive_int("breaker_failures", breaker_failures),
+        breaker_max_backoff=_positive_seconds("breaker_max_backoff", breaker_max_backoff),
     )

@@ -409,3 +409,24 @@ def _update(
         committed.committed(saved.client_id, saved.version)
         tally.updates += 1
         return
+
+
+def remove_demo_keys(cache: CRMCacheManager) -> int:
+    """Delete every key under ``cache``'s key prefix, on every primary (SCAN, never
+    KEYS); return how many were deleted. For a demo run on a Redis it did not start,
+    under a prefix of its own."""
+    transport = cache._transport
+    if transport is None:
+        return 0
+    pattern = cache._keys.scan_pattern
+    removed = 0
+    for node in transport.primaries():
+        cursor: bytes = b"0"
+        while True:
+            cursor, batch = node.execute("SCAN", cursor, "MATCH", pattern, "COUNT", 1000)
+            # One key per DEL: the keys of a batch may live in different cluster slots.
+            for key in batch:
+                removed += node.execute("DEL", key)
+            if cursor == b"0":
+                break
+    return removed

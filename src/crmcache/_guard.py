@@ -37,6 +37,7 @@ with args beginning with: '<the password>'".
 from __future__ import annotations
 
 import logging
+import math
 import re
 import threading
 import time
@@ -67,6 +68,7 @@ __all__ = [
     "FAILED",
     "MIN_SECRET_RUN",
     "POOL_EXHAUSTED",
+    "SLOW_CALL_SHARE",
     "TOPOLOGY_ERRORS",
     "BreakerState",
     "CircuitBreaker",
@@ -79,6 +81,9 @@ __all__ = [
     "is_critical",
     "is_handshake_error",
     "is_topology_moved",
+    "new_breaker",
+    "slow_call_threshold",
+    "stalled_by_redis",
 ]
 
 logger = logging.getLogger("crmcache")
@@ -105,10 +110,57 @@ TOPOLOGY_ERRORS: Final = (
 
 
 class PoolExhaustedError(RedisConnectionError):
-    """No pooled connection came free within the pool timeout (saturated, not down)."""
+    """No pooled connection came free within the pool timeout (saturated, not down).
 
-    def __init__(self) -> None:
+    Attributes:
+        slots: the pool's size (None: not known).
+        waited: seconds the caller waited for a connection.
+        released: connections given back by other calls during that wait (None: not
+            known). None given back means every connection was held by a call that got
+            no reply for the whole wait: Redis is slow or hung, not the pool too small.
+    """
+
+    def __init__(
+        self, *, slots: int | None = None, waited: float = 0.0, released: int | None = None
+    ) -> None:
         super().__init__(POOL_EXHAUSTED)
+        self.slots = slots
+        self.waited = waited
+        self.released = released
+
+    @property
+    def hold_time(self) -> float | None:
+        """Seconds a call held its connection during the wait, on average (Little's law:
+        ``slots`` held throughout, ``released`` given back in ``waited`` seconds); when
+        none was given back, every call had held its connection for the whole wait (a
+        lower bound). None when not known."""
+        if self.slots is None or self.released is None:
+            return None
+        if self.released == 0:
+            return self.waited
+        return self.slots * self.waited / self.released
+
+
+#: Calls that hold their connections this share of ``socket_timeout`` on average are
+#: waiting on a slow Redis: a full pool is then its fault, not the pool's size.
+SLOW_CALL_SHARE = 0.1
+
+
+def slow_call_threshold(socket_timeout: float) -> float:
+    """Seconds of average connection hold time past which a full pool is blamed on a
+    slow Redis (see :func:`stalled_by_redis`)."""
+    return SLOW_CALL_SHARE * socket_timeout
+
+
+def stalled_by_redis(exc: PoolExhaustedError, slow_call: float) -> bool:
+    """True if the calls holding the connections were waiting on Redis: not one of them
+    got its reply during the whole wait (a hung Redis), or they held their connections
+    ``slow_call`` seconds or longer on average (a slow one). False for a pool too small
+    for quick calls, or when not known."""
+    hold = exc.hold_time
+    if hold is None:
+        return False
+    return exc.released == 0 or hold >= slow_call
 
 
 class PoolClosedError(RedisConnectionError):
@@ -250,6 +302,21 @@ class CircuitBreaker:
                 self._enter(BreakerState.CLOSED)
             self.failures = 0
             self._timeout = self._base_timeout
+
+
+def new_breaker(
+    failures: int, max_backoff: float, *, clock: Callable[[], float] = time.monotonic
+) -> CircuitBreaker:
+    """The breaker the settings ``breaker_failures`` and ``breaker_max_backoff`` ask for:
+    it opens after ``failures`` consecutive connection failures, waits
+    :data:`DEFAULT_RESET_TIMEOUT` (or ``max_backoff`` if shorter) before its first probe,
+    and doubles the wait after each failed probe up to ``max_backoff`` seconds."""
+    return CircuitBreaker(
+        failure_threshold=failures,
+        reset_timeout=min(DEFAULT_RESET_TIMEOUT, max_backoff),
+        max_reset_timeout=max_backoff,
+        clock=clock,
+    )
 
 
 class NodeDownError(RedisConnectionError):
@@ -503,9 +570,12 @@ class Guard:
         secret: str | None = None,
         on_recovered: Callable[[], None] | None = None,
         log_interval: float = DEFAULT_LOG_INTERVAL,
+        slow_call: float = math.inf,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.breaker = breaker
+        #: Hold time past which a full pool is blamed on Redis (:func:`stalled_by_redis`).
+        self._slow_call = slow_call
         self._on_error = on_error
         #: Removes the password from a text (``scrub(text) -> text``, see SecretMask).
         self.scrub = SecretMask(secret)
@@ -514,6 +584,7 @@ class Guard:
         self._clock = clock
         self._throttle = LogThrottle(log_interval, clock)
         self._saturation_throttle = LogThrottle(log_interval, clock)
+        self._stall_throttle = LogThrottle(log_interval, clock)
         self._unexpected_throttle = LogThrottle(log_interval, clock)
         self._topology_throttle = LogThrottle(log_interval, clock)
         self._protocol_throttle = LogThrottle(log_interval, clock)
@@ -578,16 +649,9 @@ class Guard:
         # Three failures that say nothing about Redis being up or down: the breaker is left
         # as it is (a half-open probe lets the next call probe), and each kind logs on its
         # own throttle.
-        if is_pool_exhausted(exc):
+        if isinstance(exc, PoolExhaustedError):
             # Saturated, not down: no outage to declare, no recovery to announce.
-            self._neither(
-                self._saturation_throttle,
-                logging.WARNING,
-                "connection pool saturated during %s: no free connection within the pool "
-                "timeout; the call degraded (%d more not logged). Consider a larger "
-                "max_connections.",
-                op,
-            )
+            self._saturated(op, exc)
             return
         if isinstance(exc, ProtocolError):
             # The server answered, but not as any command of ours can be answered: the
@@ -668,6 +732,46 @@ class Guard:
         suppressed = throttle.ready()
         if suppressed is not None:
             logger.log(level, message, op, *detail, suppressed)
+
+    def _saturated(self, op: str, exc: PoolExhaustedError) -> None:
+        """Log a full pool with its cause: calls stuck on a slow or hung Redis (a larger
+        pool would fill up the same), or a pool too small for fast calls."""
+        hold = exc.hold_time
+        if stalled_by_redis(exc, self._slow_call):
+            held = "" if exc.slots is None else f"all {exc.slots} "
+            answered = (
+                f"none answered in {exc.waited:.2f}s"
+                if exc.released == 0
+                else f"about {hold:.2f}s per call"
+            )
+            self._neither(
+                self._stall_throttle,
+                logging.WARNING,
+                "Redis slow or hung during %s: %spooled connections are held by calls "
+                "waiting for its replies (%s); the call degraded (%d more not "
+                "logged). A larger max_connections would not help: check the server "
+                "(SLOWLOG, LATENCY DOCTOR, a paused or overloaded process, the network).",
+                op,
+                held,
+                answered,
+            )
+            return
+        detail = "no free connection within the pool timeout"
+        if hold is not None and exc.slots is not None:
+            detail = (
+                f"{exc.slots} connection(s), each call holding one about "
+                f"{hold * 1000:.1f} ms, served {exc.released} call(s) in the "
+                f"{exc.waited:.2f}s this one waited"
+            )
+        self._neither(
+            self._saturation_throttle,
+            logging.WARNING,
+            "connection pool saturated during %s: %s; the call degraded (%d more not "
+            "logged). Redis answers quickly: the pool is too small for this load; "
+            "consider a larger max_connections.",
+            op,
+            detail,
+        )
 
     def _refused(self, op: str, exc: BaseException) -> None:
         # One throttle per kind of refusal, whatever the operation: a missing permission

@@ -418,6 +418,8 @@ class RepositoryStats:
     lease_waits: int
     lease_wait_hits: int
     saves: int
+    #: Retries of update_client_preferences after a StaleVersionError.
+    update_retries: int = 0
 
 
 class Tally:

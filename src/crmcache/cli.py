@@ -15,9 +15,11 @@ import argparse
 import contextlib
 import logging
 import os
+import secrets
 import signal
 import sys
 from collections.abc import Iterator, Sequence
+from dataclasses import asdict
 from types import FrameType
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -25,12 +27,14 @@ import orjson
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from ._config import mask_url
-from ._demo import DemoConfig, DemoReport, run_demo
+from ._demo import DemoConfig, DemoReport, remove_demo_keys, run_demo
 from ._server import EmbeddedRedisServer, RedisServerError, find_redis_server_binary
+from ._stats import CacheStats
 from .cache_manager import CRMCacheManager
-from .templates import warm_templates
+from .templates import FileTemplateSource
 
 if TYPE_CHECKING:
     from .testing import RedisCluster
@@ -44,6 +48,18 @@ EXIT_USAGE = 2
 
 #: Primaries of the embedded cluster of ``demo --cluster``.
 DEMO_CLUSTER_PRIMARIES = 3
+#: The key prefix of a demo on a Redis it did not start: its own, so the keys it made
+#: (and only those) can be removed afterwards.
+DEMO_PREFIX = "crmcache-demo"
+
+logger = logging.getLogger("crmcache")
+
+
+def fail(message: str, code: int = EXIT_UNHEALTHY) -> int:
+    """Print ``crmcache: <message>`` as one line on stderr and return ``code``."""
+    sys.stderr.write(f"crmcache: {' '.join(message.split())}\n")
+    sys.stderr.flush()
+    return code
 
 
 class DemoRedis(NamedTuple):
@@ -155,58 +171,112 @@ def cmd_demo(args: argparse.Namespace, console: Console) -> int:
         duration=args.duration,
         seed=args.seed,
     )
-    with (
-        redis_for_demo(args.redis_url, console, cluster=args.cluster) as demo_redis,
-        CRMCacheManager(redis_url=demo_redis.url, enabled=True) as cache,
-    ):
+    with redis_for_demo(args.redis_url, console, cluster=args.cluster) as demo_redis:
         url, embedded = demo_redis.url, demo_redis.embedded
-        if not cache.health_check():
-            console.print(f"[red]Redis at {mask_url(url)} does not answer[/]")
-            return EXIT_UNHEALTHY
-        if args.json:
-            report = run_demo(config, cache, db_url=args.db_url)
-        else:
-            with Progress(
-                TextColumn("[bold]sending"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeElapsedColumn(),
-                console=console,
-                transient=True,
-            ) as progress:
-                task = progress.add_task("messages", total=config.messages)
-                report = run_demo(
-                    config,
-                    cache,
-                    db_url=args.db_url,
-                    progress=lambda n: progress.update(task, completed=n),
+        # On the user's own Redis the demo writes under a prefix of its own, says so
+        # first, and removes those keys (found with SCAN, never KEYS) when it ends.
+        prefix = None if embedded else f"{DEMO_PREFIX}-{secrets.token_hex(4)}"
+        with CRMCacheManager(redis_url=url, enabled=True, key_prefix=prefix) as cache:
+            failure = cache._health_failure()
+            if failure is not None:
+                return fail(f"Redis at {mask_url(url)} does not answer: {failure}")
+            if prefix is not None:
+                fail(
+                    f"warning: the demo writes test keys to {mask_url(url)} under "
+                    f"'{prefix}:' and removes them when it ends; no other key is touched",
+                    0,
                 )
-        if demo_redis.cluster is not None:
-            # Every key on the embedded cluster is the demo's.
-            report.node_keys = demo_redis.cluster.key_counts()
+            try:
+                report = _run_demo(args, config, cache, console)
+                if demo_redis.cluster is not None:
+                    # Every key on the embedded cluster is the demo's.
+                    report.node_keys = demo_redis.cluster.key_counts()
+            finally:
+                if prefix is not None:
+                    removed = remove_demo_keys(cache)
+                    logger.warning("demo: removed %d key(s) under %s:", removed, prefix)
     if args.json:
         data = report.as_dict()
         data["embedded_redis"] = embedded
         sys.stdout.write(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode() + "\n")
     else:
         console.print(_demo_table(report, embedded))
-    return EXIT_OK if report.stale_reads == 0 else EXIT_UNHEALTHY
+    if report.stale_reads:
+        return fail(f"{report.stale_reads} stale read(s) observed")
+    return EXIT_OK
+
+
+def _run_demo(
+    args: argparse.Namespace, config: DemoConfig, cache: CRMCacheManager, console: Console
+) -> DemoReport:
+    if args.json:
+        return run_demo(config, cache, db_url=args.db_url)
+    with Progress(
+        TextColumn("[bold]sending"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    ) as progress:
+        task = progress.add_task("messages", total=config.messages)
+        return run_demo(
+            config,
+            cache,
+            db_url=args.db_url,
+            progress=lambda n: progress.update(task, completed=n),
+        )
+
+
+#: What ``crmcache stats`` shows: Redis's own figures. The hit/miss counters, pool and
+#: breaker of ``get_cache_stats()`` belong to the process that asks (the command's own,
+#: always at zero), so they are left out.
+SERVER_FIGURES = ("total_keys", "total_keys_exact", "topology", "redis", "nodes")
+
+
+def server_figures(stats: CacheStats, url: str) -> dict[str, Any]:
+    """The figures of ``stats`` that describe Redis itself, not the asking process."""
+    return {
+        "redis_url": url,
+        "total_keys": stats.total_keys,
+        "total_keys_exact": stats.total_keys_exact,
+        "topology": stats.topology,
+        "redis": asdict(stats.redis) if stats.redis is not None else None,
+        "nodes": [node.as_dict() for node in stats.nodes],
+    }
 
 
 def cmd_stats(args: argparse.Namespace, console: Console) -> int:
-    """Print the cache statistics of the configured Redis."""
+    """Print what Redis says about the cache's keys and itself (not the counters of
+    this process, which has served nothing)."""
     with CRMCacheManager(redis_url=args.redis_url) as cache:
-        stats = cache.get_cache_stats()
+        stats = cache.get_stats()
+        url = cache.settings.masked_url
+        failure = None
+        if stats.redis is None or stats.total_keys is None:
+            errors = [node.error for node in stats.nodes if node.error]
+            failure = errors[0] if errors else cache._health_failure() or "no answer"
+    if failure is not None:
+        return fail(f"cannot read statistics from {url}: {failure}")
+    figures = server_figures(stats, url)
     if args.json:
-        sys.stdout.write(orjson.dumps(stats, option=orjson.OPT_INDENT_2).decode() + "\n")
-        return EXIT_OK if stats["redis"] is not None else EXIT_UNHEALTHY
-    table = Table(title=f"crmcache stats — {cache.settings.masked_url}")
+        sys.stdout.write(orjson.dumps(figures, option=orjson.OPT_INDENT_2).decode() + "\n")
+        return EXIT_OK
+    table = Table(
+        title=f"crmcache stats — {url}",
+        caption="Redis's own figures. Hit/miss counters are per service process: "
+        "get_cache_stats() in the service.",
+    )
     table.add_column("stat")
     table.add_column("value", justify="right")
-    for key, value in _flatten(stats):
+    for key, value in _flatten(
+        {k: v for k, v in figures.items() if k not in ("redis_url", "nodes")}
+    ):
         table.add_row(key, str(value))
+    for node in stats.nodes if len(stats.nodes) > 1 else ():
+        table.add_row(f"keys on {node.address}", str(node.total_keys))
     console.print(table)
-    return EXIT_OK if stats["redis"] is not None else EXIT_UNHEALTHY
+    return EXIT_OK
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
@@ -218,26 +288,40 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]
 
 
 def cmd_health(args: argparse.Namespace, console: Console) -> int:
-    """Exit 0 if Redis answers a PING within the timeout, else 1 (for probes)."""
+    """Exit 0 if Redis answers a PING within the timeout, else 1 with the reason (for
+    probes)."""
     with CRMCacheManager(
         redis_url=args.redis_url, socket_connect_timeout=args.timeout, enabled=True
     ) as cache:
-        healthy = cache.health_check()
+        failure = cache._health_failure()
         url = cache.settings.masked_url
     if args.json:
-        sys.stdout.write(orjson.dumps({"healthy": healthy, "redis_url": url}).decode() + "\n")
-    else:
-        console.print(f"{url}: " + ("[green]healthy[/]" if healthy else "[red]unhealthy[/]"))
-    return EXIT_OK if healthy else EXIT_UNHEALTHY
+        report = {"healthy": failure is None, "redis_url": url, "reason": failure}
+        sys.stdout.write(orjson.dumps(report).decode() + "\n")
+    elif failure is None:
+        console.print(f"{url}: [green]healthy[/]")
+    if failure is not None:
+        return fail(f"{url} unhealthy: {failure}")
+    return EXIT_OK
 
 
 def cmd_warm_templates(args: argparse.Namespace, console: Console) -> int:
-    """Load ``DIR/<channel>/<name>.<ext>`` into the cache in one batched write."""
-    with CRMCacheManager(redis_url=args.redis_url) as cache:
-        count = warm_templates(cache, args.directory)
+    """Load ``DIR/<channel>/<name>.<ext>`` into the cache in one batched write, and list
+    what was left out and why."""
+    with CRMCacheManager(redis_url=args.redis_url, enabled=True) as cache:
+        source = FileTemplateSource(args.directory, cache)
+        url = cache.settings.masked_url
+        failure = cache._health_failure()
+        if failure is not None:
+            return fail(f"Redis at {url} is unreachable, no template cached: {failure}")
+        count = source.warm()
+    for path, reason in source.skipped:
+        console.print(Text.assemble(("skipped ", "yellow"), f"{path}: {reason}"))
+    found = source.file_reads - sum("UTF-8" in reason for _, reason in source.skipped)
     if count == 0:
-        console.print(f"[yellow]no templates cached from {args.directory}[/]")
-        return EXIT_UNHEALTHY
+        if found <= 0:
+            return fail(f"no template files found in {args.directory}")
+        return fail(f"Redis at {url} did not take the templates (see the log with -v)")
     console.print(f"cached {count} templates from {args.directory}")
     return EXIT_OK
 
@@ -247,9 +331,16 @@ def _parser() -> argparse.ArgumentParser:
         prog="crmcache", description="Redis caching layer for a CRM communication engine."
     )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv: debug)")
+    # -v is also taken after the subcommand (``crmcache health -v``), counted apart.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "-v", "--verbose", action="count", default=0, dest="verbose_after", help="log more"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="run a realistic CRM send workload and report on it")
+    demo = sub.add_parser(
+        "demo", parents=[common], help="run a realistic CRM send workload and report on it"
+    )
     demo.add_argument("--clients", type=int, default=5000, help="clients (default 5000)")
     demo.add_argument("--messages", type=int, default=20000, help="messages (default 20000)")
     demo.add_argument("--threads", type=int, default=4, help="sender threads (default 4)")
@@ -266,18 +357,22 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--json", action="store_true", help="print the report as JSON")
     demo.set_defaults(func=cmd_demo)
 
-    stats = sub.add_parser("stats", help="show cache statistics")
+    stats = sub.add_parser("stats", parents=[common], help="show what Redis holds for the cache")
     stats.add_argument("--redis-url", help="default: $REDIS_URL or redis://localhost:6379/0")
     stats.add_argument("--json", action="store_true")
     stats.set_defaults(func=cmd_stats)
 
-    health = sub.add_parser("health", help="exit 0 if Redis answers, 1 if not")
+    health = sub.add_parser(
+        "health", parents=[common], help="exit 0 if Redis answers, 1 (and why) if not"
+    )
     health.add_argument("--redis-url", help="default: $REDIS_URL or redis://localhost:6379/0")
     health.add_argument("--timeout", type=float, default=2.0, help="seconds (default 2)")
     health.add_argument("--json", action="store_true")
     health.set_defaults(func=cmd_health)
 
-    warm = sub.add_parser("warm-templates", help="cache every template file under DIR")
+    warm = sub.add_parser(
+        "warm-templates", parents=[common], help="cache every template file under DIR"
+    )
     warm.add_argument("directory", metavar="DIR", help="folder of <channel>/<name>.<ext>")
     warm.add_argument("--redis-url", help="default: $REDIS_URL or redis://localhost:6379/0")
     warm.set_defaults(func=cmd_warm_templates)
@@ -285,21 +380,24 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``crmcache`` command; returns the exit code."""
+    """Entry point of the ``crmcache`` command; returns the exit code. Every failure
+    prints one line on stderr saying why and exits non-zero (2: bad arguments)."""
     args = _parser().parse_args(argv)
-    level = {0: logging.ERROR, 1: logging.WARNING, 2: logging.INFO}.get(
-        args.verbose, logging.DEBUG
-    )
+    verbosity = args.verbose + getattr(args, "verbose_after", 0)
+    level = {0: logging.ERROR, 1: logging.WARNING, 2: logging.INFO}.get(verbosity, logging.DEBUG)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     console = Console(stderr=bool(getattr(args, "json", False)))
     try:
         code: int = args.func(args, console)
     except (RedisServerError, ValueError, TypeError) as exc:
-        console.print(f"[red]crmcache: {exc}[/]")
-        return EXIT_USAGE
+        return fail(str(exc), EXIT_USAGE)
     except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/]")
-        return 130
+        return fail("interrupted", 130)
+    except OSError as exc:
+        return fail(f"{type(exc).__name__}: {exc}")
+    except Exception as exc:
+        logger.debug("crmcache command failed", exc_info=True)
+        return fail(f"unexpected error: {type(exc).__name__}: {exc} (-vvv for the traceback)")
     return code
 
 

@@ -27,11 +27,12 @@ from .._config import CacheSettings, is_cluster_url, is_sentinel_url, url_passwo
 from .._guard import (
     DEFAULT_LOG_INTERVAL,
     FAILED,
-    CircuitBreaker,
     Guard,
     LogThrottle,
     PoolClosedError,
     is_topology_moved,
+    new_breaker,
+    slow_call_threshold,
 )
 from .._keys import KeySpace
 from .._latency import SUM, LatencyHistograms
@@ -107,12 +108,13 @@ class AsyncCacheCore:
         self._closed = False
         self._close_lock = threading.Lock()
         self._stopping = Event()
-        self._breaker = CircuitBreaker()
+        self._breaker = new_breaker(s.breaker_failures, s.breaker_max_backoff)
         self._guard = Guard(
             breaker=self._breaker,
             on_error=self._count_error,
             secret=url_password(s.redis_url),
             on_recovered=self._recovered,
+            slow_call=slow_call_threshold(s.socket_timeout),
         )
         self._local_limiter = LocalRateLimiter(s.rate_limit_local_share)
         #: Throttles the warning about impossible rate-limit replies.

@@ -16,6 +16,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from .._config import (
+    DEFAULT_BREAKER_FAILURES,
+    DEFAULT_BREAKER_MAX_BACKOFF,
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_ID_LENGTH,
     DEFAULT_MAX_TEMPLATE_BYTES,
@@ -109,6 +111,13 @@ class AsyncCRMCacheManager(
         metrics_latency: time every Redis call into per-operation latency histograms,
             exported by ``crmcache.metrics`` (about 0.2 µs a call; default off, and then
             free). A collector built with ``latency=True`` turns it on too.
+        breaker_failures: consecutive connection failures (refused, timed out) that open
+            the circuit breaker (default 5); while it is open, calls degrade at once
+            instead of waiting for Redis. On a cluster each primary has its own breaker
+            with the same settings.
+        breaker_max_backoff: longest wait, in seconds, between two probes of an open
+            breaker (default 30): the first probe goes after 1 s (or this, if shorter),
+            and the wait doubles after each failed probe up to this.
 
     Raises:
         ConfigurationError: a setting is out of range or malformed (never shows a
@@ -141,6 +150,8 @@ class AsyncCRMCacheManager(
         pipeline_connections: int = DEFAULT_PIPELINE_CONNECTIONS,
         send_guard_policy: SendGuardPolicy = "open",
         metrics_latency: bool = False,
+        breaker_failures: int = DEFAULT_BREAKER_FAILURES,
+        breaker_max_backoff: float = DEFAULT_BREAKER_MAX_BACKOFF,
     ) -> None:
         settings = resolve_settings(
             redis_url=redis_url,
@@ -165,6 +176,8 @@ class AsyncCRMCacheManager(
             pipeline_connections=pipeline_connections,
             send_guard_policy=send_guard_policy,
             metrics_latency=metrics_latency,
+            breaker_failures=breaker_failures,
+            breaker_max_backoff=breaker_max_backoff,
         )
         super().__init__(settings)
         logger.info(

@@ -138,8 +138,14 @@ class AsyncLeanPool:
         if self._closed:
             raise PoolClosedError
         start = time.monotonic()
-        if not await self._slots.acquire(self._timeout):
-            raise PoolExhaustedError
+        slots = self._slots
+        released = slots.released
+        if not await slots.acquire(self._timeout):
+            raise PoolExhaustedError(
+                slots=slots.slots,
+                waited=time.monotonic() - start,
+                released=slots.released - released,
+            )
         try:
             # One deadline for everything this call does on the wire.
             deadline = (start if self._whole_call else time.monotonic()) + self._call_timeout

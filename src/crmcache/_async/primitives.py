@@ -86,6 +86,10 @@ class FairSlots:
         self.timeouts = 0
         #: How long those waited (``crmcache._latency`` series; cancelled waits left out).
         self.wait_time = new_series()
+        #: Slots given back (calls done): how a caller that gave up tells a pool too
+        #: small for its load (slots came free, too few) from calls stuck on the server
+        #: (none did).
+        self.released = 0
 
     async def acquire(self, timeout: float) -> bool:
         """Take a slot, waiting up to ``timeout`` seconds; False if none came free."""
@@ -125,6 +129,7 @@ class FairSlots:
 
     def release(self) -> None:
         """Give the slot to the first waiter, or free it."""
+        self.released += 1
         while self._waiters:
             turn = self._waiters.popleft()
             if not turn.done():

@@ -204,6 +204,8 @@ class AsyncInvalidationReplayer:
             return False
         scripts = transport.scripts
         failed = False
+        started = time.monotonic()
+        replayed = 0
         for entry in self.pending.snapshot():
             if entry.kind is PendingKind.PREFERENCES:
                 args = ["" if entry.version is None else entry.version, self._tombstone_ms]
@@ -225,7 +227,16 @@ class AsyncInvalidationReplayer:
                 continue
             self.pending.done(entry)
             self._stats.count(Counter.INVALIDATIONS_REPLAYED)
-            logger.info("replayed invalidation of %s", entry.key)
+            replayed += 1
+            logger.debug("replayed invalidation of %s", entry.key)
+        if replayed:
+            # One line per run, not per key: an outage can leave thousands pending.
+            logger.info(
+                "replayed %d invalidation(s) in %.3fs (%d still pending)",
+                replayed,
+                time.monotonic() - started,
+                len(self.pending),
+            )
         if failed:
             return False
         if self.pending.prefs_overflowed:

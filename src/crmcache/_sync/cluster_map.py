@@ -37,7 +37,7 @@ from redis.exceptions import MovedError, RedisError, ResponseError
 
 from .._cluster import SLOTS, BadSlotMapError, SlotMap, parse_cluster_slots
 from .._config import CacheSettings, cluster_target
-from .._guard import DEFAULT_LOG_INTERVAL, LogThrottle
+from .._guard import DEFAULT_LOG_INTERVAL, LogThrottle, new_breaker
 from .._scripts import register_scripts
 from .._topology import Topology, classify, explain
 from .cluster_node import ClusterNodePool
@@ -134,18 +134,21 @@ class ClusterMap:
         host, port = _host_port(address)
         kwargs = {**self.connection_kwargs, "host": host, "port": port}
         health = health_kwargs(kwargs, s)
+        data = self._node_pool(
+            lambda: cls(**kwargs),
+            max_connections=s.max_connections,
+            timeout=s.pool_timeout,
+            address=address,
+            on_info=self._learn,
+            call_timeout=s.socket_timeout,
+            connect_timeout=s.socket_connect_timeout,
+            max_value_bytes=max(s.max_template_bytes, MAX_PREFERENCES_BYTES),
+        )
+        # Each primary's own breaker, configured like the manager's.
+        data.breaker = new_breaker(s.breaker_failures, s.breaker_max_backoff)
         return _Node(
             address=address,
-            data=self._node_pool(
-                lambda: cls(**kwargs),
-                max_connections=s.max_connections,
-                timeout=s.pool_timeout,
-                address=address,
-                on_info=self._learn,
-                call_timeout=s.socket_timeout,
-                connect_timeout=s.socket_connect_timeout,
-                max_value_bytes=max(s.max_template_bytes, MAX_PREFERENCES_BYTES),
-            ),
+            data=data,
             admin=LeanPool(
                 lambda: cls(**kwargs),
                 max_connections=ADMIN_CONNECTIONS,

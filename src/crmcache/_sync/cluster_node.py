@@ -101,8 +101,14 @@ class ClusterNodePool(LeanPool, AskingMixin):
             self._after_fork()
         if self._closed:
             raise PoolClosedError
-        if not self._slots.acquire(self._timeout):
-            raise PoolExhaustedError
+        slots = self._slots
+        released, start = slots.released, time.monotonic()
+        if not slots.acquire(self._timeout):
+            raise PoolExhaustedError(
+                slots=slots.slots,
+                waited=time.monotonic() - start,
+                released=slots.released - released,
+            )
         try:
             if self._closed:
                 raise PoolClosedError  # noqa: TRY301 - closed while this call waited

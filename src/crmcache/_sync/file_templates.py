@@ -59,6 +59,8 @@ class FileTemplateSource:
         self.cache = cache
         self.extensions = tuple(extensions)
         self.file_reads = 0
+        #: What the last :meth:`warm` left out: ``(path under the root, reason)``.
+        self.skipped: list[tuple[str, str]] = []
 
     @staticmethod
     def _check_name(name: object) -> str:
@@ -127,34 +129,71 @@ class FileTemplateSource:
     def warm(self) -> int:
         """Load every template file under the root into the cache in one batched write.
 
-        Files are chosen as :meth:`get` chooses them; hidden files, unknown extensions and
-        files that are not UTF-8 (logged) are skipped.
+        Files are chosen as :meth:`get` chooses them. Everything else is left out and
+        listed in :attr:`skipped` with the reason: files outside a channel folder, unknown
+        channel folders, nested folders, hidden files, unknown extensions, a file whose
+        name another extension already took, names a template cannot have, and files
+        that are not UTF-8 (also logged).
 
         Returns:
             How many templates were written to the cache (0 without a cache, or if Redis
             is away).
         """
+        self.skipped = []
+        self._survey_root()
         batch: dict[TemplateRef, str] = {}
         for channel in MessageChannel:
             folder = self.root / channel.value
-            if not folder.is_dir():
-                continue
-            stems = {
-                p.stem
-                for p in folder.iterdir()
-                if p.is_file() and p.suffix in self.extensions and not p.name.startswith(".")
-            }
-            for stem in sorted(stems):
-                try:
-                    content = self._read(stem, channel)
-                except (UnicodeDecodeError, ValueError) as exc:
-                    logger.warning("template %s/%s skipped: %s", channel.value, stem, exc)
-                    continue
-                if content is not None:
-                    batch[stem, channel] = content
+            if folder.is_dir():
+                batch.update(self._survey_channel(channel, folder))
         if self.cache is None or not batch:
             return 0
         return self._cache_many(batch)
+
+    def _survey_root(self) -> None:
+        """Note what at the root is not a channel folder."""
+        channels = [channel.value for channel in MessageChannel]
+        for entry in sorted(self.root.iterdir()):
+            if entry.name.startswith("."):
+                self._skip(entry, "hidden")
+            elif not entry.is_dir():
+                self._skip(entry, "not in a channel folder (<channel>/<name>.<ext>)")
+            elif entry.name not in channels:
+                self._skip(entry, f"unknown channel folder (channels: {', '.join(channels)})")
+
+    def _survey_channel(self, channel: MessageChannel, folder: Path) -> dict[TemplateRef, str]:
+        """The templates of one channel folder, read; everything else noted as skipped."""
+        stems: dict[str, list[Path]] = {}
+        for path in sorted(folder.iterdir()):
+            if path.name.startswith("."):
+                self._skip(path, "hidden")
+            elif path.is_dir():
+                self._skip(path, "nested folder (templates are <channel>/<name>.<ext>)")
+            elif path.suffix not in self.extensions:
+                self._skip(path, f"not a template file (extensions: {', '.join(self.extensions)})")
+            else:
+                stems.setdefault(path.stem, []).append(path)
+        found: dict[TemplateRef, str] = {}
+        for stem, paths in sorted(stems.items()):
+            try:
+                chosen = self.path_for(stem, channel) or paths[0]
+                content = self._read(stem, channel)
+            except UnicodeDecodeError as exc:
+                logger.warning("template %s/%s skipped: %s", channel.value, stem, exc)
+                self._skip(paths[0], f"not UTF-8 text ({exc.reason} at byte {exc.start})")
+                continue
+            except (TypeError, ValueError) as exc:
+                self._skip(paths[0], f"not a template name: {exc}")
+                continue
+            for other in paths:
+                if other != chosen:
+                    self._skip(other, f"{chosen.name} has the same name and is used")
+            if content is not None:
+                found[stem, channel] = content
+        return found
+
+    def _skip(self, path: Path, reason: str) -> None:
+        self.skipped.append((path.relative_to(self.root).as_posix(), reason))
 
     def _cache_one(self, name: str, channel: MessageChannel | str, content: str) -> bool:
         if self.cache is None:

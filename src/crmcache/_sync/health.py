@@ -74,27 +74,38 @@ class StatsMixin(CacheCore):
         first check also asks whether the server persists its data, and logs one WARNING
         if it does not (``CacheStats.quotas_without_persistence``).
         """
+        return self._health_failure() is None
+
+    def _health_failure(self) -> str | None:
+        """Why :meth:`health_check` fails (one line, no password), or None if healthy.
+        The ``crmcache health`` command prints it."""
         transport = self._active()
+        closed = (
+            "the cache manager is closed"
+            if self.settings.enabled
+            else "the cache is disabled (enabled=False or ENABLE_CACHING=false)"
+        )
         if transport is None:
-            return False
+            return closed
         try:
             answered = transport.ping()
         except PoolClosedError:
-            return False
+            return closed
         except Exception as exc:  # noqa: BLE001 - a health probe reports, it never raises
             reason = self._guard.describe(exc)
             logger.warning("health check failed: %s", reason)
-            return False
-        if answered and self._quotas_in_use and not self._durability_warned:
+            return reason
+        if not answered:
+            return "Redis did not answer PING (the circuit breaker may be open)"
+        if self._quotas_in_use and not self._durability_warned:
             self._persistence(transport.primaries())
-        if answered and not transport.topology.servable:
+        if not transport.topology.servable:
             # The node answers, but it is not what crmcache can serve (said at ERROR once
             # when it was found out): not healthy.
-            logger.warning(
-                "health check failed: the node behind redis_url is a %s", transport.topology.value
-            )
-            return False
-        return answered
+            reason = f"the node behind redis_url is a {transport.topology.value}"
+            logger.warning("health check failed: %s", reason)
+            return reason
+        return None
 
     def get_stats(self) -> CacheStats:
         """A typed snapshot of the statistics (see :class:`CacheStats`).

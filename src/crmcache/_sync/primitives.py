@@ -85,6 +85,10 @@ class FairSlots:
         self.timeouts = 0
         #: How long those waited (``crmcache._latency`` series; interrupted waits left out).
         self.wait_time = new_series()
+        #: Slots given back (calls done): how a caller that gave up tells a pool too
+        #: small for its load (slots came free, too few) from calls stuck on the server
+        #: (none did).
+        self.released = 0
 
     def acquire(self, timeout: float) -> bool:
         """Take a slot, waiting up to ``timeout`` seconds; False if none came free."""
@@ -125,6 +129,7 @@ class FairSlots:
     def release(self) -> None:
         """Give the slot to the first waiter, or free it."""
         with self._lock:
+            self.released += 1
             if self._waiters:
                 self._waiters.popleft().set()
             else:

@@ -10,6 +10,8 @@ generates ``crmcache/_sync/repository.py`` from it. The spec's import path::
     repository = CommunicationRepository(db_manager=db_manager, cache_manager=cache_manager)
     preferences = repository.get_client_preferences("client-123")  # cache first
     repository.save_client_preferences(preferences)                # database, then cache
+    repository.update_client_preferences("client-123", lambda p: p.model_copy(
+        update={"opt_out": True}))                                   # read, change, save, retry
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 from .._config import DEFAULT_LEASE_TTL, DEFAULT_MAX_ID_LENGTH
+from .._errors import StaleVersionError
 from .._keys import check_id
 from .._pending import PendingKind
 from .._stats import RepositoryStats
@@ -31,6 +35,10 @@ __all__ = ["CommunicationRepository"]
 
 logger = logging.getLogger("crmcache")
 
+#: Retries of update_client_preferences after a StaleVersionError, by default.
+DEFAULT_UPDATE_RETRIES = 3
+#: Most retries accepted (each one reads and writes the database).
+MAX_UPDATE_RETRIES = 100
 #: How long a process that lost the load lease waits for the holder to fill the cache.
 DEFAULT_LEASE_WAIT = 0.25
 _LEASE_POLL = 0.005
@@ -110,6 +118,7 @@ class CommunicationRepository:
                 "lease_waits",
                 "lease_wait_hits",
                 "saves",
+                "update_retries",
             ),
             0,
         )
@@ -249,3 +258,77 @@ class CommunicationRepository:
             )
             raise
         return saved
+
+    def update_client_preferences(
+        self,
+        client_id: str,
+        change: Callable[[ClientPreferences], ClientPreferences],
+        retries: int = DEFAULT_UPDATE_RETRIES,
+    ) -> ClientPreferences:
+        """Read the client's row from the database, apply ``change`` and save the result;
+        if someone else saved the row in between (:class:`~crmcache.StaleVersionError`),
+        read it again and re-apply ``change``, up to ``retries`` more times.
+
+        A client without a row starts from ``ClientPreferences(client_id=client_id)`` at
+        version 0, so the first update creates the row (two concurrent creators: one
+        retries on top of the other's row).
+
+        Args:
+            client_id: whose preferences to change.
+            change: a plain function (no I/O; it may run several times) that takes the
+                current preferences and returns the new ones, e.g.
+                ``lambda p: p.model_copy(update={"opt_out": True})``. Its result must
+                keep ``client_id``; its ``version`` is ignored (the save is always based
+                on the version read).
+            retries: how many times to retry after a ``StaleVersionError`` (0 to 100).
+
+        Returns:
+            The saved preferences, with the new version (also in the cache).
+
+        Raises:
+            StaleVersionError: the row was still changed under every attempt.
+            TypeError: ``change`` is not callable or returns no ``ClientPreferences``;
+                ``retries`` is not an int.
+            ValueError: bad ``client_id``; ``retries`` out of range; ``change``
+                returned another client's preferences. Database errors propagate.
+        """
+        max_length = self.cache.settings.max_id_length if self.cache else DEFAULT_MAX_ID_LENGTH
+        client_id = check_id("client_id", client_id, max_length)
+        if not callable(change):
+            raise TypeError(f"change must be callable, not {type(change).__name__}")
+        if isinstance(retries, bool) or not isinstance(retries, int):
+            raise TypeError(f"retries must be an int, not {type(retries).__name__}")
+        if not 0 <= retries <= MAX_UPDATE_RETRIES:
+            raise ValueError(f"retries must be between 0 and {MAX_UPDATE_RETRIES}, got {retries}")
+        attempt = 0
+        while True:
+            # From the database: a retry must see the row that beat us, which the cache
+            # may not hold yet (the winner writes the database first).
+            current = self._load(client_id)
+            if current is None:
+                current = ClientPreferences(client_id=client_id)
+            changed = change(current.model_copy(deep=True))
+            if not isinstance(changed, ClientPreferences):
+                raise TypeError(
+                    f"change must return ClientPreferences, not {type(changed).__name__}"
+                )
+            if changed.client_id != client_id:
+                raise ValueError(
+                    f"change returned the preferences of {changed.client_id!r}, "
+                    f"not of {client_id!r}"
+                )
+            try:
+                return self.save_client_preferences(
+                    changed.model_copy(update={"version": current.version})
+                )
+            except StaleVersionError:
+                if attempt >= retries:
+                    raise
+                attempt += 1
+                self._count("update_retries")
+                logger.debug(
+                    "update of %s raced another writer; retry %d of %d",
+                    client_id,
+                    attempt,
+                    retries,
+                )
