@@ -582,7 +582,7 @@ def describe(calls: list[Call]) -> str:
 
 
 def report(fault: Fault, calls: list[Call], recovery: float, stats: dict[str, object]) -> None:
-    """Print the measured worst cases (run with -s; they go in the README)."""
+    """Print the measured worst cases (run with -s; docs/guides/failure-behaviour.md has them)."""
     worst = {
         phase: max((c.duration for c in calls if c.phase == phase), default=0.0)
         for phase in ("before", "during", "ending", "recovered")
@@ -781,7 +781,7 @@ def test_oom_in_a_script_is_not_an_error_log(
     admin_for: Callable[[str], redis.Redis],
     crm_logs: pytest.LogCaptureFixture,
 ) -> None:
-    """OOM is a WARNING (README: Failure behaviour) for scripted writes too."""
+    """OOM is a WARNING (docs/guides/failure-behaviour.md) for scripted writes too."""
     with out_of_memory(admin_for(own_server.url)):
         assert fragile.set_client_preferences(ClientPreferences(client_id="c")) is False
         assert fragile.invalidate_client_preferences("c", version=3) is False

@@ -1,6 +1,6 @@
 """Auto-pipelining for the async facade: many concurrent callers, a few shared
-connections, one write per event-loop turn (asyncio only; the sync facade keeps the lean
-pool, see README "Pipelining").
+connections, one write per event-loop turn (asyncio; the sync facade's opt-in twin is
+``crmcache._mux_sync``; see docs/guides/pipelining.md).
 
 Each :class:`AsyncMuxPool` keeps ``connections`` redis-py connections open (opened, TLS,
 ``AUTH``/``INFO``/``SELECT``/``CLIENT SETNAME`` handshake and Sentinel ``locate`` exactly
@@ -27,8 +27,8 @@ as the lean pool opens them) and takes their sockets over:
   reconnected). ``NOSCRIPT`` reloads as on the pool (``evalsha`` is inherited).
 
 The reader handles replies as they arrive, so a large value delays only the replies
-queued behind it on the same connection, by its transfer time (README, "Pipelining",
-has the measurement).
+queued behind it on the same connection, by its transfer time (docs/performance.md,
+"Pipelining: 100 asyncio tasks on one manager", has the measurement).
 """
 
 from __future__ import annotations

@@ -28,7 +28,8 @@ as the lean pool opens them) and takes their sockets over:
 * after ``fork()`` the child forgets the parent's connections (without closing them) and
   opens its own.
 
-Measured (README, "Pipelining"): faster than the lean pool with 4 and more threads, a
+Measured (``benchmarks/test_bench_sync_mux.py``; docs/guides/pipelining.md, "Pipelining
+for threads"): faster than the lean pool with 4 and more threads, a
 little slower for a single thread, so it is opt-in on the sync facade.
 """
 

@@ -63,7 +63,7 @@ CALENDAR_WINDOWS: Final = ("day", "month")
 #: Most limits one call may check together.
 MAX_LIMITS_PER_CALL: Final = 32
 #: Windows this long or longer (and calendar windows) are quotas: losing their counters
-#: on a restart matters (see the README's durability section).
+#: on a restart matters (see docs/guides/rate-limits.md, Durability).
 QUOTA_WINDOW: Final = 3600
 #: The largest burst * T (microseconds) a GCRA limit may span: keeps TAT arithmetic exact
 #: in Lua's doubles (now + 2^52 < 2^53).

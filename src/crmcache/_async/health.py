@@ -182,7 +182,7 @@ class AsyncStatsMixin(AsyncCacheCore):
                 "quota rate limits (calendar windows, windows of an hour or more) are in "
                 "use, but the Redis server keeps no persistence (no AOF, no RDB "
                 "snapshots): a restart zeroes their counters. Recommended: appendonly yes, "
-                "appendfsync everysec (README, Rate limits: durability)"
+                "appendfsync everysec (docs/guides/rate-limits.md, Durability)"
             )
         return weakest
 

@@ -238,8 +238,8 @@ def dirty(conn: Any) -> bool:  # noqa: ANN401
 
 # -- auto-pipelining ----------------------------------------------------------------------
 
-#: The async facade pipelines its data path unless told otherwise (measured: README,
-#: "Pipelining").
+#: The async facade pipelines its data path unless told otherwise (measured:
+#: docs/performance.md, "Pipelining: 100 asyncio tasks on one manager").
 PIPELINING_DEFAULT = True
 
 

@@ -279,7 +279,7 @@ def dirty(conn: Any) -> bool:  # noqa: ANN401
 # -- auto-pipelining (opt-in for threads) ----------------------------------------------
 
 #: Threads keep the lean pool unless asked: shared connections win from 4 threads on but
-#: lose a little for one (README, "Pipelining").
+#: lose a little for one (docs/guides/pipelining.md, "Pipelining for threads").
 PIPELINING_DEFAULT = False
 
 
