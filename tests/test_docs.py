@@ -97,6 +97,29 @@ def test_the_home_page_shows_the_quick_start_commands_as_readme_does() -> None:
         assert command in index
 
 
+def test_readme_links_to_the_docs_resolve() -> None:
+    """README is the landing page: its relative links name files that exist (the Markdown
+    pages, so they render on a code host), with anchors the page has, and every guide is
+    linked from it."""
+    readme = README.read_text(encoding="utf-8")
+    links = re.findall(r"\]\((?!https?://)([^)#\s]+)(?:#([^)\s]+))?\)", readme)
+    assert len(links) >= 10, links
+    assert [path for path, _ in links if not (ROOT / path).is_file()] == []
+    for path, anchor in links:
+        if anchor and path.endswith(".md"):
+            headings = re.findall(r"^#{1,6}\s+(.+?)\s*$", (ROOT / path).read_text("utf-8"), re.M)
+            slugs = {
+                re.sub(r"[\s-]+", "-", re.sub(r"[^\w\s-]", "", h.replace("`", "").lower())).strip(
+                    "-"
+                )
+                for h in headings
+            }
+            assert anchor in slugs, (path, anchor)
+    linked = {path for path, _ in links}
+    guides = {f"docs/{page}" for page in PAGES if page.startswith("guides/")}
+    assert sorted(guides - linked) == []
+
+
 def test_the_docs_examples_are_found_and_skips_give_a_reason() -> None:
     """A broken extraction cannot pass silently; a skip marker must say why."""
     assert len(BLOCKS) >= 12
