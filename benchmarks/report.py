@@ -113,6 +113,7 @@ MUX_WORKLOADS = (
     ("ratelimit", "rate-limit checks (`check_rate_limit`, EVALSHA)", (
         ("pipelined", "async, pipelined (default)"),
         ("pool", "async, pipelining=False (lean pool)"),
+        ("glide-async", "valkey-glide async (rate_limit.lua, invoke_script)"),
     )),
 )  # fmt: skip
 MUX_SYNC_BASELINE = "sync-16t"
@@ -121,6 +122,8 @@ MUX_GLIDE = ("glide-async", "glide-sync")
 #: Targets of the pipelined rows against the sync baseline.
 MUX_MIN_OPS_RATIO = 5.0
 MUX_MAX_P99_RATIO = 1.0
+#: The pipelined rows' ops/s over valkey-glide's async client, at least.
+MUX_MIN_GLIDE_RATIO = 3.0
 #: One sequential caller: pipelined time over pool time, at most.
 MUX_SINGLE_MAX_TIME_RATIO = 1.05
 SYNC_MUX_TABLE = "sync-mux"
@@ -1247,7 +1250,11 @@ def mux_target_lines(tables: Mapping[str, Sequence[MuxRow]], hol: Sequence[HolRo
         if rows is None:
             continue
         pipelined = next((r for r in rows if r.implementation == "pipelined"), None)
+        glide = next((r for r in rows if r.implementation == "glide-async"), None)
         what = f"pipelined {workload}, 100 tasks"
+        over_glide = (
+            None if pipelined is None or glide is None else _ratio(pipelined.ops, glide.ops)
+        )
         checks = (
             (f"ops/s >= {MUX_MIN_OPS_RATIO:g}x sync at {ASYNC_BASELINE_THREADS} threads",
              None if pipelined is None else pipelined.ops_ratio,
@@ -1255,6 +1262,8 @@ def mux_target_lines(tables: Mapping[str, Sequence[MuxRow]], hol: Sequence[HolRo
             (f"p99 <= sync's at {ASYNC_BASELINE_THREADS} threads",
              None if pipelined is None else pipelined.p99_ratio,
              lambda r: r <= MUX_MAX_P99_RATIO, MUX_MAX_P99_RATIO),
+            (f"ops/s >= {MUX_MIN_GLIDE_RATIO:g}x valkey-glide async", over_glide,
+             lambda r: r >= MUX_MIN_GLIDE_RATIO, MUX_MIN_GLIDE_RATIO),
         )  # fmt: skip
         for description, ratio, ok, bound in checks:
             if ratio is None:

@@ -24,8 +24,21 @@ import pytest
 from pytest_benchmark.fixture import BenchmarkFixture
 
 from crmcache import ClientPreferences
+from crmcache._config import DEFAULT_KEY_PREFIX
+from crmcache._keys import KeySpace
+from crmcache._scripts import load_script_source
 from test_bench_async import CLIENT_IDS, KEYS, TASKS, run_tasks
-from test_bench_mux import SYNC_THREADS, Outcome, _assert_clean, _pedantic, _record, _sizes
+from test_bench_mux import (
+    API,
+    LIMIT,
+    SYNC_THREADS,
+    WINDOW,
+    Outcome,
+    _assert_clean,
+    _pedantic,
+    _record,
+    _sizes,
+)
 from test_bench_mux import prefilled as prefilled  # noqa: PLC0414 - the fixture, re-exported
 from test_bench_threads import CLIENT_IDS as THREAD_CLIENT_IDS
 from test_bench_threads import run_threaded
@@ -58,6 +71,44 @@ async def glide_async_scenario(url: str, *, calls: int, warmup: int) -> Outcome:
         return Outcome(run=await run_tasks(read, TASKS, calls))
     finally:
         await client.close()
+
+
+async def glide_async_rate_scenario(url: str, *, calls: int, warmup: int) -> Outcome:
+    """crmcache's own rate_limit.lua through glide's ``invoke_script`` (EVALSHA, EVAL on
+    NOSCRIPT), on test_bench_mux.py's counter: the same Redis work as check_rate_limit."""
+    glide = pytest.importorskip("glide", reason=NOT_INSTALLED)
+    host, port, database = _address(url)
+    config = glide.GlideClientConfiguration([glide.NodeAddress(host, port)], database_id=database)
+    client = await glide.GlideClient.create(config)
+    script = glide.Script(load_script_source("rate_limit"))
+    key = KeySpace(DEFAULT_KEY_PREFIX).rate_limit_key(API, WINDOW)
+    args = [str(LIMIT), str(WINDOW * 1000), "1"]
+
+    async def check(_client_id: str) -> object:
+        reply = await client.invoke_script(script, keys=[key], args=args)
+        return reply if isinstance(reply, list) and reply[0] == 1 else None
+
+    try:
+        await run_tasks(check, TASKS, warmup)
+        return Outcome(run=await run_tasks(check, TASKS, calls))
+    finally:
+        await client.close()
+
+
+def test_mux_ratelimit_glide_async(
+    benchmark: BenchmarkFixture, bench_redis_url: str, prefilled: dict[str, ClientPreferences]
+) -> None:
+    pytest.importorskip("glide", reason=NOT_INSTALLED)
+    benchmark.group = f"mux-ratelimit-{TASKS}tasks"
+    calls, warmup = _sizes(benchmark)
+    out = _pedantic(
+        benchmark,
+        lambda: asyncio.run(
+            glide_async_rate_scenario(bench_redis_url, calls=calls, warmup=warmup)
+        ),
+    )
+    _record(benchmark, "ratelimit", "glide-async", out)
+    _assert_clean(out, calls)
 
 
 def test_mux_prefs_glide_async(
