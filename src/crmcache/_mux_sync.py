@@ -28,9 +28,9 @@ as the lean pool opens them) and takes their sockets over:
 * after ``fork()`` the child forgets the parent's connections (without closing them) and
   opens its own.
 
-Measured (``benchmarks/test_bench_sync_mux.py``; docs/guides/pipelining.md, "Pipelining
-for threads"): faster than the lean pool with 4 and more threads, a
-little slower for a single thread, so it is opt-in on the sync facade.
+Measured (``benchmarks/test_bench_sync_mux.py``; docs/performance.md): about twice the
+lean pool's throughput at 16 threads, slower at 4 threads and below, so it is opt-in on
+the sync facade.
 """
 
 from __future__ import annotations

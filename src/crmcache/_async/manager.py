@@ -102,8 +102,9 @@ class AsyncCRMCacheManager(
             ``pipeline_connections`` connections per node and their commands are written
             together (``crmcache._mux``: once per event-loop turn; ``crmcache._mux_sync``:
             whatever threads queued while one was writing). Default on for the async
-            facade, off for the sync facade (faster from 4 threads on, a little slower
-            for one: docs/guides/pipelining.md). ``False`` keeps the lean pool.
+            facade, off for the sync facade (faster with many threads, about 2x at 16,
+            slower at 4 and below: docs/guides/pipelining.md). ``False`` keeps the
+            lean pool.
         pipeline_connections: shared connections per node when pipelining (1 to 64).
         send_guard_policy: what ``claim_send`` answers when Redis cannot be asked:
             ``"open"`` (True: send, a duplicate is possible; the default) or
