@@ -25,7 +25,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-from rich.console import Console, Group, RenderableType
+from rich.console import Console, RenderableType
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text
@@ -68,11 +68,8 @@ def _pct(value: float | None) -> str:
 def _memory(node: NodeFigures) -> str:
     used = _bytes(node.used_memory)
     if not node.maxmemory:
-        return f"{used} / no limit ({node.maxmemory_policy})"
-    return (
-        f"{used} / {_bytes(node.maxmemory)} ({_pct(node.memory_used_ratio)}, "
-        f"{node.maxmemory_policy})"
-    )
+        return f"{used} / no limit"
+    return f"{used} / {_bytes(node.maxmemory)} ({_pct(node.memory_used_ratio)})"
 
 
 def _evictions(node: NodeFigures) -> str:
@@ -101,82 +98,78 @@ def render(
     refreshed: float | None = None,
     scan_budget: float = 0.5,
 ) -> RenderableType:
-    """The figures as two tables: the server (a row per node, and a total on a cluster)
-    and the cache's keys per kind."""
+    """The figures as one table: a column per node (and a total on a cluster), the
+    server's figures, then the cache's keys per kind."""
     down_since = down_since or {}
     when = f" — {_clock(refreshed)}" if refreshed is not None else ""
     every = f", every {interval:g} s (Ctrl-C to stop)" if watching else ""
-    server = Table(
-        title=f"crmcache stats — {url} ({figures.topology}){when}{every}",
-        caption=COUNTERS_NOTE,
-    )
-    server.add_column("node")
-    server.add_column("role")
-    server.add_column("ops/s", justify="right")
-    server.add_column("memory / maxmemory (policy)", justify="right")
-    server.add_column(
-        "evictions (+interval / total)" if watching else "evictions", justify="right"
-    )
-    server.add_column(
-        "hit % (interval / since start / lifetime)" if watching else "hit % (lifetime)",
-        justify="right",
-    )
-    server.add_column("clients", justify="right")
-    rows = list(figures.nodes)
-    if len(rows) > 1:
-        rows.append(figures.total)
-    for node in rows:
-        if node.used_memory is None:
-            since = down_since.get(node.address)
-            why = f"unreachable since {_clock(since)}: " if since is not None else "unreachable: "
-            server.add_row(node.address, Text(why + (node.error or "no answer"), style="red"))
-            continue
-        ops = "-" if node.ops_per_sec is None else f"{node.ops_per_sec:,.1f}"
-        if node.ops_per_sec_source == "redis" and watching:
-            ops += "*"
-        server.add_row(
-            node.address,
-            node.role or "",
-            ops,
-            _memory(node),
-            _evictions(node),
-            _hits(node, watching),
-            "-" if node.connected_clients is None else f"{node.connected_clients:,}",
-        )
-    keys = Table(title="the cache's keys per kind")
-    keys.add_column("kind")
-    columns = rows if len(rows) > 1 else rows[:1]
-    for node in columns:
-        keys.add_column(node.address, justify="right")
-    for kind in KeyKind:
-        keys.add_row(
-            kind.value,
-            *[
-                f"{node.keys.get(kind.value, 0):,}" if node.used_memory is not None else "-"
-                for node in columns
-            ],
-        )
-    keys.add_row(
-        Text("all", style="bold"),
-        *[f"{n.total_keys:,}" if n.total_keys is not None else "-" for n in columns],
-    )
-    if figures.keys_exact:
-        keys.caption = "SCAN went through every key under the prefix"
-    else:
-        keys.caption = (
-            f"a sample: SCAN stopped at its {scan_budget:g} s budget (or a node did not "
-            "answer); the counts are lower bounds"
-        )
-    notes = []
+    topology = f" ({figures.topology})" if figures.topology not in (None, "unknown") else ""
     if watching:
-        notes.append(
-            Text(
-                "* Redis's own instantaneous_ops_per_sec (no earlier sample yet); then the "
-                "delta of total_commands_processed",
-                style="dim",
-            )
+        how = (
+            "evictions and hit % over the last interval (ivl), since the watch began "
+            "(start) and over the server's counters' lifetime (all); * ops/s is Redis's own "
+            "instantaneous_ops_per_sec until there is an earlier sample."
         )
-    return Group(server, keys, *notes)
+    else:
+        how = (
+            "ops/s is Redis's instantaneous_ops_per_sec, evictions and hit % over the "
+            "server's counters' lifetime (stats --watch for intervals)."
+        )
+    if figures.keys_exact:
+        scanned = "Keys: SCAN went through every key under the prefix."
+    else:
+        scanned = (
+            f"Keys: a sample, SCAN stopped at its {scan_budget:g} s budget (or a node did "
+            "not answer): the counts are lower bounds."
+        )
+    table = Table(
+        title=f"crmcache stats — {url}{topology}{when}{every}",
+        caption=f"{COUNTERS_NOTE} {how} {scanned}",
+    )
+    table.add_column("")
+    columns = list(figures.nodes)
+    if len(columns) > 1:
+        columns.append(figures.total)
+    for node in columns:
+        table.add_column(node.address, justify="right")
+    up = [node.used_memory is not None for node in columns]
+
+    def row(label: str, cell: Callable[[NodeFigures], str]) -> None:
+        table.add_row(label, *[cell(n) if ok else "" for n, ok in zip(columns, up, strict=True)])
+
+    table.add_row(
+        "status",
+        *[
+            Text("up", style="green")
+            if ok
+            else Text(_down(node, down_since.get(node.address)), style="red")
+            for node, ok in zip(columns, up, strict=True)
+        ],
+    )
+    row("role", lambda n: n.role or "")
+    row("ops/s", lambda n: _ops(n, watching))
+    row("memory used / max", _memory)
+    row("maxmemory-policy", lambda n: n.maxmemory_policy or "")
+    row("evicted (+ivl / all)" if watching else "evicted", _evictions)
+    row("hit % (ivl / start / all)" if watching else "hit %", lambda n: _hits(n, watching))
+    row("clients", lambda n: "-" if n.connected_clients is None else f"{n.connected_clients:,}")
+    table.add_section()
+    for kind in KeyKind:
+        row(f"keys: {kind.value}", lambda n, k=kind.value: f"{n.keys.get(k, 0):,}")
+    row("keys: all", lambda n: "-" if n.total_keys is None else f"{n.total_keys:,}")
+    return table
+
+
+def _down(node: NodeFigures, since: float | None) -> str:
+    when = f"unreachable since {_clock(since)}" if since is not None else "unreachable"
+    return f"{when}: {node.error or 'no answer'}"
+
+
+def _ops(node: NodeFigures, watching: bool) -> str:
+    if node.ops_per_sec is None:
+        return "-"
+    mark = "*" if watching and node.ops_per_sec_source == "redis" else ""
+    return f"{node.ops_per_sec:,.1f}{mark}"
 
 
 def figures_dict(
