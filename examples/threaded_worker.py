@@ -32,7 +32,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from crmcache import CRMCacheManager, ClientPreferences, MessageChannel, RateLimit
+from crmcache import ClientPreferences, CRMCacheManager, MessageChannel, RateLimit
 
 logger = logging.getLogger("threaded_worker")
 
@@ -121,7 +121,7 @@ class SendWorker:
             return "rate_limited"
         try:
             self.gateway(channel, job.client_id, text)
-        except Exception:
+        except Exception:  # noqa: BLE001 - whatever the gateway raised, the send failed
             logger.warning("send %s failed; refunded, claim released", job.message_id)
             cache.refund(limits)  # the send did not happen: do not count it
             cache.release_send(job.message_id)  # ... and let its retry claim it
@@ -149,9 +149,7 @@ class SendWorker:
 def main() -> None:  # pragma: no cover - the test drives SendWorker
     """Send 100 jobs (some twice) through a gateway that prints."""
     logging.basicConfig(level=logging.INFO)
-    worker = SendWorker(
-        os.environ.get("REDIS_URL"), lambda channel, client, text: print(channel, client, text)
-    )
+    worker = SendWorker(os.environ.get("REDIS_URL"), print)
     jobs: queue.Queue[SendJob | None] = queue.Queue()
     for i in range(100):
         jobs.put(SendJob(f"message-{i % 90}", f"client-{i % 10 + 1}"))
