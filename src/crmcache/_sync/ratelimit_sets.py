@@ -103,8 +103,9 @@ class RateLimitSetsMixin(CacheCore):
         every limit in one atomic step: a campaign sends that many now, the rest later.
 
         Args:
-            limits, policy: as for :meth:`check_rate_limits`.
+            limits: as for :meth:`check_rate_limits`.
             n: the units wanted (>= 0; may exceed the limits).
+            policy: as for :meth:`check_rate_limits`.
 
         Returns:
             The units granted. When Redis cannot be asked: ``n`` under ``"open"``, 0
