@@ -62,12 +62,13 @@ def crmcache_clients(raw: redis.Redis) -> int:
 
 @pytest.mark.slow
 @pytest.mark.single_only
-def test_gunicorn_serves_the_fastapi_app(redis_url: str, raw: redis.Redis) -> None:
+def test_gunicorn_serves_the_fastapi_app(redis_url: str, raw: redis.Redis, tmp_path: Path) -> None:
     port = free_loopback_port()
     env = {k: v for k, v in os.environ.items() if k not in ENV}
     env |= {"BIND": f"127.0.0.1:{port}", "WEB_CONCURRENCY": "2", "REDIS_URL": redis_url}
+    log = tmp_path / "gunicorn.log"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "-c", str(CONFIG)],
+        [sys.executable, "-m", "gunicorn", "-c", str(CONFIG), "--error-logfile", str(log)],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,
@@ -85,7 +86,13 @@ def test_gunicorn_serves_the_fastapi_app(redis_url: str, raw: redis.Redis) -> No
             except httpx.HTTPError:
                 return False
 
-        poll(healthy, timeout=60, what="gunicorn serving /health", interval=0.1)
+        def started() -> bool:
+            assert proc.poll() is None, proc.communicate()[1]
+            return log.exists() and log.read_text().count("Application startup complete") == 2
+
+        # Both workers' lifespans ran (each opened its manager), then /health answers.
+        poll(started, timeout=60, what="both workers started", interval=0.1)
+        poll(healthy, timeout=30, what="gunicorn serving /health", interval=0.1)
         sent = httpx.post(f"{base}/send/client-2", timeout=10)
         assert sent.status_code == 200, sent.text
         assert sent.json() == {
@@ -97,11 +104,12 @@ def test_gunicorn_serves_the_fastapi_app(redis_url: str, raw: redis.Redis) -> No
         # Two workers, each within its share of connections.
         assert 0 < crmcache_clients(raw) <= 2 * conf.CONNECTIONS_PER_WORKER
         proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
+        proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+    err = log.read_text()
     assert proc.returncode == 0, err
     assert "Traceback" not in err
     assert err.count("Application shutdown complete") == 2  # each worker's lifespan ran
