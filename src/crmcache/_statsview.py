@@ -17,6 +17,7 @@ One function makes the figures (:func:`crmcache._serverstats.server_figures`) fo
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -155,9 +156,13 @@ def render(
     row("clients", lambda n: "-" if n.connected_clients is None else f"{n.connected_clients:,}")
     table.add_section()
     for kind in KeyKind:
-        row(f"keys: {kind.value}", lambda n, k=kind.value: f"{n.keys.get(k, 0):,}")
+        row(f"keys: {kind.value}", functools.partial(_kind_count, kind.value))
     row("keys: all", lambda n: "-" if n.total_keys is None else f"{n.total_keys:,}")
     return table
+
+
+def _kind_count(kind: str, node: NodeFigures) -> str:
+    return f"{node.keys.get(kind, 0):,}"
 
 
 def _down(node: NodeFigures, since: float | None) -> str:
