@@ -45,6 +45,11 @@ TEMPLATES = {
 }
 #: Messages per channel per minute, across every process sharing the Redis.
 SEND_LIMIT = int(os.environ.get("SEND_LIMIT_PER_MINUTE", "600"))
+#: Pool sizing per process (examples/gunicorn.conf.py sets them for its workers): the
+#: async data path shares this many auto-pipelined connections per Redis node...
+PIPELINE_CONNECTIONS = int(os.environ.get("CRMCACHE_PIPELINE_CONNECTIONS", "2"))
+#: ... or, with pipelining off, holds up to this many (one per call in flight).
+MAX_CONNECTIONS = int(os.environ.get("CRMCACHE_MAX_CONNECTIONS", "10"))
 
 
 def get_cache(request: Request) -> AsyncCRMCacheManager:
@@ -61,7 +66,14 @@ def create_app(redis_url: str | None = None, *, send_limit: int = SEND_LIMIT) ->
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        cache = AsyncCRMCacheManager(redis_url, metrics_latency=True)
+        # Created here, in the worker process (after gunicorn forked it): a manager's
+        # connections and event loop must never cross a fork.
+        cache = AsyncCRMCacheManager(
+            redis_url,
+            metrics_latency=True,
+            pipeline_connections=PIPELINE_CONNECTIONS,
+            max_connections=MAX_CONNECTIONS,
+        )
         registry = CollectorRegistry()
         PrometheusCollector(cache).register(registry)
         app.state.cache, app.state.registry = cache, registry

@@ -171,7 +171,8 @@ def test_stats_json(redis_url: str, raw: redis.Redis) -> None:
     assert proc.returncode == 0, proc.stderr
     stats = json.loads(proc.stdout)
     assert stats["total_keys"] == 1
-    assert stats["redis"]["redis_version"]
+    assert stats["total"]["keys"]["templates"] == 1
+    assert stats["nodes"][0]["redis_version"]
     assert stats["redis_url"] == redis_url
     assert len(stats["nodes"]) >= 1
     for local in ("hits", "misses", "local_hit_rate", "by_kind", "counters", "connection_pool"):
@@ -185,9 +186,9 @@ def test_stats_table_says_counters_are_per_process(redis_url: str, raw: redis.Re
     proc = run_cli("stats", "--redis-url", redis_url)
     assert proc.returncode == 0, proc.stderr
     text = " ".join(proc.stdout.split())
-    assert "total_keys" in text
-    assert "redis.used_memory" in text
-    assert "Hit/miss counters are per service process" in text
+    assert "keys: templates" in text
+    assert "memory used / max" in text
+    assert "Hit/miss counters per kind are per service process" in text
     assert "local_hit_rate" not in text
     assert "by_kind" not in text
 

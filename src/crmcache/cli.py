@@ -19,9 +19,8 @@ import secrets
 import signal
 import sys
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict
 from types import FrameType
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import orjson
 from rich.console import Console
@@ -32,7 +31,8 @@ from rich.text import Text
 from ._config import mask_url
 from ._demo import DemoConfig, DemoReport, remove_demo_keys, run_demo
 from ._server import EmbeddedRedisServer, RedisServerError, find_redis_server_binary
-from ._stats import CacheStats
+from ._statsview import StatsView
+from ._sync.server_view import DEFAULT_SCAN_BUDGET, sample_server
 from .cache_manager import CRMCacheManager
 from .templates import FileTemplateSource
 
@@ -228,63 +228,41 @@ def _run_demo(
         )
 
 
-#: What ``crmcache stats`` shows: Redis's own figures. The hit/miss counters, pool and
-#: breaker of ``get_cache_stats()`` belong to the process that asks (the command's own,
-#: always at zero), so they are left out.
-SERVER_FIGURES = ("total_keys", "total_keys_exact", "topology", "redis", "nodes")
-
-
-def server_figures(stats: CacheStats, url: str) -> dict[str, Any]:
-    """The figures of ``stats`` that describe Redis itself, not the asking process."""
-    return {
-        "redis_url": url,
-        "total_keys": stats.total_keys,
-        "total_keys_exact": stats.total_keys_exact,
-        "topology": stats.topology,
-        "redis": asdict(stats.redis) if stats.redis is not None else None,
-        "nodes": [node.as_dict() for node in stats.nodes],
-    }
-
-
 def cmd_stats(args: argparse.Namespace, console: Console) -> int:
-    """Print what Redis says about the cache's keys and itself (not the counters of
-    this process, which has served nothing)."""
-    with CRMCacheManager(redis_url=args.redis_url) as cache:
-        stats = cache.get_stats()
+    """Print what Redis says about itself and the cache's keys (not the counters of this
+    process, which has served nothing): once, or refreshed live with ``--watch``."""
+    if args.interval <= 0:
+        raise ValueError(f"--interval must be a positive number of seconds, not {args.interval}")
+    if args.scan_budget <= 0:
+        raise ValueError(
+            f"--scan-budget must be a positive number of seconds, not {args.scan_budget}"
+        )
+    if args.count is not None and (args.count < 1 or not args.watch):
+        raise ValueError("--count takes a number of refreshes >= 1, with --watch")
+    with CRMCacheManager(
+        redis_url=args.redis_url, enabled=True, key_prefix=args.key_prefix
+    ) as cache:
         url = cache.settings.masked_url
-        failure = None
-        if stats.redis is None or stats.total_keys is None:
-            errors = [node.error for node in stats.nodes if node.error]
-            failure = errors[0] if errors else cache._health_failure() or "no answer"
-    if failure is not None:
-        return fail(f"cannot read statistics from {url}: {failure}")
-    figures = server_figures(stats, url)
-    if args.json:
-        sys.stdout.write(orjson.dumps(figures, option=orjson.OPT_INDENT_2).decode() + "\n")
-        return EXIT_OK
-    table = Table(
-        title=f"crmcache stats — {url}",
-        caption="Redis's own figures. Hit/miss counters are per service process: "
-        "get_cache_stats() in the service.",
-    )
-    table.add_column("stat")
-    table.add_column("value", justify="right")
-    for key, value in _flatten(
-        {k: v for k, v in figures.items() if k not in ("redis_url", "nodes")}
-    ):
-        table.add_row(key, str(value))
-    for node in stats.nodes if len(stats.nodes) > 1 else ():
-        table.add_row(f"keys on {node.address}", str(node.total_keys))
-    console.print(table)
+        view = StatsView(
+            sample=lambda: sample_server(cache, scan_budget=args.scan_budget),
+            url=url,
+            console=console,
+            as_json=args.json,
+            interval=args.interval,
+            scan_budget=args.scan_budget,
+        )
+        if args.watch:
+            return view.watch(args.count)
+        _, sample = view.show_once()
+    if not sample.reachable:
+        return fail(f"cannot read statistics from {url}: {sample.error}")
+    down = [node for node in sample.nodes if node.info is None]
+    if down:
+        return fail(
+            f"{len(down)} of {len(sample.nodes)} nodes did not answer "
+            f"({down[0].address}: {down[0].error})"
+        )
     return EXIT_OK
-
-
-def _flatten(data: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
-    for key, value in data.items():
-        if isinstance(value, dict):
-            yield from _flatten(value, f"{prefix}{key}.")
-        else:
-            yield f"{prefix}{key}", value
 
 
 def cmd_health(args: argparse.Namespace, console: Console) -> int:
@@ -359,7 +337,28 @@ def _parser() -> argparse.ArgumentParser:
 
     stats = sub.add_parser("stats", parents=[common], help="show what Redis holds for the cache")
     stats.add_argument("--redis-url", help="default: $REDIS_URL or redis://localhost:6379/0")
-    stats.add_argument("--json", action="store_true")
+    stats.add_argument(
+        "--json", action="store_true", help="print JSON (with --watch: one line per refresh)"
+    )
+    stats.add_argument(
+        "--watch", action="store_true", help="refresh live until Ctrl-C (exit code 0)"
+    )
+    stats.add_argument(
+        "--interval", type=float, default=1.0, help="seconds between refreshes (default 1)"
+    )
+    stats.add_argument(
+        "--count", type=int, metavar="N", help="with --watch: stop after N refreshes"
+    )
+    stats.add_argument(
+        "--scan-budget",
+        type=float,
+        default=DEFAULT_SCAN_BUDGET,
+        help=f"seconds of SCAN per node and refresh to count keys per kind; past it the "
+        f"counts are a sample (default {DEFAULT_SCAN_BUDGET:g})",
+    )
+    stats.add_argument(
+        "--key-prefix", help="the cache's key prefix (default: $CACHE_KEY_PREFIX or crm)"
+    )
     stats.set_defaults(func=cmd_stats)
 
     health = sub.add_parser(
