@@ -13,9 +13,8 @@ set-up, command packer, hiredis reader and error types. Done here:
   before the connection is reused: a reply that breaks it, is larger than the call can
   use, or announces a huge aggregate raises ``ProtocolError`` and closes the connection,
   as does an idle connection holding bytes nobody asked for.
-* ``PoolExhaustedError`` after ``timeout``, one retry on a dropped connection (a
-  restarted Redis), none on a timeout, scripts re-loaded on ``NOSCRIPT``, inherited
-  connections dropped after ``fork()``.
+* ``PoolExhaustedError`` after ``timeout``, one retry on a dropped connection, none on a
+  timeout, scripts re-loaded on ``NOSCRIPT``, connections dropped after ``fork()``.
 """
 
 from __future__ import annotations
@@ -347,8 +346,7 @@ class AsyncLeanPool:
             self._pid = os.getpid()
 
     async def drop_idle(self, keep: Callable[[AbstractConnection], bool]) -> int:
-        """Close the idle connections ``keep`` rejects (those to a former primary);
-        return how many were closed."""
+        """Close the idle connections ``keep`` rejects (a former primary's); how many."""
         with self._lock:
             idle, self._idle = self._idle, []
         dropped = 0
