@@ -154,10 +154,10 @@ class RateLimit:
             args = ()
         elif algorithm == "fixed":
             suffix = f"{tag}{name}:{checked}"
-            args = ("f", limit, int(checked) * 1000, 0, 0, 0)
+            args = ("f", limit, int(checked) * 1000)
         elif algorithm == "sliding":
             suffix = f"{tag}{name}:{checked}:sliding"
-            args = ("s", limit, int(checked) * _US, 0, 0, 0)
+            args = ("s", limit, int(checked) * _US)
         else:
             assert burst is not None  # noqa: S101 - set above for gcra; narrows the type
             interval = -(-int(checked) * _US // limit)
@@ -167,7 +167,7 @@ class RateLimit:
                     f"limit) must be at most {_MAX_GCRA_SPAN_US} µs"
                 )
             suffix = f"{tag}{name}:{checked}:gcra"
-            args = ("g", burst, interval, 0, 0, 0)
+            args = ("g", burst, interval)
         setattr_ = object.__setattr__
         for field, value in (
             ("name", name),
@@ -371,7 +371,8 @@ def calendar_bounds(window: str, zone: ZoneInfo, now_us: int) -> tuple[int, int,
 
 
 def script_args(limit: RateLimit, now_us: int) -> tuple[str | int, ...]:
-    """The six ARGV entries of ``limit`` in ``rate_limits.lua``."""
+    """The ARGV entries of ``limit`` in ``rate_limits.lua`` (three, six for a calendar
+    window)."""
     args: tuple[str | int, ...] = limit._args
     if args:
         return args
@@ -513,9 +514,15 @@ class Engine:
     def run(
         self, keys: Sequence[str], args: Sequence[str | int], now: int, cost: int, mode: str
     ) -> list[int]:
-        """What the script answers for ``keys`` and the per-limit ``args`` (six each)."""
+        """What the script answers for ``keys`` and the per-limit ``args`` (those of
+        :func:`script_args`, one limit after the other)."""
         self._expire(now)
-        states = [self._read(key, args[6 * i : 6 * i + 6], now) for i, key in enumerate(keys)]
+        states = []
+        at = 0
+        for key in keys:
+            width = 6 if args[at] == "c" else 3
+            states.append(self._read(key, args[at : at + width], now))
+            at += width
         least = min(state.cap for state in states)
         allowed, granted, want = 1, 0, cost
         if mode == "c":
