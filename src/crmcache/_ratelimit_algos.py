@@ -55,6 +55,7 @@ __all__ = [
     "check_limits",
     "decode_reply",
     "script_args",
+    "wire_args",
 ]
 
 Algorithm = Literal["fixed", "sliding", "gcra"]
@@ -99,6 +100,7 @@ class RateLimit:
         "_args",
         "_quota",
         "_suffix",
+        "_wire",
         "_zone",
         "algorithm",
         "burst",
@@ -119,6 +121,7 @@ class RateLimit:
     _args: tuple[str | int, ...]
     _quota: bool
     _suffix: str
+    _wire: tuple[bytes, ...]
     _zone: ZoneInfo | None
 
     def __init__(
@@ -179,6 +182,7 @@ class RateLimit:
             ("group", group),
             ("_suffix", suffix),
             ("_args", args),
+            ("_wire", tuple(str(arg).encode() for arg in args)),
             ("_zone", zone),
             ("_quota", zone is not None or int(checked) >= QUOTA_WINDOW),
         ):
@@ -329,6 +333,7 @@ def check_cost(limits: Sequence[RateLimit], cost: object, *, name: str = "cost")
 
 _bounds_memo: dict[tuple[str, str], tuple[int, int, tuple[int, int, int, int]]] = {}
 _bounds_lock = threading.Lock()
+_wire_memo: dict[tuple[int, int, int, int], tuple[bytes, ...]] = {}
 
 
 def _start_us(day: date, zone: ZoneInfo) -> int:
@@ -368,6 +373,25 @@ def calendar_bounds(window: str, zone: ZoneInfo, now_us: int) -> tuple[int, int,
             _bounds_memo.clear()
         _bounds_memo[key] = (b1, b2, bounds)
     return bounds
+
+
+def wire_args(limit: RateLimit, now_us: int) -> tuple[bytes, ...]:
+    """:func:`script_args` as the bytes sent (encoded once per limit, or per calendar
+    period for a calendar window: the hot path packs them as they are)."""
+    wire = limit._wire
+    if wire:
+        return wire
+    zone = limit._zone
+    assert zone is not None  # noqa: S101 - only calendar limits have no static args
+    bounds = calendar_bounds(str(limit.window), zone, now_us)
+    memo = _wire_memo.get(bounds)
+    if memo is None:
+        memo = tuple(b"%d" % bound for bound in bounds)
+        with _bounds_lock:
+            if len(_wire_memo) > 1024:
+                _wire_memo.clear()
+            _wire_memo[bounds] = memo
+    return (b"c", b"%d" % limit.limit, *memo)
 
 
 def script_args(limit: RateLimit, now_us: int) -> tuple[str | int, ...]:
