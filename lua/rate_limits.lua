@@ -50,7 +50,7 @@
 -- to Redis as numbers (Redis writes integers below 1e17 in full), and each Redis command
 -- the least the algorithm needs.
 local call, pcall = redis.call, redis.pcall
-local tonumber, type = tonumber, type
+local tonumber, type, unpack = tonumber, type, unpack
 local floor, ceil, match = math.floor, math.ceil, string.match
 local MAX_COUNT = 9007199254740991
 local nkeys = #KEYS
@@ -466,7 +466,8 @@ else
     granted = cost
 end
 
-local reply = {allowed, granted}
+-- Sized once (its slots are all overwritten below): growing it costs a rehash per doubling.
+local reply = {allowed, granted, unpack(S, 1, 4 * nkeys)}
 local r = 2
 for i = 1, nkeys do
     local key = KEYS[i]
