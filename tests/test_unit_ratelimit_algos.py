@@ -220,6 +220,11 @@ def test_decode_refuses_impossible_replies() -> None:
         2.5,
     )
     assert outcome.results[0].fields() == (False, 5, 5, 0, 2.5, 9.0, False)
+    assert outcome.results is outcome.results  # built once, on first access
+    with pytest.raises(AttributeError, match="read-only"):
+        outcome.allowed = True  # type: ignore[misc]
+    local = decode_reply([1, 1, 1, 3, 0, 0], limits, 1, degraded=True, capacities=[4])[2]
+    assert local.results[0].fields() == (True, 3, 4, 1, 0.0, 0.0, True)
 
 
 @pytest.mark.parametrize(
