@@ -25,8 +25,8 @@
 --       is a hash {s = the period's start as sent, c = its count}
 --
 -- Every key a charge writes gets an expiry, relative to `now`, after which its state no
--- longer matters; it is set when a window (period, TAT) starts, not on every charge. A
--- refund never takes a count below zero and never moves an expiry. A key holding what
+-- longer matters: a fixed, sliding or calendar window's when the window starts (not on
+-- every charge), gcra's with every charge (it follows the TAT). A refund never takes a count below zero and never moves an expiry. A key holding what
 -- this script never writes there (another type, a non-number) is read as empty and
 -- replaced on the next charge.
 --
@@ -34,7 +34,8 @@
 -- calendar: HMGET; gcra: GET), then charged (INCRBY / HINCRBY / SET PX, plus PEXPIRE when
 -- a window starts). In mode 'c' with a cost, the last fixed limit is read last and, when
 -- every other limit allows, charged first (INCRBY, PTTL) and taken back (DECRBY) if it
--- refuses: as rate_limit.lua does; a refused set stays uncharged.
+-- refuses: as rate_limit.lua does; a refused set stays uncharged. One limit checked with
+-- a cost (the hot path) runs code of its own per algorithm, with the same answers.
 --
 -- Reply: {allowed, granted, then per limit: allowed_i, count_i, retry_us_i, reset_us_i}
 --   allowed     1 if every limit allowed (mode 'c'), granted > 0 ('u'), 1 ('r')
