@@ -26,9 +26,10 @@
 --
 -- Every key a charge writes gets an expiry, relative to `now`, after which its state no
 -- longer matters: a fixed, sliding or calendar window's when the window starts (not on
--- every charge), gcra's with every charge (it follows the TAT). A refund never takes a count below zero and never moves an expiry. A key holding what
--- this script never writes there (another type, a non-number) is read as empty and
--- replaced on the next charge.
+-- every charge), gcra's with every charge (it follows the TAT). A refund never takes a
+-- count below zero and never moves an expiry. A key holding what this script never
+-- writes there (another type, a non-number) is read as empty and replaced on the next
+-- charge.
 --
 -- Commands: every limit is read (fixed: GET, then PTTL if it counts; sliding and
 -- calendar: HMGET; gcra: GET), then charged (INCRBY / HINCRBY / SET PX, plus PEXPIRE when
