@@ -152,6 +152,67 @@ def test_refund_gives_units_back_without_extending(
     assert raw.pttl("crm:ratelimit:{r}:r:60:gcra") <= ttls[1]
 
 
+#: What another writer may have left at a limit's key: another type, a non-number, a
+#: negative count, a count above 2**53 - 1.
+GARBAGE: list[Callable[[redis.Redis, str], object]] = [
+    lambda r, key: r.rpush(key, "x"),
+    lambda r, key: r.set(key, "junk"),
+    lambda r, key: r.set(key, "-4"),
+    lambda r, key: r.set(key, str(2**60)),
+]
+
+
+@pytest.mark.parametrize("write", GARBAGE, ids=["list", "text", "negative", "huge"])
+@pytest.mark.parametrize("algorithm", ["fixed", "sliding", "gcra", "calendar"])
+def test_foreign_state_reads_as_empty(
+    cache: CRMCacheManager, raw: redis.Redis, algorithm: str, write: Callable[..., object]
+) -> None:
+    """A key holding what the script never writes there reads as empty and is replaced
+    by the next charge: alone (the one-limit path) and in a set (the general path,
+    where a fixed limit is charged first). A set another limit refuses leaves it as it
+    was."""
+    if algorithm == "calendar":
+        limit = RateLimit(f"junk-{algorithm}", 3, "day", group="j")
+    else:
+        limit = RateLimit(f"junk-{algorithm}", 3, 60, algorithm=algorithm, group="j")  # type: ignore[arg-type]
+    key = f"crm:ratelimit:{limit.key_suffix()}"
+    other = RateLimit("junk-other", 1, 60, algorithm="sliding", group="j")
+    for limits in ([limit], [other, limit], [limit, other]):
+        raw.delete(key, f"crm:ratelimit:{other.key_suffix()}")
+        write(raw, key)
+        result = cache.check_rate_limits(limits)
+        assert result.allowed
+        assert [r.current_count for r in result.results] == [1] * len(limits)
+        assert 0 < raw.pttl(key) <= 86400 * 1000
+        assert cache.check_rate_limits(limits, cost=0).results[limits.index(limit)][1] == 1
+    # Refused by the other limit (spent above): the foreign value stays.
+    raw.delete(key)
+    write(raw, key)
+    refused = cache.check_rate_limits([other, limit])
+    assert (refused.allowed, refused.blocked_by) == (False, other)
+    assert raw.type(key) == (b"list" if write is GARBAGE[0] else b"string")
+
+
+def test_fixed_charged_first_is_taken_back(cache: CRMCacheManager, raw: redis.Redis) -> None:
+    """The fixed limit the script charges before deciding (the last one, when every other
+    limit allows) gives the units back when it refuses: alone and in a set."""
+    fixed = RateLimit("first", 2, 60, group="f")
+    sliding = RateLimit("first", 5, 60, algorithm="sliding", group="f")
+    assert cache.check_rate_limits([fixed], cost=2).allowed
+    alone = cache.check_rate_limits([fixed])
+    assert (alone.allowed, tuple(alone.results[0])) == (False, (False, 2))
+    assert 0 < alone.retry_after <= 60
+    together = cache.check_rate_limits([fixed, sliding])
+    assert (together.allowed, together.blocked_by) == (False, fixed)
+    assert [tuple(r) for r in together.results] == [(False, 2), (True, 0)]
+    assert raw.get("crm:ratelimit:{f}:first:60") == b"2"
+    assert cache.refund([fixed], cost=1) is True
+    assert [tuple(r) for r in cache.check_rate_limits([sliding, fixed]).results] == [
+        (True, 1),
+        (True, 2),
+    ]
+
+
 def test_cluster_needs_one_slot(cache: CRMCacheManager, redis_url: str) -> None:
     """Limits without a common group: a ValueError on a cluster (their keys would span
     slots), allowed on one node; with one group they work everywhere."""

@@ -18,6 +18,7 @@ from crmcache._ratelimit_algos import (
     check_limits,
     decode_reply,
     script_args,
+    wire_args,
 )
 
 NY = ZoneInfo("America/New_York")
@@ -219,6 +220,11 @@ def test_decode_refuses_impossible_replies() -> None:
         2.5,
     )
     assert outcome.results[0].fields() == (False, 5, 5, 0, 2.5, 9.0, False)
+    assert outcome.results is outcome.results  # built once, on first access
+    with pytest.raises(AttributeError, match="read-only"):
+        outcome.allowed = True  # type: ignore[misc]
+    local = decode_reply([1, 1, 1, 3, 0, 0], limits, 1, degraded=True, capacities=[4])[2]
+    assert local.results[0].fields() == (True, 3, 4, 1, 0.0, 0.0, True)
 
 
 @pytest.mark.parametrize(
@@ -254,3 +260,22 @@ def test_one_day_later_is_the_next_calendar_window() -> None:
     late = start + timedelta(hours=22)  # 23:30 local on the 23 h day
     assert _run(engine, [limit], _us(late), 1)[0] == 0
     assert _run(engine, [limit], _us(datetime(2025, 3, 10, tzinfo=NY)), 1)[0] == 1
+
+
+@pytest.mark.parametrize(
+    "limit",
+    [
+        RateLimit("f", 4, 60),
+        RateLimit("s", 4, 60, algorithm="sliding"),
+        RateLimit("g", 4, 60, algorithm="gcra", burst=3),
+        RateLimit("c", 4, "month", timezone="Europe/Paris"),
+    ],
+    ids=["fixed", "sliding", "gcra", "calendar"],
+)
+def test_wire_args_are_the_script_args_encoded(limit: RateLimit) -> None:
+    """What the manager sends is script_args as bytes: three per limit, six for a
+    calendar window."""
+    now = _us(datetime(2025, 6, 1, 12, tzinfo=NY))
+    args = script_args(limit, now)
+    assert len(args) == (6 if limit.timezone else 3)
+    assert wire_args(limit, now) == tuple(str(a).encode() for a in args)

@@ -55,6 +55,7 @@ __all__ = [
     "check_limits",
     "decode_reply",
     "script_args",
+    "wire_args",
 ]
 
 Algorithm = Literal["fixed", "sliding", "gcra"]
@@ -99,6 +100,7 @@ class RateLimit:
         "_args",
         "_quota",
         "_suffix",
+        "_wire",
         "_zone",
         "algorithm",
         "burst",
@@ -119,6 +121,7 @@ class RateLimit:
     _args: tuple[str | int, ...]
     _quota: bool
     _suffix: str
+    _wire: tuple[bytes, ...]
     _zone: ZoneInfo | None
 
     def __init__(
@@ -154,10 +157,10 @@ class RateLimit:
             args = ()
         elif algorithm == "fixed":
             suffix = f"{tag}{name}:{checked}"
-            args = ("f", limit, int(checked) * 1000, 0, 0, 0)
+            args = ("f", limit, int(checked) * 1000)
         elif algorithm == "sliding":
             suffix = f"{tag}{name}:{checked}:sliding"
-            args = ("s", limit, int(checked) * _US, 0, 0, 0)
+            args = ("s", limit, int(checked) * _US)
         else:
             assert burst is not None  # noqa: S101 - set above for gcra; narrows the type
             interval = -(-int(checked) * _US // limit)
@@ -167,7 +170,7 @@ class RateLimit:
                     f"limit) must be at most {_MAX_GCRA_SPAN_US} µs"
                 )
             suffix = f"{tag}{name}:{checked}:gcra"
-            args = ("g", burst, interval, 0, 0, 0)
+            args = ("g", burst, interval)
         setattr_ = object.__setattr__
         for field, value in (
             ("name", name),
@@ -179,6 +182,7 @@ class RateLimit:
             ("group", group),
             ("_suffix", suffix),
             ("_args", args),
+            ("_wire", tuple(str(arg).encode() for arg in args)),
             ("_zone", zone),
             ("_quota", zone is not None or int(checked) >= QUOTA_WINDOW),
         ):
@@ -290,6 +294,11 @@ def check_limits(limits: object) -> tuple[RateLimit, ...]:
         raise ValueError("limits must not be empty")
     if len(limits) > MAX_LIMITS_PER_CALL:
         raise ValueError(f"limits may hold at most {MAX_LIMITS_PER_CALL} limits")
+    if len(limits) == 1:
+        only = limits[0]
+        if not isinstance(only, RateLimit):
+            raise TypeError(f"limits must hold RateLimit objects, not {type(only).__name__}")
+        return (only,)
     seen: set[object] = set()
     for item in limits:
         if not isinstance(item, RateLimit):
@@ -329,6 +338,7 @@ def check_cost(limits: Sequence[RateLimit], cost: object, *, name: str = "cost")
 
 _bounds_memo: dict[tuple[str, str], tuple[int, int, tuple[int, int, int, int]]] = {}
 _bounds_lock = threading.Lock()
+_wire_memo: dict[tuple[int, int, int, int], tuple[bytes, ...]] = {}
 
 
 def _start_us(day: date, zone: ZoneInfo) -> int:
@@ -370,8 +380,28 @@ def calendar_bounds(window: str, zone: ZoneInfo, now_us: int) -> tuple[int, int,
     return bounds
 
 
+def wire_args(limit: RateLimit, now_us: int) -> tuple[bytes, ...]:
+    """:func:`script_args` as the bytes sent (encoded once per limit, or per calendar
+    period for a calendar window: the hot path packs them as they are)."""
+    wire = limit._wire
+    if wire:
+        return wire
+    zone = limit._zone
+    assert zone is not None  # noqa: S101 - only calendar limits have no static args
+    bounds = calendar_bounds(str(limit.window), zone, now_us)
+    memo = _wire_memo.get(bounds)
+    if memo is None:
+        memo = tuple(b"%d" % bound for bound in bounds)
+        with _bounds_lock:
+            if len(_wire_memo) > 1024:
+                _wire_memo.clear()
+            _wire_memo[bounds] = memo
+    return (b"c", b"%d" % limit.limit, *memo)
+
+
 def script_args(limit: RateLimit, now_us: int) -> tuple[str | int, ...]:
-    """The six ARGV entries of ``limit`` in ``rate_limits.lua``."""
+    """The ARGV entries of ``limit`` in ``rate_limits.lua`` (three, six for a calendar
+    window)."""
     args: tuple[str | int, ...] = limit._args
     if args:
         return args
@@ -391,17 +421,20 @@ class RateLimitsResult:
         blocked_by: the first limit that refused, else None.
         retry_after: seconds until the whole set would allow this cost (the largest
             ``retry_after`` among the limits that refused; 0.0 when allowed).
-        results: one :class:`RateLimitResult` per limit, in the order given.
+        results: one :class:`RateLimitResult` per limit, in the order given (built on
+            first access: a caller that reads only ``allowed`` does not pay for them).
         degraded: Redis could not be asked; ``allowed`` comes from the failure policy.
     """
 
-    __slots__ = ("allowed", "blocked_by", "degraded", "results", "retry_after")
+    __slots__ = ("_results", "_source", "allowed", "blocked_by", "degraded", "retry_after")
 
     allowed: bool
     blocked_by: RateLimit | None
     retry_after: float
-    results: tuple[RateLimitResult, ...]
     degraded: bool
+    _results: tuple[RateLimitResult, ...] | None
+    #: What ``results`` is built from: the reply, the limits and their capacities.
+    _source: tuple[list[int], Sequence[RateLimit], Sequence[int] | None] | None
 
     def __init__(
         self,
@@ -416,8 +449,39 @@ class RateLimitsResult:
         setattr_(self, "allowed", allowed)
         setattr_(self, "blocked_by", blocked_by)
         setattr_(self, "retry_after", retry_after)
-        setattr_(self, "results", results)
+        setattr_(self, "_results", results)
+        setattr_(self, "_source", None)
         setattr_(self, "degraded", degraded)
+
+    @property
+    def results(self) -> tuple[RateLimitResult, ...]:
+        """One :class:`RateLimitResult` per limit, in the order given."""
+        results = self._results
+        if results is None:
+            assert self._source is not None  # noqa: S101 - set whenever _results is not
+            reply, limits, capacities = self._source
+            degraded = self.degraded
+            built = []
+            at = 2
+            for index, item in enumerate(limits):
+                ok, count, retry, reset = reply[at], reply[at + 1], reply[at + 2], reply[at + 3]
+                at += 4
+                capacity = item.capacity if capacities is None else capacities[index]
+                remaining = capacity - count
+                built.append(
+                    RateLimitResult(
+                        ok == 1,
+                        count,
+                        capacity,
+                        remaining if remaining > 0 else 0,
+                        retry / _US,
+                        degraded=degraded,
+                        reset=reset / _US,
+                    )
+                )
+            results = tuple(built)
+            object.__setattr__(self, "_results", results)
+        return results
 
     def __setattr__(self, name: str, value: object) -> None:
         raise AttributeError(f"RateLimitsResult is read-only (cannot set {name!r})")
@@ -433,6 +497,10 @@ class RateLimitsResult:
         )
 
 
+_new_outcome = RateLimitsResult.__new__
+_set_field = object.__setattr__
+
+
 def decode_reply(
     reply: object,
     limits: Sequence[RateLimit],
@@ -442,6 +510,8 @@ def decode_reply(
     capacities: Sequence[int] | None = None,
 ) -> tuple[bool, int, RateLimitsResult]:
     """Decode ``rate_limits.lua``'s reply: ``(allowed, granted, result)``.
+
+    The reply is checked in full here; the per-limit results are built when first read.
 
     Args:
         capacities: each limit's capacity when not its own (the local limiter's share).
@@ -455,11 +525,12 @@ def decode_reply(
     allowed, granted = reply[0], reply[1]
     if allowed not in (0, 1) or type(granted) is not int or not 0 <= granted <= cost:
         raise CorruptReply(f"impossible head {{{allowed!r:.20}, {granted!r:.30}}}")
-    results = []
     blocked_by = None
     retry_us = 0
-    for index, item in enumerate(limits):
-        ok, count, retry, reset = reply[2 + 4 * index : 6 + 4 * index]
+    at = 2
+    for item in limits:
+        ok, count, retry, reset = reply[at], reply[at + 1], reply[at + 2], reply[at + 3]
+        at += 4
         if not (
             ok in (0, 1)
             and type(count) is int
@@ -470,26 +541,17 @@ def decode_reply(
             and reset >= 0
         ):
             raise CorruptReply(f"impossible figures for {item!r}: {ok}, {count}, {retry}, {reset}")
-        capacity = item.capacity if capacities is None else capacities[index]
-        remaining = capacity - count
         if ok == 0:
             if blocked_by is None:
                 blocked_by = item
             retry_us = max(retry_us, retry)
-        results.append(
-            RateLimitResult(
-                ok == 1,
-                count,
-                capacity,
-                remaining if remaining > 0 else 0,
-                retry / _US,
-                degraded=degraded,
-                reset=reset / _US,
-            )
-        )
-    outcome = RateLimitsResult(
-        allowed == 1, blocked_by, retry_us / _US, tuple(results), degraded=degraded
-    )
+    outcome = _new_outcome(RateLimitsResult)
+    _set_field(outcome, "allowed", allowed == 1)
+    _set_field(outcome, "blocked_by", blocked_by)
+    _set_field(outcome, "retry_after", retry_us / _US)
+    _set_field(outcome, "_results", None)
+    _set_field(outcome, "_source", (reply, limits, capacities))
+    _set_field(outcome, "degraded", degraded)
     return allowed == 1, granted, outcome
 
 
@@ -513,9 +575,15 @@ class Engine:
     def run(
         self, keys: Sequence[str], args: Sequence[str | int], now: int, cost: int, mode: str
     ) -> list[int]:
-        """What the script answers for ``keys`` and the per-limit ``args`` (six each)."""
+        """What the script answers for ``keys`` and the per-limit ``args`` (those of
+        :func:`script_args`, one limit after the other)."""
         self._expire(now)
-        states = [self._read(key, args[6 * i : 6 * i + 6], now) for i, key in enumerate(keys)]
+        states = []
+        at = 0
+        for key in keys:
+            width = 6 if args[at] == "c" else 3
+            states.append(self._read(key, args[at : at + width], now))
+            at += width
         least = min(state.cap for state in states)
         allowed, granted, want = 1, 0, cost
         if mode == "c":

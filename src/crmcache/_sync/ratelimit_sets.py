@@ -20,7 +20,7 @@ from .._ratelimit_algos import (
     check_cost,
     check_limits,
     decode_reply,
-    script_args,
+    wire_args,
 )
 from .._stats import Counter
 from .core import CacheCore
@@ -197,14 +197,15 @@ class RateLimitSetsMixin(CacheCore):
         transport = self._active()
         if transport is None:
             return None
-        now = self._now_us()
-        args: list[str | int] = [
-            "" if self._rate_limit_clock is None else now,
-            cost,
-            mode,
-        ]
+        clock = self._rate_limit_clock
+        # The wall clock only picks calendar periods (the script runs on Redis's TIME).
+        now = clock() if clock is not None else 0
+        args: list[bytes | int | str] = [b"" if clock is None else now, cost, mode]
         for item in limits:
-            args.extend(script_args(item, now))
+            wire = item._wire
+            if not wire:
+                wire = wire_args(item, now if clock is not None else _wall_us())
+            args += wire
         reply = self._call(op, transport.evalsha, transport.scripts.rate_limits, keys, args)
         if reply is FAILED:
             return None
