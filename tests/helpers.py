@@ -1,8 +1,12 @@
-"""Helpers shared by the test modules: polling with a deadline, and test preferences."""
+"""Helpers shared by the test modules: polling with a deadline, test preferences, and
+worker processes started together."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 
@@ -62,3 +66,31 @@ def prefs(version: int = 0, client_id: str = "client-123", tz: str = "UTC") -> C
         language="de",
         version=version,
     )
+
+
+def run_processes(
+    worker: str,
+    *args: str,
+    go: Callable[[], object],
+    count: int = 4,
+    timeout: float = 120,
+) -> list[str]:
+    """Start ``count`` Python processes running the code ``worker`` (``sys.argv[1:]`` is
+    ``args``; warnings are errors in them), call ``go`` once all are started (the workers
+    wait for the signal it gives, so that they run at the same time), and return their
+    standard outputs; fail if any exits non-zero, with the errors."""
+    env = {**os.environ, "PYTHONWARNINGS": "error"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", worker, *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for _ in range(count)
+    ]
+    go()
+    outputs = [p.communicate(timeout=timeout) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err for _, err in outputs]
+    return [out for out, _ in outputs]

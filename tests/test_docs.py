@@ -23,11 +23,9 @@ import redis
 
 from test_readme import (
     README,
-    TEMPLATE_FILES,
     Block,
-    _run,
-    missing,
     python_blocks,
+    run_example,
 )
 
 # README's database fixture, by the name it is imported as (requested below, indirectly).
@@ -190,27 +188,4 @@ def test_docs_block_runs(
     tmp_path: Path,
 ) -> None:
     """The block runs to the end, as written, against a real Redis and database."""
-    if block.skip is not None:
-        pytest.skip(f"the page marks this block: {block.skip}")
-    absent = missing(block.requires)
-    if absent:
-        pytest.skip(f"the block needs {', '.join(absent)}, not in this build")
-    for name, content in TEMPLATE_FILES.items():
-        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / name).write_text(content, encoding="utf-8")
-    env = {
-        **os.environ,
-        "REDIS_URL": redis_url,
-        "DATABASE_URL": readme_database_url,
-        "PYTHONDONTWRITEBYTECODE": "1",
-    }
-    for name in ("CACHE_TTL", "ENABLE_CACHING"):
-        env.pop(name, None)
-    completed = _run(block, tmp_path, env)
-    if completed.returncode != 0:
-        pytest.fail(
-            f"line {block.line} ({block.heading}) exited {completed.returncode}:\n"
-            f"{block.code}\n--- stderr ---\n{completed.stderr}\n--- stdout ---\n"
-            f"{completed.stdout}",
-            pytrace=False,
-        )
+    run_example(block, "this docs page", readme_database_url, redis_url, tmp_path)

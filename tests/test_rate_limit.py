@@ -5,9 +5,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
-import os
-import subprocess
-import sys
 import textwrap
 import threading
 import time
@@ -20,6 +17,7 @@ import redis
 from crmcache import CRMCacheManager, RateLimitResult
 from crmcache._replies import script_contract
 from crmcache._scripts import RegisteredScript, load_script_source
+from helpers import run_processes
 
 
 def test_spec_example_unpacks_as_pair(cache: CRMCacheManager) -> None:
@@ -147,21 +145,10 @@ WORKER = textwrap.dedent(
 @pytest.mark.slow
 def test_exact_across_processes(redis_url: str, raw: redis.Redis) -> None:
     """4 processes x 500 calls on one Redis with limit=1000 allow exactly 1000."""
-    env = {**os.environ, "PYTHONWARNINGS": "error"}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", WORKER, redis_url, "500"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
-        for _ in range(4)
-    ]
-    raw.set("crm:template:sms:go", "1")
-    outputs = [p.communicate(timeout=120) for p in procs]
-    assert all(p.returncode == 0 for p in procs), [err for _, err in outputs]
-    assert sum(int(out) for out, _ in outputs) == 1000
+    outputs = run_processes(
+        WORKER, redis_url, "500", go=lambda: raw.set("crm:template:sms:go", "1")
+    )
+    assert sum(int(out) for out in outputs) == 1000
     assert raw.get("crm:ratelimit:shared:3600") == b"1000"
 
 

@@ -5,9 +5,6 @@ and exact counts across processes."""
 from __future__ import annotations
 
 import logging
-import os
-import subprocess
-import sys
 import textwrap
 import uuid
 from collections.abc import Callable, Iterator
@@ -23,6 +20,7 @@ from crmcache import CRMCacheManager, RateLimit, RateLimitsResult
 from crmcache._config import is_cluster_url
 from crmcache._ratelimit_algos import Engine, decode_reply, script_args
 from crmcache.testing import RedisServer
+from helpers import run_processes
 
 NY = ZoneInfo("America/New_York")
 #: A time to start the driven clock at: a Saturday evening before the March DST change.
@@ -438,18 +436,7 @@ EXPECTED = {"fixed": 1000, "sliding": 1000, "gcra": 1000, "calendar": 1000, "set
 def test_exact_across_processes(redis_url: str, raw: redis.Redis, case: str) -> None:
     """4 processes x 400 calls allow exactly the limit (the tightest, for a set), for
     every algorithm."""
-    env = {**os.environ, "PYTHONWARNINGS": "error"}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", WORKER, redis_url, case, "400"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
-        for _ in range(4)
-    ]
-    raw.set("crm:template:sms:go", "1")
-    outputs = [p.communicate(timeout=120) for p in procs]
-    assert all(p.returncode == 0 for p in procs), [err for _, err in outputs]
-    assert sum(int(out) for out, _ in outputs) == EXPECTED[case]
+    outputs = run_processes(
+        WORKER, redis_url, case, "400", go=lambda: raw.set("crm:template:sms:go", "1")
+    )
+    assert sum(int(out) for out in outputs) == EXPECTED[case]

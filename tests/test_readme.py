@@ -233,11 +233,20 @@ def test_readme_block_runs(
     block: Block, database_url: str, redis_url: str, raw: redis.Redis, tmp_path: Path
 ) -> None:
     """The block runs to the end, as written, against a real Redis and database."""
+    run_example(block, "README.md", database_url, redis_url, tmp_path)
+
+
+def run_example(
+    block: Block, source: str, database_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    """Run ``block`` (from the file ``source``) to the end in ``tmp_path`` against the
+    Redis at ``redis_url`` and the database at ``database_url``; skip a block its file
+    marks, or one whose names this build lacks; fail with its output if it exits non-zero."""
     if block.skip is not None:
-        pytest.skip(f"README marks this block: {block.skip}")
+        pytest.skip(f"{source} marks this block: {block.skip}")
     absent = missing(block.requires)
     if absent:
-        pytest.skip(f"README block needs {', '.join(absent)}, not in this build")
+        pytest.skip(f"{source} block needs {', '.join(absent)}, not in this build")
     for name, content in TEMPLATE_FILES.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(content, encoding="utf-8")
@@ -252,7 +261,7 @@ def test_readme_block_runs(
     completed = _run(block, tmp_path, env)
     if completed.returncode != 0:
         pytest.fail(
-            f"README.md line {block.line} ({block.heading}) exited {completed.returncode}:\n"
+            f"{source} line {block.line} ({block.heading}) exited {completed.returncode}:\n"
             f"{block.code}\n--- stderr ---\n{completed.stderr}\n--- stdout ---\n"
             f"{completed.stdout}",
             pytrace=False,

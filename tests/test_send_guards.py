@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import re
-import subprocess
-import sys
 import textwrap
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -24,7 +21,7 @@ import crmcache
 from crmcache import ConfigurationError, CRMCacheManager
 from crmcache.cache_manager import SendClaim
 from crmcache.testing import free_loopback_port
-from helpers import poll
+from helpers import poll, run_processes
 
 
 def counters(cache: CRMCacheManager) -> dict[str, int]:
@@ -210,21 +207,8 @@ WORKER = textwrap.dedent(
 @pytest.mark.slow
 def test_exactly_one_winner_across_processes(redis_url: str, raw: redis.Redis) -> None:
     """4 processes claiming the same 300 messages: each message is won by one process."""
-    env = {**os.environ, "PYTHONWARNINGS": "error"}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", WORKER, redis_url],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
-        for _ in range(4)
-    ]
-    raw.set("crm:template:sms:go", "1")
-    outputs = [p.communicate(timeout=120) for p in procs]
-    assert all(p.returncode == 0 for p in procs), [err for _, err in outputs]
-    won = [int(i) for out, _ in outputs for i in out.split()]
+    outputs = run_processes(WORKER, redis_url, go=lambda: raw.set("crm:template:sms:go", "1"))
+    won = [int(i) for out in outputs for i in out.split()]
     assert sorted(won) == list(range(300))
 
 
