@@ -6,9 +6,9 @@ On real servers: threads get their own replies, also while the main thread is in
 (``KeyboardInterrupt``) at random points of its calls, hundreds of times; commands go out
 in fewer writes than calls; a hung server fails the calls within their deadline and a
 new connection serves the next ones; a restart is reconnected and scripts reload; a
-forked child opens its own connections and leaves the parent's alone. The whole suite
-also runs on it (``pytest --pipelining=on``, in CI), on one node, a cluster and a
-Sentinel group."""
+forked child opens its own connections and leaves the parent's alone. Every module
+that drives the data path also runs on it (``pytest --pipelining=on``, in CI), on one
+node, a cluster and a Sentinel group."""
 
 from __future__ import annotations
 
@@ -75,8 +75,11 @@ def run_threads(work: Callable[[int], None], threads: int) -> list[BaseException
     return errors
 
 
-def test_it_is_opt_in(own_server: RedisServer) -> None:
-    with CRMCacheManager(redis_url=own_server.url) as pooled:
+def test_it_is_opt_in(own_server: RedisServer, pytestconfig: pytest.Config) -> None:
+    if pytestconfig.getoption("--pipelining") == "default":  # --pipelining=on flips it
+        with CRMCacheManager(redis_url=own_server.url) as pooled:
+            assert not isinstance(pooled._transport, MuxPool)
+    with CRMCacheManager(redis_url=own_server.url, pipelining=False) as pooled:
         assert not isinstance(pooled._transport, MuxPool)
     with CRMCacheManager(
         redis_url=own_server.url, pipelining=True, pipeline_connections=3
