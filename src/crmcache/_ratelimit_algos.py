@@ -162,7 +162,7 @@ class RateLimit:
             suffix = f"{tag}{name}:{checked}:sliding"
             args = ("s", limit, int(checked) * _US)
         else:
-            assert burst is not None  # noqa: S101 - set above for gcra; narrows the type
+            burst = limit if burst is None else burst  # set above for gcra; narrows the type
             interval = -(-int(checked) * _US // limit)
             if burst * interval > _MAX_GCRA_SPAN_US:
                 raise ValueError(
