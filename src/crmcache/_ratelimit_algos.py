@@ -387,7 +387,8 @@ def wire_args(limit: RateLimit, now_us: int) -> tuple[bytes, ...]:
     if wire:
         return wire
     zone = limit._zone
-    assert zone is not None  # noqa: S101 - only calendar limits have no static args
+    if zone is None:  # only calendar limits have no static args
+        raise TypeError(f"{limit!r} has neither static arguments nor a calendar window")
     bounds = calendar_bounds(str(limit.window), zone, now_us)
     memo = _wire_memo.get(bounds)
     if memo is None:
@@ -406,7 +407,8 @@ def script_args(limit: RateLimit, now_us: int) -> tuple[str | int, ...]:
     if args:
         return args
     zone = limit._zone
-    assert zone is not None  # noqa: S101 - only calendar limits have no static args
+    if zone is None:  # only calendar limits have no static args
+        raise TypeError(f"{limit!r} has neither static arguments nor a calendar window")
     return ("c", limit.limit, *calendar_bounds(str(limit.window), zone, now_us))
 
 
@@ -458,8 +460,10 @@ class RateLimitsResult:
         """One :class:`RateLimitResult` per limit, in the order given."""
         results = self._results
         if results is None:
-            assert self._source is not None  # noqa: S101 - set whenever _results is not
-            reply, limits, capacities = self._source
+            source = self._source  # set whenever _results is not
+            if source is None:
+                raise TypeError("a rate-limit result without results or a reply to build them")
+            reply, limits, capacities = source
             degraded = self.degraded
             built = []
             at = 2
