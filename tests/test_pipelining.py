@@ -42,7 +42,7 @@ def test_it_is_the_async_default_and_the_pool_stays_selectable(own_server: Redis
     async def main() -> None:
         async with AsyncCRMCacheManager(redis_url=own_server.url) as piped:
             assert isinstance(piped._transport, AsyncMuxNodeTransport)
-            assert piped.settings.pipeline_connections == 2
+            assert piped.settings.pipeline_connections == 1
         async with AsyncCRMCacheManager(redis_url=own_server.url, pipelining=False) as pooled:
             assert not isinstance(pooled._transport, AsyncMuxPool)
             assert await pooled.set_template("a", "sms", "x") is True
@@ -163,6 +163,8 @@ def test_a_hung_server_fails_calls_within_the_deadline_then_recovers(
             redis_url=own_server.url, socket_timeout=0.3, socket_connect_timeout=0.3
         ) as cache:
             await seeded(cache)
+            # Template reads have a connection of their own: open it before the hang.
+            assert await cache.get_template("t0", "email") == "v0"
             own_server.pause_process()
             try:
                 loop = asyncio.get_running_loop()
@@ -225,6 +227,43 @@ def test_one_watchdog_per_connection_however_bursty(own_server: RedisServer) -> 
                 for handle in scheduled
                 if not handle.cancelled() and getattr(handle._callback, "__name__", "") == "_check"
             ]
-            assert len(watchdogs) <= cache.settings.pipeline_connections
+            # The calls' connections and template reads' own.
+            assert len(watchdogs) <= cache.settings.pipeline_connections + 1
+
+    asyncio.run(main())
+
+
+def test_template_reads_take_a_connection_of_their_own(own_server: RedisServer) -> None:
+    """Head-of-line: a large template's transfer never sits in front of the small calls'
+    replies. Template reads (GET and MGET) are queued on a connection of their own; the
+    preference reads and rate-limit checks sent in the same turn never share it."""
+    big = "x" * (1024 * 1024)
+
+    async def main() -> None:
+        async with AsyncCRMCacheManager(redis_url=own_server.url) as cache:
+            await seeded(cache)
+            assert await cache.set_template("big", "email", big) is True
+            assert await cache.get_template("t0", "email") == "v0"  # opens it
+            calls = [
+                cache.get_template("big", "email"),
+                cache.get_templates([("big", "email"), ("t1", "email")]),
+                *[cache.get_client_preferences(f"c{i}") for i in range(20)],
+                cache.check_rate_limit("sms", 100, 60),
+            ]
+            tasks = [asyncio.create_task(call) for call in calls]
+            await asyncio.sleep(0)  # every task has queued its command; none is written
+            mux = mux_of(cache)
+            large, small = mux._muxes[-1], mux._muxes[0]
+            assert large is not None
+            assert small is not None
+            assert large is not small
+            assert [pending[1][0] for pending in large.pending] == ["GET", "MGET"]
+            assert [pending[1][0] for pending in small.pending] == ["GET"] * 20 + ["EVALSHA"]
+            results = await asyncio.gather(*tasks)
+            assert results[0] == big
+            assert results[1] == {("big", "email"): big, ("t1", "email"): "v1"}
+            assert results[2:22] == [prefs(i + 1, client_id=f"c{i}") for i in range(20)]
+            assert results[22].allowed
+            assert len(mux.live_connections()) == 2
 
     asyncio.run(main())

@@ -188,14 +188,46 @@ def check_tombstone(raw: bytes) -> None:
         raise CorruptValue("malformed tombstone")
 
 
+#: Values decoded at most, and the longest decoded value kept (see decode_preferences).
+DECODE_MEMO_SIZE: Final = 1024
+DECODE_MEMO_MAX_BYTES: Final = 4096
+#: Stored value -> its decoded preferences, never handed out (callers get clones).
+_DECODED: dict[bytes, ClientPreferences] = {}
+
+
 def decode_preferences(raw: bytes, client_id: str) -> ClientPreferences:
     """Decode a stored preferences value (not a tombstone) found at ``client_id``'s key.
+
+    Decoding is a pure function of the bytes, and validation is most of a hit's client
+    cost, so the values read last are decoded once: a memo maps up to
+    :data:`DECODE_MEMO_SIZE` values (of at most :data:`DECODE_MEMO_MAX_BYTES`) to their
+    decoded preferences, and a repeat gets a clone of them. A changed value is other bytes,
+    so it can never be answered from the memo (this is no cache of keys: nothing in it
+    can be stale). It is emptied when full; under threads each of its operations is one
+    atomic dict operation.
+
+    Returns:
+        Preferences of the caller's own (a change to them touches nothing else).
 
     Raises:
         CorruptValue: the bytes are not ``<version>:<json>`` of a valid
             :class:`ClientPreferences` of ``client_id`` whose version matches the prefix
             (a version of at most 16 digits, at most ``MAX_VERSION``).
     """
+    known = _DECODED.get(raw) if type(raw) is bytes else None
+    if known is not None:
+        if known.client_id != client_id:
+            raise CorruptValue("the value belongs to another client")
+        return clone_preferences(known)
+    prefs = _decode_preferences(raw, client_id)
+    if type(raw) is bytes and len(raw) <= DECODE_MEMO_MAX_BYTES:
+        if len(_DECODED) >= DECODE_MEMO_SIZE:
+            _DECODED.clear()
+        _DECODED[raw] = clone_preferences(prefs)
+    return prefs
+
+
+def _decode_preferences(raw: bytes, client_id: str) -> ClientPreferences:
     head, sep, body = raw.partition(b":")
     if not sep or not head.isdigit():
         raise CorruptValue("missing version prefix")

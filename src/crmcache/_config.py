@@ -84,7 +84,7 @@ __all__ = [
 
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
 #: Shared connections per node when the data path is auto-pipelined.
-DEFAULT_PIPELINE_CONNECTIONS = 2
+DEFAULT_PIPELINE_CONNECTIONS = 1
 #: More shared connections than this buy nothing (each already carries every caller).
 MAX_PIPELINE_CONNECTIONS = 64
 DEFAULT_ENABLED = True

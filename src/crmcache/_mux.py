@@ -40,7 +40,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 
 from ._async.cluster_node import AsyncAskingMixin
 from ._async.node import AsyncNodeTransport
@@ -54,6 +54,8 @@ from ._resp import pack
 
 if TYPE_CHECKING:
     from redis.asyncio.connection import AbstractConnection
+
+    from ._scripts import ScriptLike
 
 
 __all__ = [
@@ -174,12 +176,16 @@ class AsyncMuxPool(MuxBooks, AsyncLeanPool):
 
     Args:
         factory: makes a new (unconnected) redis-py connection.
-        connections: shared connections (round robin).
+        connections: shared connections, which calls take in turn (round robin); a
+            command sent with :meth:`execute_large` takes one more, of its own
+            (``large_lane``).
         kwargs: the lean pool's (``call_timeout``, ``connect_timeout``, ``on_info``,
             ``locate``, ``max_value_bytes``, ``address``, ``retry_dropped``...).
     """
 
     _muxes: list[_MuxConnection | None]
+    #: One more connection, for :meth:`execute_large`.
+    large_lane = True
 
     def __init__(
         self,
@@ -189,31 +195,63 @@ class AsyncMuxPool(MuxBooks, AsyncLeanPool):
         **kwargs: Any,  # noqa: ANN401 - the lean pool's keyword arguments
     ) -> None:
         super().__init__(factory, **kwargs)
-        count = self.open_books(connections)
-        self._opening: list[asyncio.Future[_MuxConnection] | None] = [None] * count
+        #: Connections the calls take turns on; the large lane, if any, comes after them.
+        self._lanes = self.open_books(connections)
+        if self.large_lane:
+            self._muxes.append(None)
+        self._opening: list[asyncio.Future[_MuxConnection] | None] = [None] * len(self._muxes)
         self._turn = 0
 
     async def execute(self, *args: Any, check: Check | None = None) -> Any:  # noqa: ANN401 - a raw Redis reply
         """Queue one command on a shared connection and await its reply (checked)."""
+        return await self._execute(args, check)
+
+    async def execute_large(self, *args: Any, check: Check | None = None) -> Any:  # noqa: ANN401 - a raw Redis reply
+        """:meth:`execute` for a command whose reply may be large (a template read): on
+        a connection of its own (opened on first use), so that its transfer never holds
+        up the small calls' replies queued behind it on theirs."""
+        return await self._execute(args, check, large=self.large_lane)
+
+    async def evalsha(self, script: ScriptLike, keys: Sequence[Any], args: Sequence[Any]) -> Any:  # noqa: ANN401
+        """The lean pool's ``evalsha`` (``NOSCRIPT`` loads the script), one frame
+        shorter."""
+        try:
+            return await self._execute(
+                ("EVALSHA", script.sha, len(keys), *keys, *args), script.check
+            )
+        except NoScriptError:
+            await self._execute(("SCRIPT", "LOAD", script.script), None)
+            return await self._execute(
+                ("EVALSHA", script.sha, len(keys), *keys, *args), script.check
+            )
+
+    async def _execute(
+        self,
+        args: tuple[Any, ...],
+        check: Check | None,
+        retry: bool = True,
+        large: bool = False,
+    ) -> Any:  # noqa: ANN401 - a raw Redis reply
         if self._closed:
             raise PoolClosedError
-        try:
-            return await self._send(args, check)
-        except RedisConnectionError:
-            if self._closed or not self._retry_dropped:
-                raise
-            # The connection dropped (a restarted Redis, a proxy): once more, on a new one.
-            return await self._send(args, check)
-
-    async def _send(self, args: tuple[Any, ...], check: Check | None) -> Any:  # noqa: ANN401
-        index = self._turn
-        self._turn = (index + 1) % len(self._muxes)
+        # Inline, not a call deeper: a frame per call costs as much as the rest of this.
+        if large:
+            index = self._lanes
+        else:
+            index = self._turn
+            self._turn = (index + 1) % self._lanes
         mux = self._muxes[index]
         if mux is None or not mux.alive:
             mux = await self._open(index)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         mux.submit(args, check, future)
-        return await future
+        try:
+            return await future
+        except RedisConnectionError:
+            if not retry or self._closed or not self._retry_dropped:
+                raise
+        # The connection dropped (a restarted Redis, a proxy): once more, on a new one.
+        return await self._execute(args, check, retry=False, large=large)
 
     async def _open(self, index: int) -> _MuxConnection:
         """The shared connection ``index``, opened if needed: one opening at a time, in a
@@ -286,6 +324,9 @@ class AsyncMuxClusterNodePool(AsyncMuxPool, AsyncAskingMixin):
     turn, so they go out in one write like any other calls, and ``ASKING`` travels right
     before its command on the same connection."""
 
+    #: A cluster sends a template read to its slot's primary like any other command.
+    large_lane = False
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:  # noqa: ANN401 - AsyncMuxPool's
         super().__init__(*args, **kwargs)
         self.breaker = CircuitBreaker()
@@ -326,7 +367,7 @@ class AsyncMuxClusterNodePool(AsyncMuxPool, AsyncAskingMixin):
         self, commands: Sequence[tuple[Any, ...]], checks: Sequence[Check | None]
     ) -> list[asyncio.Future[Any]]:
         index = self._turn
-        self._turn = (index + 1) % len(self._muxes)
+        self._turn = (index + 1) % self._lanes
         mux = self._muxes[index]
         if mux is None or not mux.alive:
             mux = await self._open(index)

@@ -307,6 +307,11 @@ class MuxPool(MuxBooks, LeanPool):
         self._opening = [threading.Lock() for _ in range(self._count)]
         self._turns = itertools.count()
 
+    def execute_large(self, *args: Any, check: Check | None = None) -> Any:  # noqa: ANN401 - a raw Redis reply
+        """:meth:`execute`: on the sync facade large replies share the connections with
+        the small ones (there is no lane of their own here)."""
+        return self.execute(*args, check=check)
+
     def execute(self, *args: Any, check: Check | None = None) -> Any:  # noqa: ANN401 - a raw Redis reply
         """Queue one command on a shared connection and wait for its reply (checked)."""
         deadline = time.monotonic() + self._call_timeout

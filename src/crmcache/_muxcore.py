@@ -140,8 +140,13 @@ class MuxReplies:
     def screen(self, chunk: bytes, since: int, tail: bytes) -> None:
         """Refuse ``chunk`` before hiredis sees it: the end of the stream, a huge
         aggregate header (hiredis allocates at the header), a reply over its call's
-        budget (``since``: bytes read since a reply last completed; ``tail``: the end of
-        the previous chunk, for a header split between two)."""
+        budget (``since``: bytes read since a reply last completed, this chunk included;
+        ``tail``: the end of the previous chunk, for a header split between two).
+
+        The budget is checked on what came before this chunk: a chunk may end one reply
+        and carry the start of the next ones (a large value behind another), so the
+        oldest call's reply is only known to be over its budget once it took more than
+        that without completing. A reply is refused at most one chunk late."""
         if not chunk:
             raise RedisConnectionError("Connection closed by server.")
         if huge_array_header(chunk, at_start=not self.reader.has_data()) or (
@@ -149,10 +154,11 @@ class MuxReplies:
         ):
             raise ProtocolError("a reply announces a huge aggregate")
         pending = self.pending
+        before = since - len(chunk)
         if (
-            since > _SMALL
+            before > _SMALL
             and pending
-            and since > reply_budget(pending[0][1], self.max_value_bytes)
+            and before > reply_budget(pending[0][1], self.max_value_bytes)
         ):
             raise ProtocolError(f"reply to {pending[0][1][0]} larger than the call can use")
 

@@ -146,13 +146,13 @@ _COMMANDS: Final[dict[str, Check]] = {
 
 def _ints(length: int) -> Check:
     def check(reply: object, args: Sequence[Any]) -> bool:
-        return (
-            type(reply) is list
-            and len(reply) == length
-            and all(type(item) is int for item in reply)
-        )
+        # A list of ints: the set of its item types is {int} (no generator per reply).
+        return type(reply) is list and len(reply) == length and set(map(type, reply)) == _INT
 
     return check
+
+
+_INT: Final = {int}
 
 
 def _rate_limits(reply: object, args: Sequence[Any]) -> bool:
@@ -160,7 +160,7 @@ def _rate_limits(reply: object, args: Sequence[Any]) -> bool:
     return (
         type(reply) is list
         and len(reply) == 2 + 4 * int(args[2])
-        and all(type(item) is int for item in reply)
+        and set(map(type, reply)) == _INT
     )
 
 

@@ -3,14 +3,30 @@
 redis-py's ``pack_command`` costs more than a loopback round trip's share of a call; the
 data paths (the lean pool and the shared connections) pack the common argument types
 here, byte for byte as redis-py would, and hand anything else to redis-py.
+
+The arguments that repeat from call to call (command names, script SHAs, the keys of hot
+clients and APIs, limits and windows) are packed once: :data:`_PACKED` maps a ``str`` or
+``int`` argument to its RESP bulk string. It holds at most :data:`MEMO_SIZE` of them, none
+longer than :data:`MEMO_MAX_BYTES`, and is emptied when full, so a stream of distinct keys
+costs one dict insert each and never grows it past that bound. Under threads a lookup,
+an insert and the emptying are each one atomic dict operation: a race can only pack an
+argument twice.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Final
 
-__all__ = ["pack"]
+__all__ = ["MEMO_MAX_BYTES", "MEMO_SIZE", "pack"]
+
+#: Arguments packed once and kept, at most.
+MEMO_SIZE: Final = 2048
+#: Longer arguments are packed on every call (values, big keys).
+MEMO_MAX_BYTES: Final = 200
+
+#: ``str`` or ``int`` argument -> its bulk string (``$<len>\r\n<bytes>\r\n``).
+_PACKED: dict[str | int, bytes] = {}
 
 
 def pack(args: Sequence[Any]) -> bytes:
@@ -26,19 +42,26 @@ def pack(args: Sequence[Any]) -> bytes:
         raise TypeError("a command name of several words")
     parts = [b"*%d\r\n" % len(args)]
     append = parts.append
+    memo = _PACKED
     for arg in args:
         kind = type(arg)
+        # Only str and int are looked up: 1.0 and True hash like 1 but pack otherwise.
+        if kind is str or kind is int:
+            bulk = memo.get(arg)
+            if bulk is None:
+                data = arg.encode() if kind is str else b"%d" % arg
+                bulk = b"$%d\r\n%b\r\n" % (len(data), data)
+                if len(data) <= MEMO_MAX_BYTES:
+                    if len(memo) >= MEMO_SIZE:
+                        memo.clear()
+                    memo[arg] = bulk
+            append(bulk)
+            continue
         if kind is bytes:
             data = arg
-        elif kind is str:
-            data = arg.encode()
-        elif kind is int:
-            data = b"%d" % arg
         elif kind is float:
             data = repr(arg).encode()
         else:
             raise TypeError(kind.__name__)
-        append(b"$%d\r\n" % len(data))
-        append(data)
-        append(b"\r\n")
+        append(b"$%d\r\n%b\r\n" % (len(data), data))
     return b"".join(parts)

@@ -191,8 +191,8 @@ class AsyncNodeTransport(AsyncLeanPool, AsyncTransport):
             logger.debug("redis_url %s is a standalone Redis or primary", self._masked_url)
 
     async def mget(self, keys: Sequence[str]) -> list[bytes | None]:
-        """One ``MGET`` for every key."""
-        return await self.execute("MGET", *keys)  # type: ignore[no-any-return]
+        """One ``MGET`` for every key (values may be large: :meth:`execute_large`)."""
+        return await self.execute_large("MGET", *keys)  # type: ignore[no-any-return]
 
     async def mset(self, values: Mapping[str, bytes]) -> None:
         """One ``MSET`` for every key (atomic)."""

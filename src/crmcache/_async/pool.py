@@ -305,6 +305,10 @@ class AsyncLeanPool:
                 return reply
             tail = bytes(chunk[-24:])
 
+    async def execute_large(self, *args: Any, check: Check | None = None) -> Any:  # noqa: ANN401
+        """The pool's own :meth:`execute`: a call has its connection to itself here."""
+        return await AsyncLeanPool.execute(self, *args, check=check)
+
     async def evalsha(self, script: ScriptLike, keys: Sequence[Any], args: Sequence[Any]) -> Any:  # noqa: ANN401
         """Run a registered script by SHA, its reply checked against the script's contract,
         loading it first if Redis answers ``NOSCRIPT`` (after a restart or ``SCRIPT

@@ -33,7 +33,7 @@ import inspect
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from redis.asyncio import Redis
@@ -127,16 +127,26 @@ class AsyncSentinelTransport(AsyncNodeTransport):
     async def execute(self, *args: Any, check: Check | None = None) -> Any:  # noqa: ANN401 - a raw Redis reply
         """The lean pool's ``execute`` on the current primary; once more on the primary
         the sentinels name now if the node answered ``READONLY``."""
+        return await self._on_primary(super().execute, args, check)
+
+    async def execute_large(self, *args: Any, check: Check | None = None) -> Any:  # noqa: ANN401 - a raw Redis reply
+        """:meth:`execute` of a command whose reply may be large (on the pool's own
+        connection for them, if it has one)."""
+        return await self._on_primary(super().execute_large, args, check)
+
+    async def _on_primary(
+        self, send: Callable[..., Awaitable[Any]], args: tuple[Any, ...], check: Check | None
+    ) -> Any:  # noqa: ANN401 - a raw Redis reply
         now = time.monotonic()
         if now - self._checked_at > VERIFY_INTERVAL and not self._closed:
             self._checked_at = now
             self._verify_soon()
         try:
-            return await super().execute(*args, check=check)
+            return await send(*args, check=check)
         except ReadOnlyError:
             self._stale = True
             await self._forget(None)
-            return await super().execute(*args, check=check)
+            return await send(*args, check=check)
         except (PoolExhaustedError, PoolClosedError):
             raise
         except (RedisConnectionError, TimeoutError):

@@ -45,7 +45,7 @@ class AsyncTemplatesMixin(AsyncCacheCore):
                 self._stats.near_hit(Kind.TEMPLATES)
                 return cast("str", held)
             token = near.token()
-        raw = await self._call("get_template", transport.get, key)
+        raw = await self._call("get_template", transport.get_large, key)
         if raw is FAILED:
             self._stats.count(Counter.READS_FAILED)
         content = await self._decode_template(key, raw)

@@ -193,8 +193,8 @@ class NodeTransport(LeanPool, Transport):
             logger.debug("redis_url %s is a standalone Redis or primary", self._masked_url)
 
     def mget(self, keys: Sequence[str]) -> list[bytes | None]:
-        """One ``MGET`` for every key."""
-        return self.execute("MGET", *keys)  # type: ignore[no-any-return]
+        """One ``MGET`` for every key (values may be large: :meth:`execute_large`)."""
+        return self.execute_large("MGET", *keys)  # type: ignore[no-any-return]
 
     def mset(self, values: Mapping[str, bytes]) -> None:
         """One ``MSET`` for every key (atomic)."""

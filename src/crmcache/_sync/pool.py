@@ -307,6 +307,10 @@ class LeanPool:
                 return reply
             tail = bytes(chunk[-24:])
 
+    def execute_large(self, *args: Any, check: Check | None = None) -> Any:  # noqa: ANN401
+        """The pool's own :meth:`execute`: a call has its connection to itself here."""
+        return LeanPool.execute(self, *args, check=check)
+
     def evalsha(self, script: ScriptLike, keys: Sequence[Any], args: Sequence[Any]) -> Any:  # noqa: ANN401
         """Run a registered script by SHA, its reply checked against the script's contract,
         loading it first if Redis answers ``NOSCRIPT`` (after a restart or ``SCRIPT

@@ -129,16 +129,26 @@ class SentinelTransport(NodeTransport):
     def execute(self, *args: Any, check: Check | None = None) -> Any:  # noqa: ANN401 - a raw Redis reply
         """The lean pool's ``execute`` on the current primary; once more on the primary
         the sentinels name now if the node answered ``READONLY``."""
+        return self._on_primary(super().execute, args, check)
+
+    def execute_large(self, *args: Any, check: Check | None = None) -> Any:  # noqa: ANN401 - a raw Redis reply
+        """:meth:`execute` of a command whose reply may be large (on the pool's own
+        connection for them, if it has one)."""
+        return self._on_primary(super().execute_large, args, check)
+
+    def _on_primary(
+        self, send: Callable[..., Any], args: tuple[Any, ...], check: Check | None
+    ) -> Any:  # noqa: ANN401 - a raw Redis reply
         now = time.monotonic()
         if now - self._checked_at > VERIFY_INTERVAL and not self._closed:
             self._checked_at = now
             self._verify_soon()
         try:
-            return super().execute(*args, check=check)
+            return send(*args, check=check)
         except ReadOnlyError:
             self._stale = True
             self._forget(None)
-            return super().execute(*args, check=check)
+            return send(*args, check=check)
         except (PoolExhaustedError, PoolClosedError):
             raise
         except (RedisConnectionError, TimeoutError):

@@ -47,7 +47,7 @@ class TemplatesMixin(CacheCore):
                 self._stats.near_hit(Kind.TEMPLATES)
                 return cast("str", held)
             token = near.token()
-        raw = self._call("get_template", transport.get, key)
+        raw = self._call("get_template", transport.get_large, key)
         if raw is FAILED:
             self._stats.count(Counter.READS_FAILED)
         content = self._decode_template(key, raw)

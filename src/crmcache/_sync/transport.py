@@ -94,14 +94,26 @@ class Transport(ABC):
     def evalsha(self, script: ScriptLike, keys: Sequence[Any], args: Sequence[Any]) -> Any:  # noqa: ANN401
         """Run a registered script on the node of ``keys[0]``, loading it on ``NOSCRIPT``."""
 
+    def execute_large(self, *args: Any) -> Any:  # noqa: ANN401 - a raw Redis reply
+        """:meth:`execute` for a command whose reply may be large (template reads). A
+        transport that shares connections among callers sends it on a connection of its
+        own, so its transfer never delays the small calls' replies (``crmcache._mux``);
+        others simply execute it."""
+        return self.execute(*args)
+
     def get(self, key: str) -> object:
         """``GET key``; a value of another type is returned as ``WRONG_TYPE``, not raised."""
         try:
             return self.execute("GET", key)
         except ResponseError as exc:
-            if str(exc).startswith("WRONGTYPE"):
-                return WRONG_TYPE
-            raise
+            return _wrong_type(exc)
+
+    def get_large(self, key: str) -> object:
+        """:meth:`get` of a value that may be large (:meth:`execute_large`)."""
+        try:
+            return self.execute_large("GET", key)
+        except ResponseError as exc:
+            return _wrong_type(exc)
 
     @abstractmethod
     def mget(self, keys: Sequence[str]) -> list[bytes | None]:
@@ -149,3 +161,10 @@ class Transport(ABC):
     @abstractmethod
     def close(self, grace: float) -> None:
         """Close every connection; calls in flight get ``grace`` seconds to finish."""
+
+
+def _wrong_type(exc: ResponseError) -> object:
+    """``WRONG_TYPE`` for a ``WRONGTYPE`` error reply; any other error is raised."""
+    if str(exc).startswith("WRONGTYPE"):
+        return WRONG_TYPE
+    raise exc
