@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from crmcache import ClientPreferences, MessageChannel
+from crmcache import _codec as codec
 from crmcache._codec import (
     FAST_CHECK,
     CorruptValue,
@@ -286,3 +287,25 @@ def test_validated_models_take_the_fast_path() -> None:
     check_preferences(FULL)  # teaches the fast check FULL's time zone
     assert check_preferences(FULL) is FULL
     assert _plainly_valid(FULL.__dict__)
+
+
+def test_decoded_values_are_memoized_but_never_shared() -> None:
+    """A repeat of the same bytes is answered from the memo: equal preferences, a new
+    object each time, so a caller's change never reaches the next reader."""
+    prefs = ClientPreferences(client_id="memo-1", version=7, preferred_channels=["sms"])
+    raw = encode_preferences(prefs)
+    first = decode_preferences(raw, "memo-1")
+    first.preferred_channels.append(MessageChannel.EMAIL)
+    first.timezone = "Europe/Paris"
+    second = decode_preferences(raw, "memo-1")
+    assert second == prefs
+    assert second is not first
+    assert second.preferred_channels is not first.preferred_channels
+    # The same bytes under another client's key are still refused.
+    with pytest.raises(CorruptValue, match="another client"):
+        decode_preferences(raw, "memo-2")
+    # Distinct values never grow the memo past its bound.
+    for i in range(codec.DECODE_MEMO_SIZE + 10):
+        other = ClientPreferences(client_id=f"memo-{i}", version=1)
+        assert decode_preferences(encode_preferences(other), f"memo-{i}") == other
+        assert len(codec._DECODED) <= codec.DECODE_MEMO_SIZE

@@ -87,21 +87,16 @@ class RateLimitResult(tuple[bool, int]):
         degraded: bool = False,
         reset: float | None = None,
     ) -> RateLimitResult:
-        self = _new_pair(cls, (allowed, current_count))
-        _set_fields(
-            self,
-            "__dict__",
-            {
-                "allowed": allowed,
-                "current_count": current_count,
-                "limit": limit,
-                "remaining": remaining,
-                "retry_after": retry_after,
-                "reset": retry_after if reset is None else reset,
-                "degraded": degraded,
-            },
+        return _build(
+            cls,
+            allowed,
+            current_count,
+            limit,
+            remaining,
+            retry_after,
+            retry_after if reset is None else reset,
+            degraded,
         )
-        return self
 
     def __setattr__(self, name: str, value: object) -> None:
         raise AttributeError(f"RateLimitResult is read-only (cannot set {name!r})")
@@ -175,6 +170,35 @@ def check_limit_args(limit: object, window: object, cost: object) -> tuple[int, 
     return limit, window, cost
 
 
+def _build(  # noqa: PLR0917 - positional: the hot path pays for keywords
+    cls: type[RateLimitResult],
+    allowed: bool,
+    current_count: int,
+    limit: int,
+    remaining: int,
+    retry_after: float,
+    reset: float,
+    degraded: bool,
+) -> RateLimitResult:
+    """A result, every field given: what ``RateLimitResult(...)`` does, without its
+    keyword handling (a check's reply is turned into one on every call)."""
+    self = _new_pair(cls, (allowed, current_count))
+    _set_fields(
+        self,
+        "__dict__",
+        {
+            "allowed": allowed,
+            "current_count": current_count,
+            "limit": limit,
+            "remaining": remaining,
+            "retry_after": retry_after,
+            "reset": reset,
+            "degraded": degraded,
+        },
+    )
+    return self
+
+
 def result_from_reply(reply: object, limit: int, window_ms: int) -> RateLimitResult:
     """Build a result from ``rate_limit.lua``'s ``{allowed, count, ttl_ms}`` reply.
 
@@ -202,12 +226,16 @@ def result_from_reply(reply: object, limit: int, window_ms: int) -> RateLimitRes
             f"limit={limit}, window={window_ms} ms"
         )
     remaining = limit - count
-    return RateLimitResult(
+    retry_after = ttl_ms / 1000.0
+    return _build(
+        RateLimitResult,
         allowed == 1,
         count,
         limit,
         remaining if remaining > 0 else 0,
-        ttl_ms / 1000.0,
+        retry_after,
+        retry_after,
+        False,
     )
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from .._config import DEFAULT_RATE_LIMIT_WINDOW, RateLimitPolicy
+from .._config import DEFAULT_RATE_LIMIT_WINDOW, RateLimitPolicy, check_policy
 from .._guard import FAILED
 from .._keys import check_id
 from .._ratelimit import (
@@ -25,6 +25,11 @@ from .core import AsyncCacheCore
 __all__ = ["AsyncRateLimitsMixin"]
 
 logger = logging.getLogger("crmcache")
+
+
+#: The decisions counted on every check (module constants: no enum lookup per call).
+_ALLOWED = Counter.RATE_LIMIT_ALLOWED
+_REJECTED = Counter.RATE_LIMIT_REJECTED
 
 
 class AsyncRateLimitsMixin(AsyncCacheCore):
@@ -75,7 +80,8 @@ class AsyncRateLimitsMixin(AsyncCacheCore):
             # Hot APIs are few; the bound keeps a caller with endless names from growing it.
             if len(self._rate_limit_keys) < KEY_MEMO_SIZE:
                 self._rate_limit_keys[api, window] = key
-        chosen = choose_policy(self.settings, api, policy)
+        if policy is not None:  # checked now, chosen only if Redis cannot answer
+            policy = check_policy(policy, "policy")
         transport = self._active()
         if transport is not None:
             window_ms = window * 1000
@@ -92,14 +98,10 @@ class AsyncRateLimitsMixin(AsyncCacheCore):
                 except CorruptReply as exc:
                     self._corrupt_reply(key, exc)
                 else:
-                    self._stats.rate_limit(
-                        api,
-                        Counter.RATE_LIMIT_ALLOWED
-                        if result.allowed
-                        else Counter.RATE_LIMIT_REJECTED,
-                    )
+                    self._stats.rate_limit(api, _ALLOWED if result.allowed else _REJECTED)
                     return result
         self._stats.rate_limit(api, Counter.RATE_LIMIT_DEGRADED)
+        chosen = choose_policy(self.settings, api, policy)
         if chosen == "local":
             return self._local_limiter.check(api, limit, window, cost)
         return degraded_result(chosen, limit)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 
-from .._config import DEFAULT_RATE_LIMIT_WINDOW, RateLimitPolicy
+from .._config import DEFAULT_RATE_LIMIT_WINDOW, RateLimitPolicy, check_policy
 from .._guard import FAILED
 from .._keys import check_id
 from .._ratelimit import (
@@ -27,6 +27,11 @@ from .core import CacheCore
 __all__ = ["RateLimitsMixin"]
 
 logger = logging.getLogger("crmcache")
+
+
+#: The decisions counted on every check (module constants: no enum lookup per call).
+_ALLOWED = Counter.RATE_LIMIT_ALLOWED
+_REJECTED = Counter.RATE_LIMIT_REJECTED
 
 
 class RateLimitsMixin(CacheCore):
@@ -77,7 +82,8 @@ class RateLimitsMixin(CacheCore):
             # Hot APIs are few; the bound keeps a caller with endless names from growing it.
             if len(self._rate_limit_keys) < KEY_MEMO_SIZE:
                 self._rate_limit_keys[api, window] = key
-        chosen = choose_policy(self.settings, api, policy)
+        if policy is not None:  # checked now, chosen only if Redis cannot answer
+            policy = check_policy(policy, "policy")
         transport = self._active()
         if transport is not None:
             window_ms = window * 1000
@@ -94,14 +100,10 @@ class RateLimitsMixin(CacheCore):
                 except CorruptReply as exc:
                     self._corrupt_reply(key, exc)
                 else:
-                    self._stats.rate_limit(
-                        api,
-                        Counter.RATE_LIMIT_ALLOWED
-                        if result.allowed
-                        else Counter.RATE_LIMIT_REJECTED,
-                    )
+                    self._stats.rate_limit(api, _ALLOWED if result.allowed else _REJECTED)
                     return result
         self._stats.rate_limit(api, Counter.RATE_LIMIT_DEGRADED)
+        chosen = choose_policy(self.settings, api, policy)
         if chosen == "local":
             return self._local_limiter.check(api, limit, window, cost)
         return degraded_result(chosen, limit)
