@@ -47,7 +47,7 @@ TEMPLATES = {
 SEND_LIMIT = int(os.environ.get("SEND_LIMIT_PER_MINUTE", "600"))
 #: Pool sizing per process (examples/gunicorn.conf.py sets them for its workers): the
 #: async data path shares this many auto-pipelined connections per Redis node...
-PIPELINE_CONNECTIONS = int(os.environ.get("CRMCACHE_PIPELINE_CONNECTIONS", "2"))
+PIPELINE_CONNECTIONS = int(os.environ.get("CRMCACHE_PIPELINE_CONNECTIONS", "1"))
 #: ... or, with pipelining off, holds up to this many (one per call in flight).
 MAX_CONNECTIONS = int(os.environ.get("CRMCACHE_MAX_CONNECTIONS", "10"))
 

@@ -36,8 +36,11 @@ timeout = 60
 # -- connections per worker (one AsyncCRMCacheManager each) --------------------------------
 
 #: The async data path is auto-pipelined: every request of the worker shares these
-#: connections per Redis node. Two are plenty; more buy little (each carries every caller).
-PIPELINE_CONNECTIONS = int(os.environ.get("CRMCACHE_PIPELINE_CONNECTIONS", "2"))
+#: connections per Redis node. One is the default and the fastest measured; more buy
+#: little (each carries every caller).
+PIPELINE_CONNECTIONS = int(os.environ.get("CRMCACHE_PIPELINE_CONNECTIONS", "1"))
+#: Template reads take one more of their own (a large template never delays the rest).
+TEMPLATE_CONNECTIONS = 1
 #: Used only with pipelining=False (one connection per call in flight): kept small.
 MAX_CONNECTIONS = int(os.environ.get("CRMCACHE_MAX_CONNECTIONS", "10"))
 #: The manager's own extra connections per node: SCAN/INFO for stats (2, opened on use),
@@ -45,7 +48,11 @@ MAX_CONNECTIONS = int(os.environ.get("CRMCACHE_MAX_CONNECTIONS", "10"))
 ADMIN_CONNECTIONS, HEALTH_CONNECTIONS, NEAR_CACHE_CONNECTIONS = 2, 1, 1
 #: At most this many connections per worker per Redis node.
 CONNECTIONS_PER_WORKER = (
-    max(PIPELINE_CONNECTIONS, 0) + ADMIN_CONNECTIONS + HEALTH_CONNECTIONS + NEAR_CACHE_CONNECTIONS
+    max(PIPELINE_CONNECTIONS, 0)
+    + TEMPLATE_CONNECTIONS
+    + ADMIN_CONNECTIONS
+    + HEALTH_CONNECTIONS
+    + NEAR_CACHE_CONNECTIONS
 )
 
 # -- the Redis maxclients arithmetic --------------------------------------------------------

@@ -44,7 +44,7 @@ def test_config_values_are_consistent(monkeypatch: pytest.MonkeyPatch) -> None:
     assert conf.wsgi_app == "examples.fastapi_app:app"
     assert conf.preload_app is False
     assert conf.workers == 4
-    assert conf.CONNECTIONS_PER_WORKER == conf.PIPELINE_CONNECTIONS + 4
+    assert conf.CONNECTIONS_PER_WORKER == conf.PIPELINE_CONNECTIONS + 5  # + templates' own
     assert conf.TOTAL_CONNECTIONS == conf.REPLICAS * 4 * conf.CONNECTIONS_PER_WORKER
     assert conf.TOTAL_CONNECTIONS + conf.RESERVED_CLIENTS <= conf.REDIS_MAXCLIENTS
     assert f"CRMCACHE_PIPELINE_CONNECTIONS={conf.PIPELINE_CONNECTIONS}" in conf.raw_env
