@@ -8,6 +8,7 @@ import pytest
 from redis.asyncio.connection import Connection
 
 from crmcache import _resp
+from crmcache._replies import _HUGE_AFTER_CRLF, _HUGE_AT_START, huge_array_header
 from crmcache._resp import pack
 
 
@@ -52,3 +53,32 @@ def test_packed_arguments_are_memoized_within_a_bound() -> None:
     long_key = "k" * (_resp.MEMO_MAX_BYTES + 1)
     assert pack(("GET", long_key)) == b"".join(conn.pack_command("GET", long_key))
     assert long_key not in _resp._PACKED
+
+
+def test_the_huge_header_screen_agrees_with_the_regex_everywhere() -> None:
+    """The screen finds CRs with memchr and looks behind each (then, past a few dozen,
+    hands the rest to the regex): on random chunks of framing, values, CRLF-rich text and
+    headers of every size it answers exactly what the plain regex scan answers."""
+    rng = random.Random(11)
+    pieces = [
+        b"$5\r\nhello\r\n",
+        b"*2\r\n",
+        b"*1234567\r\n",
+        b"%9999999\r\n",
+        b"~-5\r\n",
+        b"*-1\r\n",
+        b"line\r\n" * 20,  # a template with CRLF line ends: many CRs
+        b"\r",
+        b"\r\n",
+        b"x" * 300,
+        b"\r\n>1000000",
+        b"|12",
+    ]
+    for _ in range(5000):
+        chunk = b"".join(rng.choice(pieces) for _ in range(rng.randint(0, 60)))
+        at_start = rng.random() < 0.5
+        expected = bool(
+            at_start and chunk and chunk[0] in b"*%~>|" and _HUGE_AT_START.match(chunk)
+        ) or (_HUGE_AFTER_CRLF.search(chunk) is not None)
+        assert huge_array_header(chunk, at_start=at_start) is expected, chunk
+        assert huge_array_header(memoryview(chunk), at_start=at_start) is expected, chunk

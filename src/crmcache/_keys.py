@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Final
 
 from .models import MessageChannel
 
@@ -305,12 +306,23 @@ def template_key_for(
     return prefix + check_id("name", name, max_length)
 
 
+#: Pairs whose keys a manager remembers (:func:`template_keys`'s ``memo``), at most.
+TEMPLATE_KEY_MEMO_SIZE: Final = 4096
+
+
 def template_keys(
     templates: Iterable[TemplateRef],
     max_length: int,
     table: Mapping[object, str] = TEMPLATE_PREFIX,
+    memo: dict[TemplateRef, str] | None = None,
 ) -> tuple[list[TemplateRef], list[str]]:
     """Validate ``(name, channel)`` pairs; return the distinct pairs and their keys.
+
+    Args:
+        memo: pairs already validated, and their keys (the manager's, for ``table`` and
+            ``max_length``): a pair of two plain ``str`` found there is not checked
+            again (a batch is mostly the same hot templates). At most
+            :data:`TEMPLATE_KEY_MEMO_SIZE`, emptied when full.
 
     Raises:
         TypeError: not an iterable of pairs. ValueError: a bad pair, or more than
@@ -322,9 +334,26 @@ def template_keys(
     for item in templates:
         if not isinstance(item, tuple) or len(item) != 2:
             raise TypeError(f"templates items must be (name, channel) pairs, got {item!r}")
-        # The right side runs first: a bad (or unhashable) name is reported before the
-        # pair is hashed.
-        keys[item] = template_key_for(item[0], item[1], max_length, table)
+        # Only plain str pairs are looked up (no __eq__ or __hash__ of a caller's own).
+        known = (
+            memo.get(item)
+            if memo is not None and type(item[0]) is str and type(item[1]) in _PLAIN_CHANNEL
+            else None
+        )
+        if known is None:
+            # The right side runs first: a bad (or unhashable) name is reported before
+            # the pair is hashed.
+            known = keys[item] = template_key_for(item[0], item[1], max_length, table)
+            if memo is not None and type(item[0]) is str and type(item[1]) in _PLAIN_CHANNEL:
+                if len(memo) >= TEMPLATE_KEY_MEMO_SIZE:
+                    memo.clear()
+                memo[item] = known
+        else:
+            keys[item] = known
         if len(keys) > MAX_BATCH:
             raise ValueError(f"templates may name at most {MAX_BATCH} templates")
     return list(keys), list(keys.values())
+
+
+#: Channel types a memoized pair may hold (a StrEnum member hashes as its value).
+_PLAIN_CHANNEL: Final = frozenset({str, MessageChannel})

@@ -34,7 +34,7 @@ from .._guard import (
     new_breaker,
     slow_call_threshold,
 )
-from .._keys import KeySpace
+from .._keys import KeySpace, TemplateRef
 from .._latency import SUM, LatencyHistograms
 from .._near import NearCache
 from .._pending import PendingKind
@@ -99,6 +99,8 @@ class AsyncCacheCore:
         self._keys = keys = KeySpace(s.key_prefix)
         self._prefs_prefix = keys.prefs_prefix
         self._template_prefix = keys.template_prefix
+        #: Template pairs validated before, and their keys (_keys.template_keys).
+        self._template_keys: dict[TemplateRef, str] = {}
         self._stats = StatsRecorder()
         #: Per-operation latency of Redis calls, recorded only once enabled.
         self._latency = LatencyHistograms()

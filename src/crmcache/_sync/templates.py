@@ -70,7 +70,9 @@ class TemplatesMixin(CacheCore):
         Raises:
             TypeError, ValueError: a bad pair, or more than 10,000 of them.
         """
-        refs, keys = template_keys(templates, self._max_id, self._template_prefix)
+        refs, keys = template_keys(
+            templates, self._max_id, self._template_prefix, self._template_keys
+        )
         transport = self._active()
         if transport is None or not keys:
             self._stats.miss(Kind.TEMPLATES, len(keys))
@@ -178,7 +180,9 @@ class TemplatesMixin(CacheCore):
                 f"templates must be a mapping of (name, channel) to content, "
                 f"not {type(templates).__name__}"
             )
-        refs, keys = template_keys(templates.keys(), self._max_id, self._template_prefix)
+        refs, keys = template_keys(
+            templates.keys(), self._max_id, self._template_prefix, self._template_keys
+        )
         limit = self.settings.max_template_bytes
         data = {
             key: check_template_content(templates[ref], limit)
