@@ -40,7 +40,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import ResponseError
 
 from ._async.cluster_node import AsyncAskingMixin
 from ._async.node import AsyncNodeTransport
@@ -54,8 +54,6 @@ from ._resp import pack
 
 if TYPE_CHECKING:
     from redis.asyncio.connection import AbstractConnection
-
-    from ._scripts import ScriptLike
 
 
 __all__ = [
@@ -211,19 +209,6 @@ class AsyncMuxPool(MuxBooks, AsyncLeanPool):
         a connection of its own (opened on first use), so that its transfer never holds
         up the small calls' replies queued behind it on theirs."""
         return await self._execute(args, check, large=self.large_lane)
-
-    async def evalsha(self, script: ScriptLike, keys: Sequence[Any], args: Sequence[Any]) -> Any:  # noqa: ANN401
-        """The lean pool's ``evalsha`` (``NOSCRIPT`` loads the script), one frame
-        shorter."""
-        try:
-            return await self._execute(
-                ("EVALSHA", script.sha, len(keys), *keys, *args), script.check
-            )
-        except NoScriptError:
-            await self._execute(("SCRIPT", "LOAD", script.script), None)
-            return await self._execute(
-                ("EVALSHA", script.sha, len(keys), *keys, *args), script.check
-            )
 
     async def _execute(
         self,
