@@ -60,7 +60,8 @@ def test_the_settings_are_checked_by_name() -> None:
 
 
 def test_concurrent_calls_share_writes(own_server: RedisServer) -> None:
-    """1,000 concurrent reads on 2 connections go out in a few writes, not 1,000."""
+    """1,000 concurrent template reads (on their own connection) go out in a few writes,
+    not 1,000."""
 
     async def main() -> None:
         async with AsyncCRMCacheManager(redis_url=own_server.url) as cache:

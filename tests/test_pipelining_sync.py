@@ -221,7 +221,9 @@ def _child(cache: CRMCacheManager, out: multiprocessing.Queue[object]) -> None:
 
 
 def test_a_forked_child_opens_its_own_connections(own_server: RedisServer) -> None:
-    with CRMCacheManager(redis_url=own_server.url, pipelining=True) as cache:
+    with CRMCacheManager(
+        redis_url=own_server.url, pipelining=True, pipeline_connections=2
+    ) as cache:
         seeded(cache)
         mux = mux_of(cache)
         assert mux.accounting().created == 2
