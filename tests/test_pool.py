@@ -267,14 +267,15 @@ def test_saturation_by_a_small_pool_blames_the_pool(
     with CRMCacheManager(
         redis_url=own_server.url,
         max_connections=1,
-        pool_timeout=0.1,
+        pool_timeout=0.02,
         socket_timeout=10,
         pipelining=False,
     ) as cache:
-        # Each call reads 400 KiB: quick for Redis, long enough that 96 callers queue
+        # Each call reads 800 KiB: quick (about a millisecond, so calls give their
+        # connection back during any one wait), long enough that 96 callers queue well
         # past the pool timeout.
         names = [(f"t{i}", "email") for i in range(40)]
-        assert cache.set_templates(dict.fromkeys(names, "x" * 10_240))
+        assert cache.set_templates(dict.fromkeys(names, "x" * 20_480))
         failed = threading.Event()
 
         def worker() -> None:
