@@ -298,3 +298,30 @@ def test_saturation_by_a_small_pool_blames_the_pool(
     assert "the pool is too small for this load" in small[0]
     assert "consider a larger max_connections" in small[0]
     assert "1 connection(s), each call holding one about" in small[0]
+
+
+@pytest.mark.single_only
+def test_a_connection_busy_during_a_primary_switch_is_not_used_again(
+    redis_url: str, raw: redis.Redis
+) -> None:
+    """``drop_idle`` (a Sentinel primary switch) cannot close a connection a call holds.
+    That connection may point at the former primary: when its call returns it, the next
+    call must not use it (a replayed invalidation sent there would be lost)."""
+    lean = make_pool(redis_url, size=1)
+    try:
+        before = lean.execute("CLIENT", "ID")
+        blocked = threading.Thread(target=lambda: lean.execute("BLPOP", "switch-list", 5))
+        blocked.start()
+        wait_blocked(raw, 1)
+        assert lean.drop_idle(lambda conn: False) == 0  # the only connection is busy
+        raw.lpush("switch-list", "x")
+        blocked.join(10)
+        after = lean.execute("CLIENT", "ID")
+        assert after != before  # a new connection, not the one from before the switch
+        poll(
+            lambda: before not in [int(c["id"]) for c in raw.client_list()],
+            what="the connection from before the switch closed",
+        )
+        assert lean.accounting().created == 1
+    finally:
+        lean.close(0)

@@ -115,6 +115,8 @@ class AsyncLeanPool:
         self._lock = threading.Lock()
         self._pid = os.getpid()
         self._closed = False
+        #: Bumped by drop_idle: a connection of an earlier one is not used again.
+        self._generation = 0
 
     async def execute(self, *args: Any, check: Check | None = None) -> Any:  # noqa: ANN401 - a raw Redis reply
         """Send one command and return its reply, checked against its contract.
@@ -152,10 +154,9 @@ class AsyncLeanPool:
                 raise PoolClosedError  # closed while this call waited for its slot
             # list.pop/list.append are atomic: the slots bound how many connections
             # exist, the list holds the idle ones.
-            try:
-                conn = self._idle.pop()
-            except IndexError:
-                conn = self._new()
+            conn = self._take()
+            if conn.crm_generation != self._generation:  # type: ignore[attr-defined]
+                conn = await self._renew(conn)
             refusal: ResponseError | None = None
             try:
                 async with within(deadline - time.monotonic()):
@@ -320,11 +321,28 @@ class AsyncLeanPool:
             await self.execute("SCRIPT", "LOAD", script.script)
             return await self.execute("EVALSHA", script.sha, len(keys), *keys, *args, check=check)
 
+    def _take(self) -> AbstractConnection:
+        """An idle connection, else a new one."""
+        try:
+            return self._idle.pop()
+        except IndexError:
+            return self._new()
+
+    async def _renew(self, conn: AbstractConnection) -> AbstractConnection:
+        """``conn`` was busy during a primary switch (:meth:`drop_idle`) and may point at
+        the former primary: close it, and every other such one found idle; a connection
+        of the current generation instead."""
+        while conn.crm_generation != self._generation:  # type: ignore[attr-defined]
+            await self._drop(conn)
+            conn = self._take()
+        return conn
+
     def _new(self) -> AbstractConnection:
-        conn = self._factory()
+        conn: Any = self._factory()
+        conn.crm_generation = self._generation
         with self._lock:
             self._all.append(conn)
-        return conn
+        return conn  # type: ignore[no-any-return]
 
     async def _discard(self, conn: AbstractConnection) -> None:
         with self._lock:
@@ -350,8 +368,14 @@ class AsyncLeanPool:
             self._pid = os.getpid()
 
     async def drop_idle(self, keep: Callable[[AbstractConnection], bool]) -> int:
-        """Close the idle connections ``keep`` rejects (a former primary's); how many."""
+        """Close the idle connections ``keep`` rejects (a former primary's); how many.
+
+        A connection busy meanwhile was taken before the switch and may still point at
+        the former primary: it comes back of an earlier generation, and is closed when
+        a call next finds it idle instead of being used (a replayed invalidation must
+        reach the new primary, not the one being demoted)."""
         with self._lock:
+            self._generation += 1
             idle, self._idle = self._idle, []
         dropped = 0
         while True:
@@ -362,6 +386,7 @@ class AsyncLeanPool:
             except IndexError:
                 return dropped
             if keep(conn):
+                conn.crm_generation = self._generation  # type: ignore[attr-defined]
                 self._idle.append(conn)
             else:
                 dropped += 1

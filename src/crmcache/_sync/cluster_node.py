@@ -112,10 +112,7 @@ class ClusterNodePool(LeanPool, AskingMixin):
         try:
             if self._closed:
                 raise PoolClosedError  # noqa: TRY301 - closed while this call waited
-            try:
-                conn = self._idle.pop()
-            except IndexError:
-                conn = self._new()
+            conn = self._take()
             if dirty(conn):
                 conn.disconnect(nowait=True)
         except BaseException:
