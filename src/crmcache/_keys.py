@@ -334,22 +334,18 @@ def template_keys(
     for item in templates:
         if not isinstance(item, tuple) or len(item) != 2:
             raise TypeError(f"templates items must be (name, channel) pairs, got {item!r}")
-        # Only plain str pairs are looked up (no __eq__ or __hash__ of a caller's own).
-        known = (
-            memo.get(item)
-            if memo is not None and type(item[0]) is str and type(item[1]) in _PLAIN_CHANNEL
-            else None
-        )
+        # Only plain str pairs are memoized (no __eq__ or __hash__ of a caller's own).
+        plain = memo is not None and type(item[0]) is str and type(item[1]) in _PLAIN_CHANNEL
+        known = memo.get(item) if plain and memo is not None else None
         if known is None:
             # The right side runs first: a bad (or unhashable) name is reported before
             # the pair is hashed.
-            known = keys[item] = template_key_for(item[0], item[1], max_length, table)
-            if memo is not None and type(item[0]) is str and type(item[1]) in _PLAIN_CHANNEL:
+            known = template_key_for(item[0], item[1], max_length, table)
+            if plain and memo is not None:
                 if len(memo) >= TEMPLATE_KEY_MEMO_SIZE:
                     memo.clear()
                 memo[item] = known
-        else:
-            keys[item] = known
+        keys[item] = known
         if len(keys) > MAX_BATCH:
             raise ValueError(f"templates may name at most {MAX_BATCH} templates")
     return list(keys), list(keys.values())
