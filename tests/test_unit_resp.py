@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from enum import IntEnum
 
 import pytest
 from redis.asyncio.connection import Connection
@@ -53,6 +54,40 @@ def test_packed_arguments_are_memoized_within_a_bound() -> None:
     long_key = "k" * (_resp.MEMO_MAX_BYTES + 1)
     assert pack(("GET", long_key)) == b"".join(conn.pack_command("GET", long_key))
     assert long_key not in _resp._PACKED
+
+
+def test_whole_script_calls_are_memoized_within_a_bound_and_only_for_plain_types() -> None:
+    conn = Connection()
+    check = ("EVALSHA", "a" * 40, 1, "crm:ratelimit:api:60", 1, 60_000, 1)
+    first = pack(check)
+    assert first == b"".join(conn.pack_command(*check))
+    assert _resp._COMMANDS[check] == first
+    assert pack(tuple(list(check))) is first  # an equal call: its bytes, not packed again
+
+    class One(IntEnum):
+        ONE = 1
+
+    # Equal to a memoized tuple, but of other types that pack otherwise: never its bytes.
+    as_float = (*check[:4], 1.0, 60_000, 1)
+    assert as_float == check
+    assert pack(as_float) == b"".join(conn.pack_command(*as_float)) != first
+    for odd in (True, One.ONE):
+        with pytest.raises(TypeError):  # redis-py's to pack (it refuses bool)
+            pack((*check[:4], odd, 60_000, 1))
+    # Only plain script calls are kept: values, lists and other commands are not.
+    pack(("EVALSHA", "a" * 40, 1, "crm:prefs:c1", b"{}", 1, 60_000))
+    pack(["EVALSHA", "a" * 40, 1, "crm:prefs:c1", 1])
+    pack(("SET", "crm:prefs:c1", "x", "PX", 60_000))
+    assert all(key[0] == "EVALSHA" and type(key) is tuple for key in _resp._COMMANDS)
+    assert not any(bytes in map(type, key) for key in _resp._COMMANDS)
+    # A stream of distinct calls never grows it past its bound; long ones stay out.
+    for i in range(3 * _resp.COMMAND_MEMO_SIZE):
+        args = ("EVALSHA", "a" * 40, 1, f"crm:ratelimit:api-{i}:60", 1, 60_000, 1)
+        assert pack(args) == b"".join(conn.pack_command(*args))
+        assert len(_resp._COMMANDS) <= _resp.COMMAND_MEMO_SIZE
+    long_call = ("EVALSHA", "a" * 40, 1, "k" * _resp.COMMAND_MEMO_MAX_BYTES, 1)
+    assert pack(long_call) == b"".join(conn.pack_command(*long_call))
+    assert long_call not in _resp._COMMANDS
 
 
 def test_the_huge_header_screen_agrees_with_the_regex_everywhere() -> None:

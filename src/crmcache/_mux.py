@@ -68,18 +68,21 @@ class _MuxConnection(MuxReplies):
     """One shared connection: its outbox, its waiting calls (oldest first), its reader
     task."""
 
-    __slots__ = ("conn", "outbox", "pool", "scheduled", "task", "watchdog", "writer")
+    __slots__ = ("conn", "loop", "outbox", "pool", "scheduled", "task", "watchdog", "writer")
 
     def __init__(self, pool: AsyncMuxPool, conn: AbstractConnection) -> None:
         parser: Any = conn._parser
         super().__init__(parser._reader, pool.address, pool.max_value_bytes)
         self.pool = pool
         self.conn = conn
+        #: The loop its reader runs on, where its calls' futures live (asking for the
+        #: running loop costs a getpid() system call: a fifth of a call's own work).
+        self.loop = asyncio.get_running_loop()
         self.writer: Any = conn._writer
         self.outbox: list[bytes] = []
         self.scheduled = False
         self.watchdog: asyncio.TimerHandle | None = None
-        self.task = asyncio.get_running_loop().create_task(
+        self.task = self.loop.create_task(
             self._read_loop(parser._stream), name=f"crmcache-mux-{pool.address}"
         )
 
@@ -98,7 +101,7 @@ class _MuxConnection(MuxReplies):
         self.pool.commands += 1
         if not self.scheduled:
             self.scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+            self.loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         self.scheduled = False
@@ -110,7 +113,7 @@ class _MuxConnection(MuxReplies):
         self.pool.writes += 1
 
     def _arm(self, when: float) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         self.watchdog = loop.call_at(loop.time() + max(0.0, when - time.monotonic()), self._check)
 
     def _check(self) -> None:
@@ -163,6 +166,10 @@ class _MuxConnection(MuxReplies):
             task.cancel()
 
 
+#: A call's future, made directly (``loop.create_future`` is one Python call more).
+_Future = asyncio.Future
+
+
 def _retrieve(task: asyncio.Task[Any]) -> None:
     if not task.cancelled():
         task.exception()
@@ -200,26 +207,24 @@ class AsyncMuxPool(MuxBooks, AsyncLeanPool):
         self._opening: list[asyncio.Future[_MuxConnection] | None] = [None] * len(self._muxes)
         self._turn = 0
 
-    async def execute(self, *args: Any, check: Check | None = None) -> Any:  # noqa: ANN401 - a raw Redis reply
-        """Queue one command on a shared connection and await its reply (checked)."""
-        return await self._execute(args, check)
-
-    async def execute_large(self, *args: Any, check: Check | None = None) -> Any:  # noqa: ANN401 - a raw Redis reply
-        """:meth:`execute` for a command whose reply may be large (a template read): on
-        a connection of its own (opened on first use), so that its transfer never holds
-        up the small calls' replies queued behind it on theirs."""
-        return await self._execute(args, check, large=self.large_lane)
-
-    async def _execute(
+    async def execute(
         self,
-        args: tuple[Any, ...],
-        check: Check | None,
-        retry: bool = True,
+        *args: Any,  # noqa: ANN401 - a command's arguments
+        check: Check | None = None,
         large: bool = False,
+        retry: bool = True,
     ) -> Any:  # noqa: ANN401 - a raw Redis reply
+        """Queue one command on a shared connection and await its reply (checked).
+
+        Args:
+            args: the command and its arguments.
+            check: the reply's contract, when it is not the command's own (a script's).
+            large: on the connection for large replies (:meth:`execute_large`).
+            retry: once more on a new connection if this one drops.
+        """
         if self._closed:
             raise PoolClosedError
-        # Inline, not a call deeper: a frame per call costs as much as the rest of this.
+        # One coroutine, not a call deeper: a frame per call costs as much as the rest.
         if large:
             index = self._lanes
         else:
@@ -228,15 +233,22 @@ class AsyncMuxPool(MuxBooks, AsyncLeanPool):
         mux = self._muxes[index]
         if mux is None or not mux.alive:
             mux = await self._open(index)
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Any] = _Future(loop=mux.loop)
         mux.submit(args, check, future)
         try:
             return await future
         except RedisConnectionError:
             if not retry or self._closed or not self._retry_dropped:
                 raise
-        # The connection dropped (a restarted Redis, a proxy): once more, on a new one.
-        return await self._execute(args, check, retry=False, large=large)
+        # The connection dropped (a restarted Redis, a proxy): once more, on a new one
+        # (this class's own execute: a subclass's, Sentinel's, wraps the whole call).
+        return await AsyncMuxPool.execute(self, *args, check=check, large=large, retry=False)
+
+    async def execute_large(self, *args: Any, check: Check | None = None) -> Any:  # noqa: ANN401 - a raw Redis reply
+        """:meth:`execute` for a command whose reply may be large (a template read): on
+        a connection of its own (opened on first use), so that its transfer never holds
+        up the small calls' replies queued behind it on theirs."""
+        return await AsyncMuxPool.execute(self, *args, check=check, large=self.large_lane)
 
     async def _open(self, index: int) -> _MuxConnection:
         """The shared connection ``index``, opened if needed: one opening at a time, in a
@@ -356,10 +368,10 @@ class AsyncMuxClusterNodePool(AsyncMuxPool, AsyncAskingMixin):
         mux = self._muxes[index]
         if mux is None or not mux.alive:
             mux = await self._open(index)
-        loop = asyncio.get_running_loop()
+        loop = mux.loop
         futures = []
         for command, check in zip(commands, checks, strict=True):
-            future: asyncio.Future[Any] = loop.create_future()
+            future: asyncio.Future[Any] = _Future(loop=loop)
             mux.submit(command, check, future)
             futures.append(future)
         return futures
@@ -378,7 +390,9 @@ class AsyncMuxNodeTransport(AsyncNodeTransport, AsyncMuxPool):
         super().__init__(settings, scrub)
 
 
-class AsyncMuxSentinelTransport(AsyncSentinelTransport, AsyncMuxPool):
+# Sentinel's execute takes no ``large``/``retry``: the pool's own keywords, which only
+# AsyncMuxPool itself passes (to AsyncMuxPool.execute, by name).
+class AsyncMuxSentinelTransport(AsyncSentinelTransport, AsyncMuxPool):  # type: ignore[misc]
     """The Sentinel transport with its data path on shared, auto-pipelined connections."""
 
     def __init__(self, settings: CacheSettings, scrub: Callable[[str], str]) -> None:

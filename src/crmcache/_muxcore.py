@@ -24,11 +24,18 @@ from typing import Any, Protocol
 
 from redis._parsers.hiredis import NOT_ENOUGH_DATA
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import InvalidResponse, ResponseError
+from redis.exceptions import InvalidResponse
 
 from ._config import DEFAULT_PIPELINE_CONNECTIONS
 from ._guard import PoolClosedError
-from ._replies import Check, ProtocolError, check_reply, huge_array_header, reply_budget
+from ._replies import (
+    ERROR_REPLY,
+    Check,
+    ProtocolError,
+    check_reply,
+    huge_array_header,
+    reply_budget,
+)
 from ._stats import PoolAccounting
 
 __all__ = [
@@ -186,14 +193,17 @@ class MuxReplies:
                 raise ProtocolError("a reply nobody asked for") from None
             if waiter.done():
                 continue  # its caller gave up: dropped, in its turn
-            if isinstance(reply, ResponseError | RedisConnectionError):
+            if isinstance(reply, ERROR_REPLY):
                 waiter.set_exception(reply)
                 continue
-            try:
-                check_reply(reply, args, check)
-            except ProtocolError as exc:
-                waiter.set_exception(exc)
-                raise
+            # A script's contract is called here; check_reply finds a command's, and
+            # words the error.
+            if check is None or not check(reply, args):
+                try:
+                    check_reply(reply, args, check)
+                except ProtocolError as exc:
+                    waiter.set_exception(exc)
+                    raise
             waiter.set_result(reply)
 
     def fail_all(self, reason: BaseException) -> None:

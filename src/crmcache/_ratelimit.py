@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from ._config import CacheSettings, RateLimitPolicy, check_policy
@@ -39,7 +39,6 @@ KEY_MEMO_SIZE = 4096
 
 
 _new_pair = tuple.__new__
-_set_fields = object.__setattr__
 
 
 class RateLimitResult(tuple[bool, int]):
@@ -170,6 +169,13 @@ def check_limit_args(limit: object, window: object, cost: object) -> tuple[int, 
     return limit, window, cost
 
 
+#: Sets a result's ``__dict__`` in one step: the class's own descriptor, called directly
+#: (``object.__setattr__`` looks it up on every call).
+_set_dict: Callable[[RateLimitResult, dict[str, object]], None] = RateLimitResult.__dict__[
+    "__dict__"
+].__set__
+
+
 def _build(  # noqa: PLR0917 - positional: the hot path pays for keywords
     cls: type[RateLimitResult],
     allowed: bool,
@@ -183,9 +189,8 @@ def _build(  # noqa: PLR0917 - positional: the hot path pays for keywords
     """A result, every field given: what ``RateLimitResult(...)`` does, without its
     keyword handling (a check's reply is turned into one on every call)."""
     self = _new_pair(cls, (allowed, current_count))
-    _set_fields(
+    _set_dict(
         self,
-        "__dict__",
         {
             "allowed": allowed,
             "current_count": current_count,

@@ -23,9 +23,11 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Any, Final
 
-from redis.exceptions import RedisError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError, ResponseError
 
 __all__ = [
+    "ERROR_REPLY",
     "Check",
     "ProtocolError",
     "check_reply",
@@ -33,6 +35,10 @@ __all__ = [
     "reply_budget",
     "script_contract",
 ]
+
+#: What hiredis gives for an error reply (redis-py's classes): raised to the caller, never
+#: checked. One union built once (``A | B`` in a call builds it on every call).
+ERROR_REPLY: Final = ResponseError | RedisConnectionError
 
 #: Bytes allowed per reply beyond its values (headers, small replies, INFO, SCAN).
 _SMALL_REPLY: Final = 4 * 1024 * 1024

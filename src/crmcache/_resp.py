@@ -8,9 +8,17 @@ The arguments that repeat from call to call (command names, script SHAs, the key
 clients and APIs, limits and windows) are packed once: :data:`_PACKED` maps a ``str`` or
 ``int`` argument to its RESP bulk string. It holds at most :data:`MEMO_SIZE` of them, none
 longer than :data:`MEMO_MAX_BYTES`, and is emptied when full, so a stream of distinct keys
-costs one dict insert each and never grows it past that bound. Under threads a lookup,
-an insert and the emptying are each one atomic dict operation: a race can only pack an
-argument twice.
+costs one dict insert each and never grows it past that bound.
+
+Whole script calls repeat too (a hot API's rate-limit check is the same ``EVALSHA`` every
+time): :data:`_COMMANDS` maps an ``EVALSHA`` whose arguments are all ``str`` or ``int`` to
+its RESP bytes, bounded the same way (:data:`COMMAND_MEMO_SIZE` commands of at most
+:data:`COMMAND_MEMO_MAX_BYTES`). A tuple equal to a memoized one may still hold other
+types (``True == 1``, ``1.0 == 1``, an ``IntEnum`` member), which pack otherwise, so a hit
+counts only after a check that every argument's type is exactly ``str`` or ``int``.
+
+Under threads a lookup, an insert and the emptying are each one atomic dict operation: a
+race can only pack an argument or a command twice.
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Final
 
-__all__ = ["MEMO_MAX_BYTES", "MEMO_SIZE", "pack"]
+__all__ = ["COMMAND_MEMO_MAX_BYTES", "COMMAND_MEMO_SIZE", "MEMO_MAX_BYTES", "MEMO_SIZE", "pack"]
 
 #: Arguments packed once and kept, at most.
 MEMO_SIZE: Final = 2048
@@ -28,8 +36,18 @@ MEMO_MAX_BYTES: Final = 200
 #: ``str`` or ``int`` argument -> its bulk string (``$<len>\r\n<bytes>\r\n``).
 _PACKED: dict[str | int, bytes] = {}
 
+#: Whole commands packed once and kept, at most.
+COMMAND_MEMO_SIZE: Final = 1024
+#: Longer commands are not kept whole (their arguments may still be).
+COMMAND_MEMO_MAX_BYTES: Final = 400
 
-def pack(args: Sequence[Any]) -> bytes:
+#: A command of ``str`` and ``int`` arguments only -> its RESP bytes.
+_COMMANDS: dict[Sequence[Any], bytes] = {}
+#: The argument types a whole command may be memoized with.
+_STR_INT: Final = frozenset((str, int))
+
+
+def pack(args: Sequence[Any]) -> bytes:  # noqa: PLR0912 - one function: the hot path
     """``args`` as one RESP command, as redis-py's encoder writes it (str as UTF-8, int
     and float by ``repr``, bytes as they are), without its per-argument overhead.
 
@@ -38,6 +56,13 @@ def pack(args: Sequence[Any]) -> bytes:
             or a command name with a space (redis-py splits it): the caller falls back to
             redis-py's packer.
     """
+    # Scripts only (their calls repeat whole), and types first: a value's bytes would
+    # take long to hash.
+    whole = args[0] == "EVALSHA" and type(args) is tuple and _STR_INT.issuperset(map(type, args))
+    if whole:
+        packed = _COMMANDS.get(args)
+        if packed is not None:
+            return packed
     if " " in args[0]:
         raise TypeError("a command name of several words")
     parts = [b"*%d\r\n" % len(args)]
@@ -64,4 +89,9 @@ def pack(args: Sequence[Any]) -> bytes:
         else:
             raise TypeError(kind.__name__)
         append(b"$%d\r\n%b\r\n" % (len(data), data))
-    return b"".join(parts)
+    packed = b"".join(parts)
+    if whole and len(packed) <= COMMAND_MEMO_MAX_BYTES:
+        if len(_COMMANDS) >= COMMAND_MEMO_SIZE:
+            _COMMANDS.clear()
+        _COMMANDS[args] = packed
+    return packed

@@ -491,11 +491,12 @@ class StatsRecorder:
     def rate_limit(self, name: str, decision: Counter) -> None:
         """Count one rate-limit decision (``RATE_LIMIT_ALLOWED``, ``_REJECTED`` or
         ``_DEGRADED``) for the limit ``name``."""
-        self._counters[decision].add()
+        # Tally.add(1), inline: once per check, two calls fewer.
+        next(self._counters[decision]._ones)
         row = self._limits.get(name)
         if row is None:
             row = self._limit_row(name)
-        row[decision].add()
+        next(row[decision]._ones)
 
     def rate_limit_set(self, decision: Counter, names: Iterable[str]) -> None:
         """Count one decision on a set of limits: once in the totals, and once for each

@@ -31,7 +31,14 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import InvalidResponse, NoScriptError, ResponseError
 
 from .._guard import PoolClosedError, PoolExhaustedError
-from .._replies import Check, ProtocolError, check_reply, huge_array_header, reply_budget
+from .._replies import (
+    ERROR_REPLY,
+    Check,
+    ProtocolError,
+    check_reply,
+    huge_array_header,
+    reply_budget,
+)
 from .._resp import pack
 from .._stats import PoolAccounting
 from .primitives import FairSlots, connected, dirty, receive, send, sleep, within
@@ -272,7 +279,7 @@ class AsyncLeanPool:
             reply = await self._receive(conn, reader, args, deadline)
         if not more and reader.has_data():
             raise ProtocolError(f"more than one reply to {args[0]}")
-        if isinstance(reply, ResponseError | RedisConnectionError):
+        if isinstance(reply, ERROR_REPLY):
             raise reply
         check_reply(reply, args, check)
         return reply
