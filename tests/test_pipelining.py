@@ -210,6 +210,29 @@ def test_a_restarted_redis_is_reconnected_without_a_failed_call(own_server: Redi
     asyncio.run(main())
 
 
+def test_a_script_first_after_a_restart_is_retried_then_reloaded(
+    own_server: RedisServer,
+) -> None:
+    """The script call queued straight on a shared connection (every rate-limit check)
+    meets the dropped connection first: retried once on a new one, where the restarted
+    Redis answers NOSCRIPT, then loaded and run. Nothing degrades or fails."""
+
+    async def main() -> None:
+        async with AsyncCRMCacheManager(redis_url=own_server.url) as cache:
+            assert (await cache.check_rate_limit("sms", 5, 60)).current_count == 1
+            own_server.restart()
+            result = await cache.check_rate_limit("sms", 5, 60)
+            assert result.allowed
+            assert not result.degraded
+            assert result.current_count == 1  # a new server: a new window
+            stats = await cache.get_stats()
+            assert stats.counters["redis_errors"] == 0
+            assert stats.counters["rate_limit_degraded"] == 0
+            assert mux_of(cache).discarded >= 1  # the dropped connection was replaced
+
+    asyncio.run(main())
+
+
 def test_one_watchdog_per_connection_however_bursty(own_server: RedisServer) -> None:
     """Bursts of calls separated by idle moments keep at most one deadline timer per
     shared connection (not one per burst, which would pile up for socket_timeout)."""

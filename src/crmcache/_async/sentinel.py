@@ -127,26 +127,31 @@ class AsyncSentinelTransport(AsyncNodeTransport):
     async def execute(self, *args: Any, check: Check | None = None) -> Any:  # noqa: ANN401 - a raw Redis reply
         """The lean pool's ``execute`` on the current primary; once more on the primary
         the sentinels name now if the node answered ``READONLY``."""
-        return await self._on_primary(super().execute, args, check)
+        return await self._on_primary(super().execute, *args, check=check)
 
     async def execute_large(self, *args: Any, check: Check | None = None) -> Any:  # noqa: ANN401 - a raw Redis reply
         """:meth:`execute` of a command whose reply may be large (on the pool's own
         connection for them, if it has one)."""
-        return await self._on_primary(super().execute_large, args, check)
+        return await self._on_primary(super().execute_large, *args, check=check)
 
     async def _on_primary(
-        self, send: Callable[..., Awaitable[Any]], args: tuple[Any, ...], check: Check | None
+        self,
+        send: Callable[..., Awaitable[Any]],
+        *args: Any,  # noqa: ANN401 - send's
+        **kwargs: Any,  # noqa: ANN401 - send's
     ) -> Any:  # noqa: ANN401 - a raw Redis reply
+        """``send(*args, **kwargs)`` on the current primary; once more on the primary the
+        sentinels name now if the node answered ``READONLY``."""
         now = time.monotonic()
         if now - self._checked_at > VERIFY_INTERVAL and not self._closed:
             self._checked_at = now
             self._verify_soon()
         try:
-            return await send(*args, check=check)
+            return await send(*args, **kwargs)
         except ReadOnlyError:
             self._stale = True
             await self._forget(None)
-            return await send(*args, check=check)
+            return await send(*args, **kwargs)
         except (PoolExhaustedError, PoolClosedError):
             raise
         except (RedisConnectionError, TimeoutError):

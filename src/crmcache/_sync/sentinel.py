@@ -129,26 +129,31 @@ class SentinelTransport(NodeTransport):
     def execute(self, *args: Any, check: Check | None = None) -> Any:  # noqa: ANN401 - a raw Redis reply
         """The lean pool's ``execute`` on the current primary; once more on the primary
         the sentinels name now if the node answered ``READONLY``."""
-        return self._on_primary(super().execute, args, check)
+        return self._on_primary(super().execute, *args, check=check)
 
     def execute_large(self, *args: Any, check: Check | None = None) -> Any:  # noqa: ANN401 - a raw Redis reply
         """:meth:`execute` of a command whose reply may be large (on the pool's own
         connection for them, if it has one)."""
-        return self._on_primary(super().execute_large, args, check)
+        return self._on_primary(super().execute_large, *args, check=check)
 
     def _on_primary(
-        self, send: Callable[..., Any], args: tuple[Any, ...], check: Check | None
+        self,
+        send: Callable[..., Any],
+        *args: Any,  # noqa: ANN401 - send's
+        **kwargs: Any,  # noqa: ANN401 - send's
     ) -> Any:  # noqa: ANN401 - a raw Redis reply
+        """``send(*args, **kwargs)`` on the current primary; once more on the primary the
+        sentinels name now if the node answered ``READONLY``."""
         now = time.monotonic()
         if now - self._checked_at > VERIFY_INTERVAL and not self._closed:
             self._checked_at = now
             self._verify_soon()
         try:
-            return send(*args, check=check)
+            return send(*args, **kwargs)
         except ReadOnlyError:
             self._stale = True
             self._forget(None)
-            return send(*args, check=check)
+            return send(*args, **kwargs)
         except (PoolExhaustedError, PoolClosedError):
             raise
         except (RedisConnectionError, TimeoutError):
