@@ -2,7 +2,7 @@
 
 Usage (from the repository)::
 
-    python benchmarks/ab.py --base REV [--rounds N]
+    python benchmarks/ab.py --base REV [--rounds N] [--tasks N]
 
 A refactoring must not make a hot path slower, and the difference to show is a few
 percent: less than what separates two runs of the pytest-benchmark suite on a shared
@@ -15,6 +15,12 @@ per-round ratios (this tree / base): 1.00 means equal, below 1 faster.
 
 The Lua scripts come from each tree's own ``lua/`` folder. Both facades are measured:
 the sync manager call by call, the async manager awaited call by call on one loop.
+
+With ``--tasks N`` it measures throughput instead, as test_bench_mux.py does: ``N``
+asyncio tasks sharing one pipelined ``AsyncCRMCacheManager`` (preference hits, then
+rate-limit checks), client and server pinned to one CPU (the highest this process may
+use; ``CRMCACHE_BENCH_CPU=<n>`` or ``off`` as for the suite). It prints the median ops/s of
+each side and the median of the per-round ratios (this tree / base): above 1 is faster.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
+import os
 import statistics
 import subprocess
 import sys
@@ -69,7 +76,7 @@ def interleave(
 
 def sync_ops(base_mod: Any, this_mod: Any, url: str, rounds: int) -> None:
     """The sync facade's hot paths."""
-    made = []
+    made: list[Any] = []
 
     def pair(**kwargs: Any) -> tuple[Any, Any]:
         managers = (
@@ -197,20 +204,95 @@ def async_ops(base_mod: Any, this_mod: Any, url: str, rounds: int) -> None:
     asyncio.run(main())
 
 
+def task_ops(base_mod: Any, this_mod: Any, url: str, rounds: int, tasks: int) -> None:
+    """``tasks`` tasks on each side's pipelined async manager, rounds alternating."""
+    calls = 300 * tasks
+
+    async def main() -> None:
+        managers = []
+        for mod in (base_mod, this_mod):
+            manager = mod.AsyncCRMCacheManager(
+                redis_url=url, rate_limit_policy="closed", pipelining=True
+            )
+            await manager.set_client_preferences(mod.ClientPreferences(client_id="c1", version=1))
+            managers.append(manager)
+
+        async def hit(manager: Any) -> None:
+            if await manager.get_client_preferences("c1") is None:
+                raise AssertionError("a miss: the benchmark measures hits")
+
+        async def check(manager: Any) -> None:
+            if not (await manager.check_rate_limit("ab-api", 10**9, 60)).allowed:
+                raise AssertionError("refused or degraded: the benchmark measures checks")
+
+        async def throughput(call: Callable[[Any], Awaitable[None]], manager: Any) -> float:
+            async def worker() -> None:
+                for _ in range(calls // tasks):
+                    await call(manager)
+
+            start = time.perf_counter()
+            await asyncio.gather(*(worker() for _ in range(tasks)))
+            return calls / (time.perf_counter() - start)
+
+        for name, call in (("preference hits", hit), ("rate-limit checks", check)):
+            for manager in managers:  # warm-up: connections, scripts, memos
+                await throughput(call, manager)
+            rates: dict[int, list[float]] = {0: [], 1: []}
+            ratios = []
+            for r in range(rounds):
+                order = (0, 1) if r % 2 == 0 else (1, 0)
+                for side in order:
+                    rates[side].append(await throughput(call, managers[side]))
+                ratios.append(rates[1][-1] / rates[0][-1])
+            print(
+                f"{tasks} tasks, {name:18s} base {statistics.median(rates[0]):9,.0f} ops/s   "
+                f"this {statistics.median(rates[1]):9,.0f} ops/s   "
+                f"this/base {statistics.median(ratios):.3f}",
+                flush=True,
+            )
+        for manager in managers:
+            await manager.aclose()
+
+    asyncio.run(main())
+
+
+def _pin() -> str:
+    """Pin this process (and the server it starts next) to one CPU, as the suite does."""
+    choice = os.environ.get("CRMCACHE_BENCH_CPU", "").strip().lower()
+    if choice in {"off", "none", "no", "false"} or not hasattr(os, "sched_setaffinity"):
+        return "off"
+    cpu = int(choice) if choice else max(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, {cpu})
+    return f"CPU {cpu}"
+
+
 def main() -> int:
     """Parse the arguments, start a server, compare, stop it."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", required=True, help="the revision to compare against")
     parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument(
+        "--tasks",
+        type=int,
+        default=0,
+        help="measure the throughput of this many tasks on the pipelined async manager",
+    )
     args = parser.parse_args()
+    pinning = _pin() if args.tasks > 0 else "off"
     import crmcache  # noqa: PLC0415 - after argparse, so --help needs no import
     from crmcache.testing import RedisServer  # noqa: PLC0415
 
     with tempfile.TemporaryDirectory() as tmp, RedisServer() as server:
         base_mod = unpack_base(args.base, Path(tmp))
-        print(f"base {args.base}, this tree; {args.rounds} rounds, Redis {server.url}")
-        sync_ops(base_mod, crmcache, server.url, args.rounds)
-        async_ops(base_mod, crmcache, server.url, args.rounds)
+        print(
+            f"base {args.base}, this tree; {args.rounds} rounds, Redis {server.url}, "
+            f"pinning {pinning}"
+        )
+        if args.tasks > 0:
+            task_ops(base_mod, crmcache, server.url, args.rounds, args.tasks)
+        else:
+            sync_ops(base_mod, crmcache, server.url, args.rounds)
+            async_ops(base_mod, crmcache, server.url, args.rounds)
     return 0
 
 
