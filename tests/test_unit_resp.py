@@ -9,6 +9,7 @@ import pytest
 from redis.asyncio.connection import Connection
 
 from crmcache import _resp
+from crmcache._async.pool import pack_all
 from crmcache._replies import _HUGE_AFTER_CRLF, _HUGE_AT_START, huge_array_header
 from crmcache._resp import pack
 
@@ -91,6 +92,22 @@ def test_whole_script_calls_are_memoized_within_a_bound_and_only_for_plain_types
     long_call = ("EVALSHA", "a" * 40, 1, "k" * _resp.COMMAND_MEMO_MAX_BYTES, 1)
     assert pack(long_call) == b"".join(conn.pack_command(*long_call))
     assert long_call not in _resp._COMMANDS
+
+
+def test_a_batch_is_packed_as_redis_py_packs_it_in_one_chunk_while_small() -> None:
+    """pack_all (batches: a cluster node's commands, a handshake) writes what redis-py's
+    pack_commands writes; a command redis-py must pack (a bytearray value) is packed by
+    it; a small batch is one chunk (the sync side writes each with a system call of its
+    own), a large one keeps its pieces."""
+    conn = Connection()
+    small = [("MGET", "k1"), ("SET", "k2", bytearray(b"v")), ("EVALSHA", "a" * 40, 1, "k", 7)]
+    chunks = pack_all(conn, small)  # type: ignore[arg-type]
+    assert len(chunks) == 1
+    assert chunks[0] == b"".join(conn.pack_commands(small))
+    large = [("SET", f"k{i}", b"x" * 40_000) for i in range(3)]
+    chunks = pack_all(conn, large)  # type: ignore[arg-type]
+    assert len(chunks) == 3
+    assert b"".join(chunks) == b"".join(conn.pack_commands(large))
 
 
 def test_the_huge_header_screen_agrees_with_the_regex_everywhere() -> None:

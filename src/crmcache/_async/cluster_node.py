@@ -28,7 +28,7 @@ from redis.exceptions import NoScriptError, ResponseError
 
 from .._guard import CircuitBreaker, PoolClosedError, PoolExhaustedError
 from .._replies import Check
-from .pool import AsyncLeanPool
+from .pool import AsyncLeanPool, pack_all
 from .primitives import connected, dirty, send, within
 
 if TYPE_CHECKING:
@@ -139,7 +139,7 @@ class AsyncClusterNodePool(AsyncLeanPool, AsyncAskingMixin):
         """Connect ``conn`` if needed and write ``commands`` in one go."""
         if not connected(conn):
             await self._connect(conn, deadline)
-        await send(conn, conn.pack_commands(commands), deadline)
+        await send(conn, pack_all(conn, commands), deadline)
 
     async def read_batch(
         self,

@@ -30,7 +30,7 @@ from redis.exceptions import NoScriptError, ResponseError
 
 from .._guard import CircuitBreaker, PoolClosedError, PoolExhaustedError
 from .._replies import Check
-from .pool import LeanPool
+from .pool import LeanPool, pack_all
 from .primitives import connected, dirty, send, within
 
 if TYPE_CHECKING:
@@ -139,7 +139,7 @@ class ClusterNodePool(LeanPool, AskingMixin):
         """Connect ``conn`` if needed and write ``commands`` in one go."""
         if not connected(conn):
             self._connect(conn, deadline)
-        send(conn, conn.pack_commands(commands), deadline)
+        send(conn, pack_all(conn, commands), deadline)
 
     def read_batch(
         self,
