@@ -8,7 +8,7 @@ from enum import IntEnum
 import pytest
 from redis.asyncio.connection import Connection
 
-from crmcache import _resp
+from crmcache import _replies, _resp
 from crmcache._async.pool import pack_all
 from crmcache._replies import _HUGE_AFTER_CRLF, _HUGE_AT_START, huge_array_header
 from crmcache._resp import pack
@@ -108,6 +108,31 @@ def test_a_batch_is_packed_as_redis_py_packs_it_in_one_chunk_while_small() -> No
     chunks = pack_all(conn, large)  # type: ignore[arg-type]
     assert len(chunks) == 3
     assert b"".join(chunks) == b"".join(conn.pack_commands(large))
+
+
+def test_the_screen_takes_the_regex_only_where_crs_come_close(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Large values (a template batch: headers, then kilobytes without a CR) are looked
+    at CR by CR; many small replies (rate-limit checks) go to the regex at once. A batch
+    of large values handed to the regex cost 5x (31.7 against 5.4 µs for 64 KiB)."""
+    searched: list[int] = []
+    real = _HUGE_AFTER_CRLF
+
+    class Spy:
+        def search(self, chunk: bytes, pos: int = 0) -> object:
+            searched.append(len(chunk) - pos)
+            return real.search(chunk, pos)
+
+    monkeypatch.setattr(_replies, "_HUGE_AFTER_CRLF", Spy())
+    value = b"Hello {{first_name}}, your order has shipped. " * 110
+    batch = (b"*50\r\n" + (b"$%d\r\n%b\r\n" % (len(value), value)) * 50)[: 64 * 1024]
+    assert not huge_array_header(batch)
+    assert searched == []
+    checks = b"*3\r\n:1\r\n:5\r\n:59000\r\n" * 100
+    assert not huge_array_header(checks)
+    assert len(searched) == 1
+    assert searched[0] > len(checks) - 64  # nearly all of it, after a few CRs
 
 
 def test_the_huge_header_screen_agrees_with_the_regex_everywhere() -> None:

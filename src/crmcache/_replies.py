@@ -52,8 +52,10 @@ _HUGE_AT_START: Final = re.compile(rb"[*%~>|](?:\d{7}|-(?!1\r))")
 _AGGREGATE_BYTES: Final = frozenset(b"*%~>|")
 #: CRs looked behind one by one before the regex scans the rest of a chunk...
 _CR_LOOKS: Final = 32
-#: ... while they are this many bytes apart on average, or more.
+#: ... while they are this many bytes apart on average, or more, judged from this many
+#: on (a reply's headers put two or three CRs close together before its value).
 _CR_SPACING: Final = 1024
+_CR_JUDGED: Final = 8
 _LF: Final = ord("\n")
 
 
@@ -79,14 +81,15 @@ def huge_array_header(chunk: bytes | memoryview, *, at_start: bool = True) -> bo
     # In large values a CR is rare but for the framing (two per value): memchr finds
     # each, and a header is looked for right behind it, a fraction of the regex's time.
     # Where CRs come closer than _CR_SPACING bytes on average (many small replies, text
-    # with CRLF line ends), or past _CR_LOOKS of them, the regex does the rest: one CR
-    # looked at in Python costs what the regex spends on a kilobyte.
+    # with CRLF line ends; judged from the _CR_JUDGED-th CR on), or past _CR_LOOKS of
+    # them, the regex does the rest: one CR looked at in Python costs what the regex
+    # spends on a kilobyte.
     find, end = chunk.find, len(chunk)
     at = find(b"\r")
     for looked in range(_CR_LOOKS):
         if at < 0:
             return False
-        if at < looked * _CR_SPACING:
+        if looked >= _CR_JUDGED and at < looked * _CR_SPACING:
             break
         head = at + 2  # where an aggregate header after this CRLF would start
         if (
