@@ -349,10 +349,16 @@ def test_rate_limit_overshoot_when_a_primary_is_killed(
     """Counters live on the primary and replicate asynchronously: a SIGKILLed primary may
     take increments it acknowledged with it. Measured: how far past the limit the calls
     the cluster counted go (the documented bound: what the former primary acknowledged
-    and had not yet passed on), and what the failure policy answered meanwhile."""
+    and had not yet passed on), and what the failure policy answered meanwhile.
+
+    The other way round, a call in flight at the kill may have been counted and passed on
+    to the replica while its reply was lost (the call degraded): then the new primary
+    refuses before the calls the client saw allowed reach the limit, by at most one such
+    call per thread. The run ends when either happens."""
     api, limit, window = "sms-gateway", 400, 600
     victim = own_cluster.node_for_key(KEYS.rate_limit_key(api, window))
     counted: list[int] = []
+    refused: list[int] = []
     degraded: list[bool] = []
     lock = threading.Lock()
     stop = threading.Event()
@@ -371,6 +377,8 @@ def test_rate_limit_overshoot_when_a_primary_is_killed(
                         degraded.append(result.allowed)
                     elif result.allowed:
                         counted.append(result.current_count)
+                    else:
+                        refused.append(result.current_count)
                 time.sleep(0.003)
 
         workers = [threading.Thread(target=spend) for _ in range(4)]
@@ -380,7 +388,11 @@ def test_rate_limit_overshoot_when_a_primary_is_killed(
             poll(lambda: len(counted) >= limit // 2, timeout=20.0, what="half the limit spent")
             own_cluster.kill(victim)
             own_cluster.wait_for_takeover()
-            poll(lambda: len(counted) >= limit, timeout=20.0, what="the limit reached again")
+            poll(
+                lambda: len(counted) >= limit or refused,
+                timeout=20.0,
+                what="the limit reached again",
+            )
             time.sleep(0.2)  # calls past the limit, refused by the new primary
         finally:
             stop.set()
@@ -394,8 +406,10 @@ def test_rate_limit_overshoot_when_a_primary_is_killed(
         f"{limit} (overshoot {overshoot}); {len(degraded)} degraded answers, "
         f"{sum(degraded)} of them allowed"
     )
-    # Nothing was allowed past the limit by the counters themselves beyond the lost tail.
-    assert 0 <= overshoot <= 16  # 4 threads x a few calls in the replication window
+    # Nothing was allowed past the limit by the counters themselves beyond the lost tail
+    # (4 threads x a few calls in the replication window); short of it by at most one
+    # counted call per thread whose reply the kill lost.
+    assert -len(workers) <= overshoot <= 16
     if policy == "closed":
         assert not any(degraded)
     else:
