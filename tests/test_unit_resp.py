@@ -9,9 +9,8 @@ import pytest
 from redis.asyncio.connection import Connection
 
 from crmcache import _replies, _resp
-from crmcache._async.pool import pack_all
 from crmcache._replies import _HUGE_AFTER_CRLF, _HUGE_AT_START, huge_array_header
-from crmcache._resp import pack
+from crmcache._resp import pack, pack_all
 
 
 def test_pack_matches_redis_py_for_every_argument_type() -> None:

@@ -26,7 +26,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Final
 
-__all__ = ["COMMAND_MEMO_MAX_BYTES", "COMMAND_MEMO_SIZE", "MEMO_MAX_BYTES", "MEMO_SIZE", "pack"]
+__all__ = [
+    "COMMAND_MEMO_MAX_BYTES",
+    "COMMAND_MEMO_SIZE",
+    "MEMO_MAX_BYTES",
+    "MEMO_SIZE",
+    "pack",
+    "pack_all",
+]
 
 #: Arguments packed once and kept, at most.
 MEMO_SIZE: Final = 2048
@@ -40,6 +47,9 @@ _PACKED: dict[str | int, bytes] = {}
 COMMAND_MEMO_SIZE: Final = 1024
 #: Longer commands are not kept whole (their arguments may still be).
 COMMAND_MEMO_MAX_BYTES: Final = 400
+
+#: A batch of commands up to this size is written as one chunk (:func:`pack_all`).
+_JOIN_BYTES: Final = 64 * 1024
 
 #: A command of ``str`` and ``int`` arguments only -> its RESP bytes.
 _COMMANDS: dict[Sequence[Any], bytes] = {}
@@ -94,4 +104,20 @@ def pack(args: Sequence[Any]) -> bytes:  # noqa: PLR0912 - one function: the hot
         if len(_COMMANDS) >= COMMAND_MEMO_SIZE:
             _COMMANDS.clear()
         _COMMANDS[args] = packed
+    return packed
+
+
+def pack_all(conn: Any, commands: Sequence[Sequence[Any]]) -> list[bytes]:  # noqa: ANN401 - a redis-py connection
+    """``commands`` in RESP, to write in one go: packed by :func:`pack`, a
+    command with an argument only redis-py knows how to send by redis-py. Up to
+    :data:`_JOIN_BYTES` in all they come as one chunk (the sync side writes each chunk
+    with a system call of its own); larger batches keep their pieces, not copied again."""
+    packed: list[bytes] = []
+    for args in commands:
+        try:
+            packed.append(pack(args))
+        except TypeError:
+            packed.extend(conn.pack_command(*args))
+    if len(packed) > 1 and sum(map(len, packed)) <= _JOIN_BYTES:
+        return [b"".join(packed)]
     return packed

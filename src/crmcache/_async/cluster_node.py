@@ -28,7 +28,8 @@ from redis.exceptions import NoScriptError, ResponseError
 
 from .._guard import CircuitBreaker, PoolClosedError, PoolExhaustedError
 from .._replies import Check
-from .pool import AsyncLeanPool, pack_all
+from .._resp import pack_all
+from .pool import AsyncLeanPool
 from .primitives import connected, dirty, send, within
 
 if TYPE_CHECKING:

@@ -39,7 +39,7 @@ from .._replies import (
     huge_array_header,
     reply_budget,
 )
-from .._resp import pack
+from .._resp import pack, pack_all
 from .._stats import PoolAccounting
 from .primitives import FairSlots, connected, dirty, receive, send, sleep, within
 
@@ -48,30 +48,12 @@ if TYPE_CHECKING:
 
     from .._scripts import ScriptLike
 
-__all__ = ["AsyncLeanPool", "pack_all"]
+__all__ = ["AsyncLeanPool"]
 
-#: A batch of commands up to this size is written as one chunk (:func:`pack_all`).
-_JOIN_BYTES = 64 * 1024
 #: Replies up to this size skip the budget computation (every budget is larger).
 _SMALL = 64 * 1024
 #: Seconds between checks for calls still in flight while the pool closes.
 _DRAIN_POLL = 0.005
-
-
-def pack_all(conn: AbstractConnection, commands: Sequence[Sequence[Any]]) -> list[bytes]:
-    """``commands`` in RESP, to write in one go: packed here (``crmcache._resp``), a
-    command with an argument only redis-py knows how to send by redis-py. Up to
-    :data:`_JOIN_BYTES` in all they come as one chunk (the sync side writes each chunk
-    with a system call of its own); larger batches keep their pieces, not copied again."""
-    packed: list[bytes] = []
-    for args in commands:
-        try:
-            packed.append(pack(args))
-        except TypeError:
-            packed.extend(conn.pack_command(*args))
-    if len(packed) > 1 and sum(map(len, packed)) <= _JOIN_BYTES:
-        return [b"".join(packed)]
-    return packed
 
 
 class AsyncLeanPool:

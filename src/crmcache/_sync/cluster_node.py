@@ -30,7 +30,8 @@ from redis.exceptions import NoScriptError, ResponseError
 
 from .._guard import CircuitBreaker, PoolClosedError, PoolExhaustedError
 from .._replies import Check
-from .pool import LeanPool, pack_all
+from .._resp import pack_all
+from .pool import LeanPool
 from .primitives import connected, dirty, send, within
 
 if TYPE_CHECKING:
